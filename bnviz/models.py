@@ -1,0 +1,215 @@
+"""One LeNet builder with the options the course compares, and the d2l presets.
+
+Layout (d2l's LeNet-5 for 1×28×28 Fashion-MNIST images)::
+
+    conv1: Conv2d(1, 6, 5, padding=p)  [norm] act  pool(2, 2)
+    conv2: Conv2d(6, 16, 5)            [norm] act  pool(2, 2)
+    flatten
+    fc1:   Linear(16*5*5, 120)          [norm] act  [dropout]
+    fc2:   Linear(120, 84)              [norm] act  [dropout]
+    out:   Linear(84, 10)
+
+The four normalisable layers are named ``conv1``, ``conv2``, ``fc1``, ``fc2``. With
+``padding=0`` the flattened size is 16×4×4 = 256 (d2l's LeNet-BN); with ``padding=2`` it is
+16×5×5 = 400 (d2l's plain LeNet). ``pool='none'`` drops both pooling layers (a learner's
+question, q-smaller-net); ``hidden`` sets the fully connected widths (``(84,)`` drops fc1).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import nn
+
+from .norms import BatchNorm, D2LBatchNorm, LiteBatchNorm
+
+__all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "build_lenet", "norm_layers", "preset"]
+
+NORM_KINDS = ("none", "scratch", "torch", "layer", "group", "instance",
+              "lite-center", "lite-scale", "d2l")
+NORM_LAYER_NAMES = ("conv1", "conv2", "fc1", "fc2")
+BN_KINDS = ("scratch", "torch", "lite-center", "lite-scale", "d2l")
+
+
+@dataclass(frozen=True)
+class LeNetSpec:
+    """What LeNet to build. Every field is a plain value, so a spec can be saved as JSON.
+
+    norm: one of NORM_KINDS. 'scratch' = :class:`bnviz.norms.BatchNorm`, 'torch' =
+        ``nn.BatchNorm1d/2d``, 'layer' = LayerNorm over (C, H, W) / features, 'group' =
+        GroupNorm (``groups`` groups; fully connected layers use groups of the features),
+        'instance' = InstanceNorm2d with affine (fc layers: LayerNorm), 'lite-*' = BN that only
+        centres or only scales, 'd2l' = the d2l book's scratch layer.
+    norm_layers: which of conv1, conv2, fc1, fc2 get the norm.
+    norm_position: 'before' the activation (d2l, Ioffe & Szegedy) or 'after' it.
+    bias: keep the conv/linear bias in front of a norm layer (it is cancelled by BN's mean
+        subtraction; layers without a norm always keep their bias).
+    """
+
+    norm: str = "torch"
+    pool: str = "avg"
+    activation: str = "sigmoid"
+    padding: int = 0
+    bias: bool = True
+    dropout: float = 0.0
+    norm_position: str = "before"
+    norm_layers: tuple[str, ...] = NORM_LAYER_NAMES
+    hidden: tuple[int, ...] = (120, 84)
+    groups: int = 2
+    affine: bool = True
+
+    def __post_init__(self):
+        def bad(field, value, valid):
+            raise ValueError(f"LeNetSpec.{field}={value!r} is not valid; valid: {valid}")
+
+        if self.norm not in NORM_KINDS:
+            bad("norm", self.norm, NORM_KINDS)
+        if self.pool not in ("avg", "max", "none"):
+            bad("pool", self.pool, "'avg', 'max', 'none'")
+        if self.activation not in ("sigmoid", "relu"):
+            bad("activation", self.activation, "'sigmoid', 'relu'")
+        if self.padding not in (0, 2):
+            bad("padding", self.padding, "0 (d2l LeNet-BN) or 2 (d2l plain LeNet)")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", self.dropout, "a probability in [0, 1)")
+        if self.norm_position not in ("before", "after"):
+            bad("norm_position", self.norm_position, "'before' or 'after' (the activation)")
+        object.__setattr__(self, "norm_layers", tuple(self.norm_layers))
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        unknown = set(self.norm_layers) - set(NORM_LAYER_NAMES)
+        if unknown:
+            bad("norm_layers", self.norm_layers, f"a subset of {NORM_LAYER_NAMES}")
+        if len(self.hidden) not in (1, 2) or min(self.hidden) < 1:
+            bad("hidden", self.hidden, "one or two positive widths, e.g. (120, 84) or (84,)")
+        if self.norm == "group" and 6 % self.groups:
+            bad("groups", self.groups, "a divisor of 6 (conv1 has 6 channels): 1, 2, 3 or 6")
+
+    @property
+    def uses_norm(self) -> bool:
+        return self.norm != "none" and len(self.norm_layers) > 0
+
+    @property
+    def is_batch_norm(self) -> bool:
+        return self.norm in BN_KINDS and len(self.norm_layers) > 0
+
+    def replace(self, **changes) -> "LeNetSpec":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LeNetSpec":
+        return cls(**d)
+
+    def label(self) -> str:
+        parts = [self.norm if self.uses_norm else "no norm", f"{self.pool} pool", self.activation]
+        if self.padding:
+            parts.append(f"pad {self.padding}")
+        if self.uses_norm and tuple(self.norm_layers) != NORM_LAYER_NAMES:
+            parts.append("norm on " + "+".join(self.norm_layers))
+        if self.uses_norm and self.norm_position == "after":
+            parts.append("norm after act")
+        if not self.bias:
+            parts.append("no bias before norm")
+        if self.dropout:
+            parts.append(f"dropout {self.dropout:g}")
+        if self.hidden != (120, 84):
+            parts.append("fc " + "-".join(map(str, self.hidden)))
+        return ", ".join(parts)
+
+
+PRESETS: dict[str, LeNetSpec] = {
+    # d2l "LeNet" (chapter_convolutional-neural-networks/lenet): padding 2, avg pool, no norm.
+    "lenet": LeNetSpec(norm="none", pool="avg", padding=2),
+    # d2l "Batch Normalization" today: no padding, BN before sigmoid, avg pool.
+    "lenet-bn": LeNetSpec(norm="torch", pool="avg", padding=0),
+    "lenet-bn-scratch": LeNetSpec(norm="scratch", pool="avg", padding=0),
+    # d2l before June 2021 (PR #1660) and the forum seeds: max pooling.
+    "lenet-bn-maxpool": LeNetSpec(norm="torch", pool="max", padding=0),
+}
+
+
+def preset(name: str, **changes) -> LeNetSpec:
+    """A named preset, optionally changed: ``preset('lenet-bn', norm='scratch')``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**changes) if changes else PRESETS[name]
+
+
+def _make_norm(spec: LeNetSpec, channels: int, conv: bool, spatial: tuple[int, int]) -> nn.Module:
+    kind = spec.norm
+    if kind == "scratch":
+        return BatchNorm(channels, affine=spec.affine)
+    if kind == "torch":
+        return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(channels, affine=spec.affine)
+    if kind in ("lite-center", "lite-scale"):
+        return LiteBatchNorm(channels, mode=kind.split("-")[1], affine=spec.affine)
+    if kind == "d2l":
+        return D2LBatchNorm(channels, num_dims=4 if conv else 2)
+    if kind == "layer":
+        shape = (channels, *spatial) if conv else (channels,)
+        return nn.LayerNorm(shape, elementwise_affine=spec.affine)
+    if kind == "group":
+        groups = spec.groups if channels % spec.groups == 0 else 1
+        return nn.GroupNorm(groups, channels, affine=spec.affine)
+    if kind == "instance":
+        if conv:
+            return nn.InstanceNorm2d(channels, affine=spec.affine)
+        return nn.LayerNorm(channels, elementwise_affine=spec.affine)
+    raise ValueError(kind)
+
+
+def build_lenet(spec: LeNetSpec | str = "lenet-bn", num_classes: int = 10) -> nn.Sequential:
+    """Build the LeNet described by ``spec`` (a :class:`LeNetSpec` or a preset name).
+
+    Returns an ``nn.Sequential`` whose normalisation modules are named ``norm_conv1``,
+    ``norm_conv2``, ``norm_fc1``, ``norm_fc2`` (see :func:`norm_layers`).
+    """
+    if isinstance(spec, str):
+        spec = preset(spec)
+    act = nn.Sigmoid if spec.activation == "sigmoid" else nn.ReLU
+    pool = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}.get(spec.pool)
+    layers: list[tuple[str, nn.Module]] = []
+
+    def block(name: str, core: nn.Module, channels: int, conv: bool, spatial=(1, 1)):
+        normed = spec.norm != "none" and name in spec.norm_layers
+        layers.append((name, core))
+        norm = [(f"norm_{name}", _make_norm(spec, channels, conv, spatial))] if normed else []
+        activation = [(f"act_{name}", act())]
+        layers.extend(norm + activation if spec.norm_position == "before" else activation + norm)
+
+    size = 28 + 2 * spec.padding - 4  # after conv1 (kernel 5)
+    bias = lambda name: spec.bias or spec.norm == "none" or name not in spec.norm_layers  # noqa: E731
+    block("conv1", nn.Conv2d(1, 6, 5, padding=spec.padding, bias=bias("conv1")), 6, True, (size, size))
+    if pool:
+        layers.append(("pool1", pool(2, 2)))
+        size //= 2
+    size -= 4
+    block("conv2", nn.Conv2d(6, 16, 5, bias=bias("conv2")), 16, True, (size, size))
+    if pool:
+        layers.append(("pool2", pool(2, 2)))
+        size //= 2
+    layers.append(("flatten", nn.Flatten()))
+    width = 16 * size * size
+    fc_names = ("fc1", "fc2")[-len(spec.hidden):] if len(spec.hidden) == 1 else ("fc1", "fc2")
+    for name, hidden in zip(fc_names, spec.hidden):
+        block(name, nn.Linear(width, hidden, bias=bias(name)), hidden, False)
+        if spec.dropout:
+            layers.append((f"dropout_{name}", nn.Dropout(spec.dropout)))
+        width = hidden
+    layers.append(("out", nn.Linear(width, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The normalisation modules of a model, by layer name. For a model from
+    :func:`build_lenet` the keys are ``conv1``, ``conv2``, ``fc1``, ``fc2`` (those that have a
+    norm); for any other model, the module paths."""
+    kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, BatchNorm, D2LBatchNorm)
+    return {
+        (name[len("norm_"):] if name.startswith("norm_") else name): module
+        for name, module in model.named_modules()
+        if name and isinstance(module, kinds)
+    }

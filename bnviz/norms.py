@@ -1,0 +1,286 @@
+"""Batch normalization written from scratch, matching ``torch.nn.BatchNorm1d/2d``.
+
+Conventions (the same as PyTorch's; each one is a trap when reading other code):
+
+* Shapes: input is ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)``. Statistics are per channel
+  ``C``, taken over every other axis (``N``, or ``N×L``, or ``N×H×W``).
+* Normalising uses the **biased** batch variance (divide by ``m``, the number of values per
+  channel). ``running_var`` stores the **unbiased** one (divide by ``m - 1``).
+* ``momentum`` weights the **new** batch:
+  ``running = (1 - momentum) * running + momentum * batch`` (PyTorch default 0.1).
+  Keras/TensorFlow/CS231n (and d2l before Aug 2022) call ``1 - momentum`` "momentum"
+  (0.9, 0.99, ...): the weight on the **old** value.
+* ``momentum=None`` means a cumulative (equal-weight) average over all batches seen so far,
+  using ``num_batches_tracked``: ``factor = 1 / num_batches_tracked``.
+* Training vs prediction is decided by ``self.training`` (``model.train()`` / ``model.eval()``),
+  never by ``torch.is_grad_enabled()``.
+* Running statistics are registered **buffers**: they are in ``state_dict()`` and move with
+  ``.to(device)``, but the optimiser never sees them.
+
+The d2l-book variant (:class:`D2LBatchNorm`) is here too, so a notebook can show every
+difference numerically.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "batch_norm",
+    "BatchNorm",
+    "LiteBatchNorm",
+    "d2l_batch_norm",
+    "D2LBatchNorm",
+    "channel_stats",
+]
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    """Axes that a per-channel statistic reduces over: all but axis 1 (the channel axis)."""
+    return [0] + list(range(2, x.dim()))
+
+
+def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``x``: (1, C, 1, ...)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, biased variance)`` of ``x`` of shape (N, C, *)."""
+    var, mean = torch.var_mean(x, dim=_reduce_dims(x), correction=0)
+    return mean, var
+
+
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    num_batches_tracked: torch.Tensor | None = None,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    center: bool = True,
+    scale: bool = True,
+) -> torch.Tensor:
+    """Batch normalization of ``x`` (N, C, *) per channel, as ``torch.nn.functional.batch_norm``.
+
+    ``training=True``: normalise with this batch's mean and **biased** variance, and (if the
+    running buffers are given) update them in place: ``num_batches_tracked += 1``,
+    ``running_mean = (1-f)*running_mean + f*mean``,
+    ``running_var = (1-f)*running_var + f*var_unbiased`` with ``f = momentum``, or
+    ``f = 1/num_batches_tracked`` when ``momentum is None`` (cumulative average).
+
+    ``training=False``: normalise with ``running_mean``/``running_var`` (if they are None, with
+    the batch statistics, as PyTorch does for ``track_running_stats=False``).
+
+    ``center``/``scale`` (not in PyTorch) give the "lite" variants: only subtract the mean, or
+    only divide by the standard deviation.
+
+    The output is computed as ``x * a + b`` with per-channel ``a = weight / sqrt(var + eps)``
+    and ``b = bias - mean * a``: the same function as ``weight * (x - mean) / sqrt(var + eps) +
+    bias``, with two full-size operations instead of four (the backward pass through ``a`` and
+    ``b`` is done by autograd and is exact).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects input of shape (N, C, *), got {tuple(x.shape)}")
+    use_batch_stats = training or running_mean is None or running_var is None
+    if use_batch_stats:
+        values_per_channel = x.numel() // x.shape[1]
+        if training and values_per_channel <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{x.shape}. Batch norm needs at least 2 values per channel to compute a "
+                "variance: use a batch size >= 2 (or spatial inputs), or call model.eval()."
+            )
+        mean, var = channel_stats(x)
+        if training and running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+                if momentum is None:
+                    factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+                else:
+                    factor = momentum
+                unbiased = var * (values_per_channel / max(values_per_channel - 1, 1))
+                running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+    else:
+        mean, var = running_mean, running_var
+
+    a = torch.rsqrt(var + eps) if scale else torch.ones_like(var)
+    if weight is not None:
+        a = a * weight
+    b = -mean * a if center else torch.zeros_like(mean)
+    if bias is not None:
+        b = b + bias
+    shape = _channel_shape(x)
+    return torch.addcmul(b.view(shape), x, a.view(shape))
+
+
+class BatchNorm(nn.Module):
+    """From-scratch batch normalization for (N, C), (N, C, L) and (N, C, H, W) inputs.
+
+    Same constructor, parameters (``weight`` = γ, ``bias`` = β), buffers (``running_mean``,
+    ``running_var``, ``num_batches_tracked``), ``state_dict`` keys and numbers as
+    ``nn.BatchNorm1d`` / ``nn.BatchNorm2d``; see the module docstring for the conventions.
+    ``momentum`` and ``eps`` are read at every call, so they can be changed during training.
+    """
+
+    center = True
+    scale = True
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None (cumulative average), got {momentum}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(
+                f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input)"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on axis 1, got input of shape {tuple(x.shape)}"
+            )
+        return batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+            center=self.center,
+            scale=self.scale,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+
+class LiteBatchNorm(BatchNorm):
+    """A "lite" batch norm that only centres (``mode='center'``: x - mean) or only scales
+    (``mode='scale'``: x / sqrt(var + eps)), then applies γ and β. Running statistics are
+    kept exactly as in :class:`BatchNorm`."""
+
+    def __init__(self, num_features: int, mode: str = "center", **kwargs):
+        if mode not in ("center", "scale"):
+            raise ValueError(f"mode must be 'center' or 'scale', got {mode!r}")
+        super().__init__(num_features, **kwargs)
+        self.mode = mode
+        self.center = mode == "center"
+        self.scale = mode == "scale"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode!r}"
+
+
+def d2l_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, old_convention=False):
+    """The d2l book's scratch function (chapter "Batch Normalization"), kept as the book has it.
+
+    Differences from PyTorch, on purpose: the mode is decided by ``torch.is_grad_enabled()``;
+    ``moving_var`` gets the **biased** variance; only 2-D and 4-D inputs. With
+    ``old_convention=False`` (the book since Aug 2022) ``moving = (1-momentum)*moving +
+    momentum*batch`` with momentum 0.1; with ``old_convention=True`` (before) ``moving =
+    momentum*moving + (1-momentum)*batch`` with momentum 0.9. Returns ``Y, moving_mean,
+    moving_var`` (the new moving statistics as detached tensors).
+    """
+    if not torch.is_grad_enabled():
+        X_hat = (X - moving_mean) / torch.sqrt(moving_var + eps)
+    else:
+        if len(X.shape) not in (2, 4):
+            raise ValueError(f"d2l's batch_norm handles 2-D and 4-D input only, got {X.dim()}-D")
+        if len(X.shape) == 2:
+            mean = X.mean(dim=0)
+            var = ((X - mean) ** 2).mean(dim=0)
+        else:
+            mean = X.mean(dim=(0, 2, 3), keepdim=True)
+            var = ((X - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
+        X_hat = (X - mean) / torch.sqrt(var + eps)
+        if old_convention:
+            moving_mean = momentum * moving_mean + (1.0 - momentum) * mean
+            moving_var = momentum * moving_var + (1.0 - momentum) * var
+        else:
+            moving_mean = (1.0 - momentum) * moving_mean + momentum * mean
+            moving_var = (1.0 - momentum) * moving_var + momentum * var
+    Y = gamma * X_hat + beta
+    return Y, moving_mean.data, moving_var.data
+
+
+class D2LBatchNorm(nn.Module):
+    """The d2l book's ``BatchNorm`` module: ``num_dims`` is 2 (fully connected) or 4 (conv).
+
+    Kept with its traps so they can be shown: ``moving_mean``/``moving_var`` are plain
+    attributes (not buffers: missing from ``state_dict()``, not moved by ``.to()``; the book
+    moves them in ``forward``), γ/β have shape (1, C) or (1, C, 1, 1), and eval mode is
+    ``torch.no_grad()``, not ``model.eval()``.
+    """
+
+    def __init__(self, num_features: int, num_dims: int, eps: float = 1e-5,
+                 momentum: float | None = None, old_convention: bool = False):
+        super().__init__()
+        shape = (1, num_features) if num_dims == 2 else (1, num_features, 1, 1)
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.beta = nn.Parameter(torch.zeros(shape))
+        self.moving_mean = torch.zeros(shape)
+        self.moving_var = torch.ones(shape)
+        self.eps = eps
+        self.old_convention = old_convention
+        self.momentum = (0.9 if old_convention else 0.1) if momentum is None else momentum
+
+    def forward(self, X):
+        if self.moving_mean.device != X.device:
+            self.moving_mean = self.moving_mean.to(X.device)
+            self.moving_var = self.moving_var.to(X.device)
+        Y, self.moving_mean, self.moving_var = d2l_batch_norm(
+            X, self.gamma, self.beta, self.moving_mean, self.moving_var,
+            eps=self.eps, momentum=self.momentum, old_convention=self.old_convention,
+        )
+        return Y
