@@ -1,0 +1,36 @@
+# The two set-up commands (see README): `make lab` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: lab test install bench test-fast clean
+
+# One install step for everything: the package with its test extras, then d2l without its
+# ancient pins (d2l==1.0.3 pins numpy 1.23 / pandas 2.0; its imports are our dependencies).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet --no-deps "d2l==1.0.3"
+	$(PY) -c "from d2l import torch as d2l; import bnviz; print('installed bnviz', bnviz.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Install everything, then open JupyterLab at the course's start page.
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/00_start_here.ipynb
+
+# Install everything, then run all tests (notebooks in fast mode, browser tests in Chromium).
+test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || \
+	  echo "note: no chromium found: the browser tests will be skipped (apt-get install chromium)"
+	BNVIZ_FAST=1 $(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) dist test-artifacts .pytest_cache
