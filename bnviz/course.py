@@ -19,3 +19,74 @@ def fast_mode() -> bool:
 def pick(full, fast):
     """``fast`` in fast mode, else ``full``: ``epochs = pick(10, 1)``."""
     return fast if fast_mode() else full
+
+
+_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return "not installed"
+
+
+def environment_report() -> dict:
+    """What this course runs on: package versions, the device, and which data set a run will use.
+
+    Returns a dict (``'python'``, ``'torch'``, ..., ``'device'``, ``'dataset'``,
+    ``'fashion_mnist_present'``, ``'fast_mode'``, ``'notes'``); nothing is downloaded. ``notes``
+    lists what a learner must know (e.g. the synthetic fallback), in capitals where it matters.
+    """
+    import platform
+
+    import torch
+
+    from .data import data_root, resolve_device
+
+    dev = resolve_device("auto")
+    if dev.type == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    elif dev.type == "mps":
+        device = "mps (Apple GPU)"
+    else:
+        device = f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    raw = data_root() / "FashionMNIST" / "raw"
+    present = all((raw / f).exists() or (raw / (f + ".gz")).exists() for f in _FASHION_FILES)
+    choice = (os.environ.get("BNVIZ_DATASET") or "auto").lower()
+    notes = []
+    if choice == "synthetic":
+        dataset = "SYNTHETIC (BNVIZ_DATASET=synthetic)"
+        notes.append("BNVIZ_DATASET=synthetic: every run uses the SYNTHETIC stand-in data set. "
+                     "Its numbers are NOT Fashion-MNIST results.")
+    elif choice in ("auto", "fashion-mnist") and present:
+        dataset = f"Fashion-MNIST (found in {raw})"
+    elif choice == "auto":
+        dataset = "Fashion-MNIST, downloaded on first use; SYNTHETIC fallback if offline"
+        notes.append(f"Fashion-MNIST is not in {raw} yet. It is downloaded on first use; WITHOUT "
+                     "INTERNET the course falls back to the SYNTHETIC stand-in (charts then say "
+                     "'SYNTHETIC data (not Fashion-MNIST)'). See data/README.md to place the files.")
+    else:
+        dataset = choice
+    if dev.type == "cpu":
+        notes.append("No GPU: everything runs, just slower (a LeNet-BN epoch takes seconds on a "
+                     "multi-core CPU). In Colab: Runtime > Change runtime type > GPU.")
+    if fast_mode():
+        notes.append("FAST MODE (BNVIZ_FAST=1): small data and few steps; numbers are rough.")
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "plotly": _version("plotly"),
+        "ipywidgets": _version("ipywidgets"),
+        "d2l": _version("d2l"),
+        "bnviz": _version("bnviz"),
+        "device": device,
+        "dataset": dataset,
+        "fashion_mnist_present": present,
+        "fast_mode": fast_mode(),
+        "notes": notes,
+    }

@@ -386,13 +386,18 @@ def layer_stats(module: nn.Module) -> dict[str, torch.Tensor | None]:
             "running_mean": _per_channel(rm, c), "running_var": _per_channel(rv, c)}
 
 
-def _diagnose(message_start: str, config: Config) -> str:
+def _diagnose(message_start: str, config: Config, stuck: bool = False) -> str:
     causes = []
-    if config.lr >= 1 and not config.model.is_batch_norm:
+    if stuck and config.model.activation == "sigmoid" and not config.model.uses_norm:
+        causes.append("a sigmoid network without normalisation often sits at chance for a few "
+                      "epochs before it starts learning (train longer, or add batch norm)")
+    if stuck and config.lr < 0.05:
+        causes.append(f"the learning rate {config.lr:g} may be too small to leave the plateau")
+    elif config.lr >= 1 and not config.model.is_batch_norm:
         causes.append(f"the learning rate {config.lr:g} is high for a network without batch norm (try 0.1 to 0.9)")
     elif config.lr > 10:
         causes.append(f"the learning rate {config.lr:g} is very high even with batch norm (try 0.1 to 1)")
-    else:
+    elif not stuck:
         causes.append("the learning rate is too high for this model (try a value 3 to 10 times smaller)")
     if config.model.is_batch_norm and config.eps < 1e-6:
         causes.append(f"eps={config.eps:g} is tiny: a channel with almost no variance gets divided by ~sqrt(eps)")
@@ -719,7 +724,7 @@ class Trainer:
                 h.message = _diagnose(
                     f"Training finished but the training accuracy is {acc:.3f}, about chance (0.1): "
                     "the network did not learn.", cfg.replace(lr=live["lr"], eps=live["eps"],
-                                                             batch_size=batch_size))
+                                                             batch_size=batch_size), stuck=True)
 
 
 def _maybe_compile(model: nn.Module, device: torch.device):

@@ -1,0 +1,139 @@
+"""Data: the real torchvision loading path on IDX files written here, the synthetic set, batches."""
+import gzip
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from bnviz import data as D
+
+
+def write_idx(path, array):
+    """Write an IDX file (the MNIST format): magic, dims, big-endian sizes, raw uint8 data."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def make_fake_mnist(root, folder, n_train=20, n_test=8, gz=False):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    for name, arr in arrays.items():
+        write_idx(raw / name, arr)
+        if gz:  # what torchvision downloads; it extracts them
+            (raw / (name + ".gz")).write_bytes(gzip.compress((raw / name).read_bytes()))
+    return arrays
+
+
+@pytest.mark.parametrize("name,folder", [("fashion-mnist", "FashionMNIST"), ("mnist", "MNIST")])
+def test_torchvision_path_reads_idx_files(tmp_path, name, folder):
+    arrays = make_fake_mnist(tmp_path, folder)
+    ds = D.load_dataset(name, root=tmp_path, download=False)
+    assert ds.name == name and not ds.synthetic
+    assert ds.train_x.shape == (20, 1, 28, 28) and ds.train_x.dtype == torch.uint8
+    assert ds.test_x.shape == (8, 1, 28, 28) and ds.train_y.dtype == torch.int64
+    np.testing.assert_array_equal(ds.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.test_y.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    assert ds.label in ("Fashion-MNIST", "MNIST")
+    small = D.load_dataset(name, root=tmp_path, download=False, train_size=5, test_size=3)
+    assert len(small.train_x) == 5 and len(small.test_x) == 3
+
+
+def test_bnviz_data_env_var_sets_the_root(tmp_path, monkeypatch):
+    make_fake_mnist(tmp_path, "FashionMNIST")
+    monkeypatch.setenv("BNVIZ_DATA", str(tmp_path))
+    assert D.data_root() == tmp_path
+    assert len(D.load_dataset("fashion-mnist", download=False).train_x) == 20
+
+
+def test_missing_fashion_mnist_offline_says_how_to_fix(tmp_path):
+    with pytest.raises(D.DataUnavailable) as err:
+        D.load_dataset("fashion-mnist", root=tmp_path, download=False)
+    text = str(err.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in text
+    assert "train-images-idx3-ubyte" in text and "BNVIZ_DATASET=synthetic" in text
+
+
+def test_auto_falls_back_to_synthetic_loudly(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_auto_failed", set())
+    with pytest.warns(UserWarning, match="SYNTHETIC"):
+        ds = D.load_dataset("auto", root=tmp_path, download=False, train_size=100, test_size=50)
+    assert ds.synthetic and "SYNTHETIC" in ds.label and "not Fashion-MNIST" in ds.label
+
+
+def test_auto_prefers_fashion_mnist_when_present(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "_auto_failed", set())
+    make_fake_mnist(tmp_path, "FashionMNIST")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = D.load_dataset("auto", root=tmp_path, download=False)
+    assert ds.name == "fashion-mnist"
+
+
+def test_unknown_name():
+    with pytest.raises(ValueError, match="valid: auto, fashion-mnist, mnist, synthetic"):
+        D.load_dataset("cifar10")
+
+
+def test_synthetic_is_deterministic_and_shaped_like_fashion_mnist():
+    a = D.make_synthetic(300, 100, seed=5)
+    D._synthetic_cpu.cache_clear()
+    b = D.make_synthetic(300, 100, seed=5)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.shape == (300, 1, 28, 28) and a.train_x.dtype == torch.uint8
+    assert set(a.train_y.tolist()) == set(range(10))
+    c = D.make_synthetic(300, 100, seed=6)
+    assert not torch.equal(a.train_x, c.train_x)
+    assert all("synthetic" in name for name in a.classes)
+
+
+def test_synthetic_is_not_trivially_separable():
+    """A nearest-class-mean classifier on pixels must do far better than chance but far from
+    perfectly: the classes overlap."""
+    ds = D.make_synthetic(4000, 2000, seed=0)
+    x = ds.train_x.flatten(1).float()
+    means = torch.stack([x[ds.train_y == c].mean(0) for c in range(10)])
+    pred = torch.cdist(ds.test_x.flatten(1).float(), means).argmin(1)
+    acc = (pred == ds.test_y).float().mean().item()
+    assert 0.2 < acc < 0.9, acc
+
+
+def test_batches_cover_every_example_once_and_keep_partial_batch():
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    y = torch.arange(10)
+    g = torch.Generator().manual_seed(0)
+    got = list(D.batches(x, y, 4, generator=g))
+    assert [len(b[1]) for b in got] == [4, 4, 2]
+    labels = torch.cat([b[1] for b in got])
+    assert sorted(labels.tolist()) == list(range(10)) and labels.tolist() != list(range(10))
+    for xb, yb in got:  # images and labels stay paired, scaled to [0, 1]
+        assert xb.dtype == torch.float32
+        torch.testing.assert_close(xb[:, 0, 0, 0], yb.float() / 255)
+    dropped = list(D.batches(x, y, 4, drop_last=True, generator=g))
+    assert [len(b[1]) for b in dropped] == [4, 4]
+    ordered = list(D.batches(x, y, 3, shuffle=False))
+    assert torch.cat([b[1] for b in ordered]).tolist() == list(range(10))
+
+
+def test_batches_reject_bad_batch_size():
+    with pytest.raises(ValueError, match="positive int"):
+        next(D.batches(torch.zeros(3, 1, 2, 2, dtype=torch.uint8), torch.zeros(3), 0))
+
+
+def test_subset_and_device_errors():
+    ds = D.make_synthetic(50, 20)
+    with pytest.raises(ValueError, match="train_size=51.*50 examples"):
+        ds.subset(51)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            D.resolve_device("cuda")
+    assert D.resolve_device("cpu").type == "cpu"

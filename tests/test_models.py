@@ -1,0 +1,114 @@
+"""The LeNet builder: shapes, parameter counts (against hand counts of d2l's models), options."""
+import pytest
+import torch
+from torch import nn
+
+from bnviz.models import NORM_KINDS, PRESETS, LeNetSpec, build_lenet, norm_layers, preset
+from bnviz.norms import BatchNorm, D2LBatchNorm
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def conv(cin, cout, k, bias=True):
+    return cin * cout * k * k + (cout if bias else 0)
+
+
+def lin(fin, fout, bias=True):
+    return fin * fout + (fout if bias else 0)
+
+
+def test_d2l_plain_lenet_parameter_count():
+    # d2l LeNet: conv(1,6,5,pad 2) -> conv(6,16,5) -> 400 -> 120 -> 84 -> 10
+    expected = conv(1, 6, 5) + conv(6, 16, 5) + lin(400, 120) + lin(120, 84) + lin(84, 10)
+    assert expected == 61706
+    assert n_params(build_lenet("lenet")) == expected
+
+
+@pytest.mark.parametrize("name", ["lenet-bn", "lenet-bn-scratch", "lenet-bn-maxpool"])
+def test_d2l_lenet_bn_parameter_count(name):
+    base = conv(1, 6, 5) + conv(6, 16, 5) + lin(256, 120) + lin(120, 84) + lin(84, 10)
+    bn = 2 * (6 + 16 + 120 + 84)
+    assert n_params(build_lenet(name)) == base + bn == 44878
+
+
+def test_presets_match_the_book():
+    assert PRESETS["lenet"].padding == 2 and PRESETS["lenet"].pool == "avg" and PRESETS["lenet"].norm == "none"
+    assert PRESETS["lenet-bn"].padding == 0 and PRESETS["lenet-bn"].pool == "avg"
+    assert PRESETS["lenet-bn-maxpool"].pool == "max"
+    m = build_lenet("lenet-bn-maxpool")
+    assert isinstance(m.pool1, nn.MaxPool2d) and isinstance(m.norm_conv1, nn.BatchNorm2d)
+    assert isinstance(m.norm_fc1, nn.BatchNorm1d)
+    assert isinstance(build_lenet("lenet-bn-scratch").norm_conv2, BatchNorm)
+
+
+@pytest.mark.parametrize("norm", NORM_KINDS)
+@pytest.mark.parametrize("pool", ["avg", "max", "none"])
+@pytest.mark.parametrize("padding", [0, 2])
+def test_every_combination_gives_logits(norm, pool, padding):
+    spec = LeNetSpec(norm=norm, pool=pool, padding=padding)
+    model = build_lenet(spec)
+    x = torch.rand(3, 1, 28, 28)
+    out = model(x)
+    assert out.shape == (3, 10)
+    out.sum().backward()
+    expected_norms = 0 if norm == "none" else 4
+    assert len(norm_layers(model)) == expected_norms
+
+
+def test_bias_removed_only_in_front_of_norms():
+    m = build_lenet(LeNetSpec(norm="torch", bias=False, norm_layers=("conv1", "fc1")))
+    assert m.conv1.bias is None and m.fc1.bias is None
+    assert m.conv2.bias is not None and m.fc2.bias is not None and m.out.bias is not None
+    full = build_lenet(LeNetSpec(norm="torch"))
+    assert n_params(full) - n_params(m) == 6 + 120 + 2 * (16 + 84)
+
+
+def test_norm_position_and_dropout():
+    m = build_lenet(LeNetSpec(norm="torch", norm_position="after", dropout=0.5, activation="relu"))
+    names = [n for n, _ in m.named_children()]
+    assert names.index("act_conv1") < names.index("norm_conv1")
+    assert "dropout_fc1" in names and "dropout_fc2" in names
+    assert isinstance(m.act_fc1, nn.ReLU)
+    before = [n for n, _ in build_lenet(LeNetSpec(norm="torch")).named_children()]
+    assert before.index("norm_conv1") < before.index("act_conv1")
+
+
+def test_smaller_net_options():
+    m = build_lenet(LeNetSpec(norm="torch", pool="none", hidden=(84,)))
+    assert not any(isinstance(x, (nn.AvgPool2d, nn.MaxPool2d)) for x in m.modules())
+    assert m.fc2.in_features == 16 * 20 * 20 and not hasattr(m, "fc1")
+    assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_norm_layer_kinds():
+    assert isinstance(build_lenet(LeNetSpec(norm="group", groups=3)).norm_conv1, nn.GroupNorm)
+    assert build_lenet(LeNetSpec(norm="group", groups=3)).norm_conv1.num_groups == 3
+    assert isinstance(build_lenet(LeNetSpec(norm="layer")).norm_conv2, nn.LayerNorm)
+    assert isinstance(build_lenet(LeNetSpec(norm="instance")).norm_conv1, nn.InstanceNorm2d)
+    assert isinstance(build_lenet(LeNetSpec(norm="d2l")).norm_fc1, D2LBatchNorm)
+    assert build_lenet(LeNetSpec(norm="torch", affine=False)).norm_conv1.weight is None
+
+
+@pytest.mark.parametrize("field,value", [("norm", "batch"), ("pool", "min"), ("padding", 1),
+                                         ("activation", "tanh"), ("dropout", 1.0),
+                                         ("norm_position", "middle"), ("norm_layers", ("conv3",)),
+                                         ("hidden", ()), ("groups", 4)])
+def test_bad_spec_names_valid_values(field, value):
+    kwargs = {field: value}
+    if field == "groups":
+        kwargs["norm"] = "group"
+    with pytest.raises(ValueError, match=f"LeNetSpec.{field}=.*valid"):
+        LeNetSpec(**kwargs)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset.*lenet-bn"):
+        preset("resnet")
+
+
+def test_spec_dict_round_trip_and_label():
+    spec = LeNetSpec(norm="scratch", pool="max", dropout=0.2, norm_layers=("conv1",))
+    assert LeNetSpec.from_dict(spec.to_dict()) == spec
+    assert "scratch" in spec.label() and "max pool" in spec.label() and "dropout 0.2" in spec.label()
