@@ -34,3 +34,24 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) dist test-artifacts .pytest_cache
+
+# ---- classroom assignment (otter-grader; see notebooks/assignments/batch_norm/README.md)
+ASSIGNMENT_DIST ?= dist/batch_norm
+SUBMISSIONS ?= submissions
+GRADES ?= grades
+GRADE_TIMEOUT ?= 300
+GRADE_JOBS ?= 1
+
+.PHONY: assignment grade
+
+# otter assign: student notebook + tests, autograder zip; fails if the solution fails a test
+assignment: $(VENV)/.installed
+	$(PY) -m bnviz.grading build --out $(ASSIGNMENT_DIST)
+
+# grade every .ipynb / .zip in $(SUBMISSIONS) with `otter run` (no Docker: student code runs as you)
+grade: $(VENV)/.installed
+	@test -d "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder-of-notebooks"; exit 2; }
+	@test -f $(ASSIGNMENT_DIST)/assignment.json || $(MAKE) assignment
+	$(PY) -m bnviz.grading grade "$(SUBMISSIONS)" --dist $(ASSIGNMENT_DIST) --out $(GRADES) \
+		--timeout $(GRADE_TIMEOUT) --jobs $(GRADE_JOBS)
+	@echo "gradebook: $(GRADES)/gradebook.csv"

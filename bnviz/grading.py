@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ submission, autograder, out_dir, result_path = sys.argv[1:5]
 def reason_of(message):
     """The most telling line of an otter/doctest failure message."""
     lines = [l.strip() for l in (message or "").splitlines() if l.strip()]
-    for l in reversed(lines):
+    for l in lines:
         if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", l):
             return l[:500]
     return (lines[-1] if lines else "failed")[:500]
@@ -297,15 +298,18 @@ def _tamper_notes(nb: dict, student_nb: dict | None) -> list[str]:
             notes.append("check cells edited or deleted for " + ", ".join(missing))
     if (nb.get("metadata", {}).get("otter", {}) or {}).get("tests"):
         notes.append("notebook carries its own tests in its metadata")
+    handed_out = set()
+    if student_nb is not None:
+        handed_out = {_source(c).strip() for c in student_nb["cells"] if c.get("cell_type") == "code"}
     for i, cell in enumerate(nb.get("cells", [])):
-        if cell.get("cell_type") != "code":
+        if cell.get("cell_type") != "code" or _source(cell).strip() in handed_out:
             continue
         for line in _source(cell).splitlines():
             s = line.strip()
             if _CHECK_RE.match(s) or s.startswith("#"):
                 continue
             if re.search(r"\b(Checker|GradingResults|otter\.(execute|test_files|run|api)|OK_FORMAT|init_grading_mode)\b", s) \
-                    or re.search(r"\bgrader\s*\.\s*\w+\s*=|\bgrader\s*=\s*(?!otter\.Notebook\()", s):
+                    or re.search(r"\bgrader\s*\.\s*\w+\s*=(?!=)|\bgrader\s*=(?!=)(?!\s*otter\.Notebook\()", s):
                 notes.append(f"cell {i} touches the grader ({s[:80]!r})")
                 break
     if notes:
@@ -330,7 +334,7 @@ def _prepare(path: Path, work: Path) -> tuple[Path | None, dict | None, list[str
                     return None, None, notes, f"invalid submission zip: expected one notebook at its top level, found {len(nbs)}"
                 raw = zf.read(nbs[0])
                 if any(n.startswith("tests/") for n in zf.namelist()):
-                    notes.append("zip contains a tests/ folder (ignored)")
+                    notes.append("zip contains a tests/ folder (ignored; graded with the official tests)")
         else:
             raw = path.read_bytes()
     except (OSError, zipfile.BadZipFile) as e:
@@ -340,8 +344,10 @@ def _prepare(path: Path, work: Path) -> tuple[Path | None, dict | None, list[str
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, None, notes, f"invalid notebook: not valid JSON ({e})"
     try:
-        nb = nbformat.reads(json.dumps(nb_json), as_version=4)
-        nbformat.validate(nb)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. MissingIDFieldWarning from older notebooks
+            nb = nbformat.reads(json.dumps(nb_json), as_version=4)
+            nbformat.validate(nb)
     except Exception as e:  # nbformat raises several types
         return None, None, notes, f"invalid notebook: {type(e).__name__}: {str(e)[:300]}"
     ks = nb.metadata.get("kernelspec", {}) or {}
@@ -429,7 +435,8 @@ def grade_folder(submissions_dir: str | os.PathLike, autograder_zip: str | os.Pa
     per question, ``total``, ``possible_total``, ``failed_tests`` (question, test name, hidden,
     points, reason), ``notes`` and ``error``; and ``<out_dir>/gradebook.csv`` with the columns
     ``student, <one per question>, total, possible, error``. Manually graded questions get an
-    empty column (to be filled in by hand) and do not count in ``possible``.
+    empty column (to be filled in by hand) and do not count in ``possible``. otter's output for
+    each submission goes to ``<out_dir>/logs/<student>.log``.
     """
     sub_dir, out = Path(submissions_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,6 +463,10 @@ def grade_folder(submissions_dir: str | os.PathLike, autograder_zip: str | os.Pa
                    "failed_tests": [], "notes": [], "error": f"grading driver error: {type(e).__name__}: {e}"}
         res["student"] = names[p]
         (out / f"{names[p]}.json").write_text(json.dumps(res, indent=2))
+        log = work_root / names[p] / "otter.log"
+        if log.is_file():  # otter's output, for looking into failures
+            (out / "logs").mkdir(exist_ok=True)
+            shutil.copyfile(log, out / "logs" / f"{names[p]}.log")
         print(f"{names[p]}: {res['total']:g}/{res['possible_total']:g}"
               + (f"  [{res['error']}]" if res["error"] else ""), flush=True)
         return res

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.grading
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIR = REPO / "notebooks" / "assignments" / "batch_norm"
-TIMEOUT_S = 60
+TIMEOUT_S = 75  # generous: a normal submission takes ~10 s alone, ~30 s on a loaded 2-core box
 
 # Lines that exist only in the solution; none may reach students.
 SOLUTION_LINES = [
@@ -343,12 +343,12 @@ def test_tampered_submission_uses_official_tests(graded):
         # same points as the plain biased-variance bug: the official hidden tests ran
         assert r["scores"] == res["biased_running_var"]["scores"], s
         assert _failed_q1(r) == _failed_q1(res["biased_running_var"]), s
-        assert "graded with the official tests" in r["error"] or s == "tampered_zip"
+        assert "graded with the official tests" in r["error"], s
     err = res["tampered"]["error"]
     assert "check cells edited or deleted for q1, q2" in err
     assert "own tests in its metadata" in err
     assert "touches the grader" in err
-    assert "tests/ folder (ignored)" in res["tampered_zip"]["error"]
+    assert "tests/ folder (ignored" in res["tampered_zip"]["error"]
     assert res["biased_running_var"]["error"] == ""
 
 
@@ -365,6 +365,7 @@ def test_result_files_and_gradebook(graded):
     assert by["solution"]["total"] == "19" and by["solution"]["possible"] == "19" and by["solution"]["q4"] == ""
     assert by["hangs"]["total"] == "0" and "timed out" in by["hangs"]["error"]
     assert float(by["biased_running_var"]["q1"]) == res["biased_running_var"]["scores"]["q1"]
+    assert (results_dir / "logs" / "solution.log").is_file()
 
 
 def test_cli_grade(dist, tmp_path):
