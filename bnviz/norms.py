@@ -99,13 +99,14 @@ def batch_norm(
             with torch.no_grad():
                 if num_batches_tracked is not None:
                     num_batches_tracked.add_(1)
-                if momentum is None:
-                    factor = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+                if momentum is None:  # cumulative average; a tensor factor: no host sync
+                    factor = (num_batches_tracked.to(running_mean.dtype).reciprocal()
+                              if num_batches_tracked is not None else 0.0)
                 else:
                     factor = momentum
                 unbiased = var * (values_per_channel / max(values_per_channel - 1, 1))
-                running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-                running_var.mul_(1 - factor).add_(unbiased, alpha=factor)
+                running_mean.mul_(1 - factor).add_(mean * factor)
+                running_var.mul_(1 - factor).add_(unbiased * factor)
     else:
         mean, var = running_mean, running_var
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +39,8 @@ __all__ = ["Config", "LiveParams", "Trainer", "History", "Snapshot", "Change", "
            "evaluate", "layer_stats", "save_histories", "load_histories", "STATUSES"]
 
 STATUSES = ("pending", "running", "finished", "stopped", "diverged", "error")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_CHOICES = ("force",) + COMPILE_MODES
 _run_ids = itertools.count(1)
 
 
@@ -70,8 +74,11 @@ class Config:
         None = cumulative average. eps: added to the variance inside the square root.
     dataset: 'auto' | 'fashion-mnist' | 'mnist' | 'synthetic' (see :mod:`bnviz.data`);
         train_size/test_size: use only that many examples (fast runs).
-    snapshot_every: steps between 'step' snapshots. compile: capture the model with
-        ``torch.compile`` on CUDA (falls back to eager, with a message, elsewhere).
+    snapshot_every: steps between 'step' snapshots.
+    compile: capture the training step (forward + loss + backward) with ``torch.compile``:
+        False (eager), True (on CUDA with mode 'reduce-overhead' = CUDA graphs; elsewhere eager
+        with a note in ``History.message``), a torch.compile mode name (on CUDA, that mode), or
+        'force' (compile on any device, e.g. CPU in tests). See :func:`_maybe_compile`.
     divergence_factor: the run is 'diverged' when the loss is not finite or exceeds this many
         times max(first snapshot's loss, ln(classes)).
     """
@@ -90,7 +97,7 @@ class Config:
     snapshot_every: int = 50
     drop_last: bool = False
     weight_decay: float = 0.0
-    compile: bool = False
+    compile: bool | str = False
     divergence_factor: float = 4.0
     label: str | None = None
 
@@ -109,6 +116,9 @@ class Config:
             raise ValueError(f"snapshot_every must be a positive integer, got {self.snapshot_every!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.compile, bool) or self.compile in COMPILE_CHOICES):
+            raise ValueError(f"compile must be True, False, 'force' (compile on any device, e.g. CPU "
+                             f"for tests) or a torch.compile mode {COMPILE_MODES}, got {self.compile!r}")
 
     def replace(self, **changes) -> "Config":
         return replace(self, **changes)
@@ -499,9 +509,8 @@ class Trainer:
             h.status = "error"
             text = f"{type(err).__name__}: {err}"
             if "more than 1 value per channel" in str(err):
-                h.message = _BATCH_ONE.format(bs=self.live["batch_size"], err=str(err).splitlines()[0])
-            else:
-                h.message = text
+                text = _BATCH_ONE.format(bs=self.live["batch_size"], err=str(err).splitlines()[0])
+            h.message = f"{text} {h.message}".strip()  # the explanation first, earlier notes after
         finally:
             h.wall_time_s = time.perf_counter() - t_start
             if self._pbar is not None:
@@ -509,6 +518,7 @@ class Trainer:
         return h
 
     _pbar = None
+    compiled = None  # the _CompiledStep of a compile=... run (its .info: mode, shapes, compile time)
 
     def _build(self) -> nn.Module:
         cfg = self.config
@@ -530,12 +540,18 @@ class Trainer:
         h.dataset_label = data.label
         model = self.model = self._build()
         norms = norm_layers(model)
-        step_model = model
+        compiled = self.compiled = None
         if cfg.compile:
-            step_model, note = _maybe_compile(model, self.device)
+            def fallback_note(note):
+                h.message = f"{h.message} {note}".strip()
+
+            compiled, note = _maybe_compile(model, self.device, cfg.compile, on_fallback=fallback_note)
+            self.compiled = compiled
             if note:
-                h.message = note
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                fallback_note(note)
+        # On CUDA the compiled path also uses the fused SGD kernel (one launch for all parameters).
+        fused = {"fused": True} if compiled is not None and self.device.type == "cuda" else {}
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
 
         # Per-channel statistics of each norm layer's input, captured only on snapshot steps.
@@ -638,8 +654,8 @@ class Trainer:
                 ref_loss = max(ref_loss, s.loss)
             if diverged:
                 h.status = "diverged"
-                h.message = _diagnose(diverged + " The run was stopped.", self.config.replace(
-                    lr=live["lr"], eps=live["eps"], batch_size=batch_size))
+                h.message = (_diagnose(diverged + " The run was stopped.", self.config.replace(
+                    lr=live["lr"], eps=live["eps"], batch_size=batch_size)) + " " + h.message).strip()
             if self.on_snapshot is not None:
                 try:
                     self.on_snapshot(h, s)
@@ -666,9 +682,13 @@ class Trainer:
                         apply_live(("lr", "bn_momentum", "eps"))
                     snap_due = (step + 1) % cfg.snapshot_every == 0
                     capture["on"] = snap_due
-                    out = step_model(xb)
-                    loss = F.cross_entropy(out, yb)
+                    # Gradients are dropped before the forward (same numbers as after it): with
+                    # CUDA graphs the previous step's .grad lives in the graph's memory pool.
                     opt.zero_grad(set_to_none=True)
+                    if compiled is not None and not snap_due:
+                        loss, cd = compiled(xb, yb)
+                    else:  # eager (always on snapshot steps: the statistics hooks run there)
+                        loss, cd = _forward(model, xb, yb)
                     loss.backward()
                     opt.step()
                     step += 1
@@ -676,7 +696,6 @@ class Trainer:
                     examples += n
                     with torch.no_grad():
                         ld = loss.detach() * n
-                        cd = (out.detach().argmax(1) == yb).sum()
                         snap_loss += ld
                         snap_correct += cd
                         ep_loss += ld
@@ -716,25 +735,139 @@ class Trainer:
                 hd.remove()
         if self._stop.is_set():
             h.status = "stopped"
-            h.message = h.message or f"Stopped by the user at step {step} (epoch {epoch})."
+            h.message = f"Stopped by the user at step {step} (epoch {epoch}). {h.message}".strip()
         else:
             h.status = "finished"
             acc = h.final_train_acc
             if acc is not None and acc < 0.15 and step >= 50:
-                h.message = _diagnose(
+                h.message = (_diagnose(
                     f"Training finished but the training accuracy is {acc:.3f}, about chance (0.1): "
                     "the network did not learn.", cfg.replace(lr=live["lr"], eps=live["eps"],
                                                              batch_size=batch_size), stuck=True)
+                             + " " + h.message).strip()
 
 
-def _maybe_compile(model: nn.Module, device: torch.device):
-    """``torch.compile`` the model on CUDA; elsewhere return it unchanged with a note why."""
-    if device.type != "cuda":
-        return model, f"compile=True: torch.compile is only used on CUDA; running eager on {device.type}."
+def _forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training forward: ``(mean cross-entropy loss, number of correct predictions)``,
+    both 0-d tensors on the device (no host sync). The compiled path captures this function."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    correct = (out.detach().argmax(1) == y).sum()
+    return loss, correct
+
+
+class _CompiledStep:
+    """``_forward`` of one model captured with ``torch.compile``; call it as ``step(x, y)``.
+
+    * ``dynamic=False``: one graph per batch shape. An epoch of 60000 examples at batch 256 has
+      two shapes (234 × 256 and a last batch of 96), so the run compiles twice, in the first
+      epoch, and every later epoch reuses both graphs (``info['shapes']`` lists them).
+    * If compiling, recording or running a captured graph fails in the first three calls of a
+      batch shape (a missing compiler, an unsupported GPU), the step reruns eagerly, ``on_fallback`` gets a message, and the rest of the run is eager.
+      A genuine error of the step (e.g. batch size 1 with BN) is raised again by the eager rerun.
+    * ``info``: ``mode``, ``device``, ``shapes`` {batch size: seconds of its first call, i.e.
+      the forward's compile time; the backward compiles at the first ``backward()``},
+      ``calls`` (steps that ran the captured graph), ``fallback`` (None or the reason).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, mode: str | None, on_fallback=None):
+        self.model = model
+        self.cudagraphs = device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+        self.fn = torch.compile(partial(_forward, model), mode=mode, dynamic=False)
+        self.info = {"mode": mode or "default", "device": str(device), "shapes": {}, "calls": 0,
+                     "fallback": None}
+        self.on_fallback = on_fallback
+        self._ok: dict[int, int] = {}  # successful calls per batch size
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.info["fallback"] is not None:
+            return _forward(self.model, x, y)
+        if self.cudagraphs:  # a new training iteration: earlier graph outputs may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        bs = int(x.shape[0])
+        first = bs not in self.info["shapes"]
+        t = time.perf_counter()
+        try:
+            out = self.fn(x, y)
+        except Exception as err:
+            # CUDA graphs are recorded at the 2nd/3rd call of a shape; after that the captured
+            # graph has run fine, so an error is genuine, not a compile failure.
+            if self._ok.get(bs, 0) >= 3:
+                raise
+            loss, correct = _forward(self.model, x, y)  # a genuine error raises here
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            self.info["fallback"] = reason
+            if self.on_fallback is not None:
+                self.on_fallback(f"compile: torch.compile failed ({reason[:300]}); the run continues eager.")
+            return loss, correct
+        if first:
+            self.info["shapes"][bs] = time.perf_counter() - t
+        self.info["calls"] += 1
+        self._ok[bs] = self._ok.get(bs, 0) + 1
+        return out
+
+
+def _compile_unavailable(device: torch.device, force: bool) -> str | None:
+    """Why ``torch.compile`` should not be used on ``device`` (None: it can be)."""
+    import sys
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support this Python ({sys.version.split()[0]})"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (7, 0):
+            return (f"the GPU has compute capability {major}.{minor}; torch.compile (triton) needs "
+                    f"7.0 or newer")
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed (pip install triton; Linux only)"
+        if sys.platform == "win32" and not force:
+            return "torch.compile on Windows is not used by bnviz (use Linux or WSL)"
+        return None
+    if not force:
+        return (f"torch.compile is only used on CUDA (on a CPU it was not faster for this small "
+                f"network; Config(compile='force') compiles anyway)")
+    if device.type != "cpu":
+        return f"torch.compile is not supported on {device.type} by bnviz"
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "no C++ compiler found (torch.compile on a CPU needs g++ or clang++)"
+    return None
+
+
+def _maybe_compile(model: nn.Module, device: torch.device, request: bool | str = True, on_fallback=None):
+    """The compiled training step for ``Config.compile=request``: ``(step, note)``.
+
+    ``step`` is a :class:`_CompiledStep` or None (train eagerly); ``note`` says why not.
+
+    Mode: on CUDA ``True``/``'force'`` use ``'reduce-overhead'``: inductor fuses the network
+    (a scratch BN layer's many small kernels become a few) and replays the forward and the
+    backward as CUDA graphs, one launch each. A LeNet step is bound by per-kernel launch and
+    Python dispatch costs (an estimated ~48 kernels per step with nn.BatchNorm, ~196 with the
+    scratch layer, 5-20 µs each), while 10 epochs in 1 s leave 425 µs per step. Not yet
+    measured on a GPU: ``benchmarks/gpu_speed.py`` compares the modes. 'max-autotune*' spends
+    minutes benchmarking kernels at the first call, too long for a learner; a mode name in
+    ``Config.compile`` picks another mode. On a CPU (``'force'`` only) the default mode is used.
+
+    Live changes of BN momentum / eps are Python constants in the graph: a new value makes
+    torch.compile recompile (after its recompile limit of 8 it runs that code eagerly); the
+    learning rate lives in the optimizer and changes freely.
+    """
+    force = request == "force"
+    why = _compile_unavailable(device, force)
+    if why is not None:
+        return None, f"compile={request!r}: {why}; running eager on {device.type}."
+    if device.type == "cuda":
+        mode = request if isinstance(request, str) and request in COMPILE_MODES else "reduce-overhead"
+    else:
+        mode = request if isinstance(request, str) and request in COMPILE_MODES else None
+    mode = None if mode == "default" else mode
     try:
-        return torch.compile(model, dynamic=False), ""
+        return _CompiledStep(model, device, mode, on_fallback), ""
     except Exception as err:  # pragma: no cover - depends on the platform
-        return model, f"compile=True: torch.compile unavailable ({type(err).__name__}: {err}); running eager."
+        return None, f"compile={request!r}: torch.compile unavailable ({type(err).__name__}: {err}); running eager."
 
 
 def train(config: Config | None = None, data: Dataset | None = None, progress: bool = True, **changes) -> History:
