@@ -43,8 +43,10 @@ class LeNetSpec:
         centres or only scales, 'd2l' = the d2l book's scratch layer.
     norm_layers: which of conv1, conv2, fc1, fc2 get the norm.
     norm_position: 'before' the activation (d2l, Ioffe & Szegedy) or 'after' it.
-    bias: keep the conv/linear bias in front of a norm layer (it is cancelled by BN's mean
-        subtraction; layers without a norm always keep their bias).
+    bias: keep the bias of each conv/linear layer that has a norm (False removes it; with
+        the norm *before* the activation BN's mean subtraction cancels that bias exactly, with
+        the norm *after* the activation it does not: chapter 05, q-bias, shows both). Layers
+        without a norm always keep their bias.
     """
 
     norm: str = "torch"
