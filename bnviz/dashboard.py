@@ -13,7 +13,10 @@ Conventions
 * One run at a time: Run while a run is going stops it, joins its thread and then starts the
   new run (a lock makes this safe even if Run is called from several threads).
 * Drawing: the figures are created once, with their data and layout passed to the constructor
-  (Voilà drops changes made before the page connects). Each draw is one ``batch_update`` per
+  (Voilà drops changes made before the page connects). A figure whose browser model stops
+  answering updates (anywidget drops all messages to a model whose 5 MB plotly module took over
+  2 s to load: frequent in Voilà on a busy machine) is rebuilt from its current data after
+  ``revive_after`` seconds (see :class:`_LiveFigure`), at most ``MAX_REVIVALS`` times per lab. Each draw is one ``batch_update`` per
   figure with numpy arrays. Draws are throttled: at most ``1 / min_interval`` per second
   (10/s), and never more than ``max_draw_share`` (5 %) of the wall time, measured.
 * Errors never escape as bare tracebacks: a bad value or an exception in a widget callback is
@@ -53,6 +56,7 @@ TRAIN_SIZES = ((" 1,000", 1000), (" 2,000", 2000), (" 5,000", 5000), ("10,000", 
                ("20,000", 20000), ("all (60,000)", None))
 CURVES_WIDTH, PANEL_WIDTH = 1060, 525  # px: plotly widgets do not resize to their cell by themselves
 EARLIER_SLOTS = 5  # earlier runs drawn faded behind the current one
+MAX_REVIVALS = 6  # figure rebuilds per lab before it gives up and asks for a page reload
 POINTS_PER_EPOCH = 25  # step snapshots per epoch the lab asks the trainer for
 CURRENT_COLOR = "#1f5fbf"
 EARLIER_COLORS = ("#e07b39", "#3a9d5d", "#9467bd", "#c44e52", "#8c8c8c")
@@ -117,22 +121,66 @@ def _check_settings(s: dict) -> None:
 
 
 class _LiveFigure(go.FigureWidget):
-    """A FigureWidget that another thread may update.
+    """A FigureWidget that another thread may update, and that knows whether its page still listens.
 
-    ipywidgets applies a state update from the browser (plotly's views send one back after
-    every redraw) under ``hold_trait_notifications``: a trait that another thread sets in that
-    window is sent afterwards with its *current* value. Plotly's update messages are one-shot
-    (``_py2js_update`` is set, then reset to None), so such an update would be lost and the
-    chart would stop changing. A lock held by ``set_state`` and by :meth:`Lab.draw` keeps the two
-    apart."""
+    1. ipywidgets applies a state update from the browser (plotly's views send one back after
+       every redraw) under ``hold_trait_notifications``: a trait that another thread sets in that
+       window is sent afterwards with its *current* value. Plotly's update messages are one-shot
+       (``_py2js_update`` is set, then reset to None), so such an update would be lost and the
+       chart would stop changing. A lock held by ``set_state`` and by :meth:`Lab.draw` keeps the
+       two apart.
+    2. A browser model can be dead for good while its chart is on screen: anywidget (0.11) gives
+       each model 2 s to import its ES module (plotly's is ~5 MB, imported once per figure) and
+       otherwise drops *every* later message to that model, silently. Voilà creates all models at
+       once when the page connects, so on a loaded machine one or two of the three figures froze
+       in ~half the sessions. Every plotly view answers each update with ``_js2py_traceDeltas``
+       carrying the update's ``trace_edit_id``; :meth:`stale` says when a view has shown itself
+       (it sent deltas), has never answered any later update, and an update stayed unanswered for
+       ``timeout`` seconds. The lab then replaces the figure by a fresh widget built from the
+       current data (:meth:`Lab._revive`). A model that answered once received messages, so it
+       is never suspected again (a hidden tab or a slow page cannot cause needless rebuilds).
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._sync_lock = threading.RLock()
+        self._view_seen = False  # some browser view rendered this figure (it sent deltas)
+        self._acked = -1  # highest trace_edit_id a view has answered
+        self._first_ack = None  # the edit id the first view rendered with
+        self._answered = False  # a view answered an update sent after it rendered: the model listens
+        self._pending_since = None  # monotonic time of the oldest unanswered update
 
     def set_state(self, sync_data):
         with self._sync_lock:
+            deltas = sync_data.get("_js2py_traceDeltas")
+            if isinstance(deltas, dict) and isinstance(deltas.get("trace_edit_id"), int):
+                self._view_seen = True
+                if self._first_ack is None:
+                    self._first_ack = deltas["trace_edit_id"]
+                elif deltas["trace_edit_id"] > self._first_ack:
+                    self._answered = True
+                if deltas["trace_edit_id"] > self._acked:
+                    self._acked = deltas["trace_edit_id"]
+                    # an answer is progress: restart the clock if more updates are outstanding
+                    self._pending_since = None if self._acked >= self._last_trace_edit_id else time.monotonic()
             super().set_state(sync_data)
+
+    def sent(self) -> None:
+        """Note that an update may just have been sent (call after ``batch_update``)."""
+        with self._sync_lock:
+            if self._last_trace_edit_id > self._acked and self._pending_since is None:
+                self._pending_since = time.monotonic()
+
+    def stale(self, timeout: float) -> bool:
+        """True if a view has shown itself, never answered an update since, and the oldest
+        unanswered update is older than ``timeout`` s."""
+        with self._sync_lock:
+            return self.waiting() and time.monotonic() - self._pending_since > timeout
+
+    def waiting(self) -> bool:
+        """A view has shown itself, has not answered yet, and an update is outstanding."""
+        with self._sync_lock:
+            return self._view_seen and not self._answered and self._pending_since is not None
 
 
 class _LabTrainer(Trainer):
@@ -156,7 +204,8 @@ class Lab:
     norm, pool, activation, batch_size, lr, bn_momentum (None = cumulative), eps, epochs,
     dataset, device, seed, train_size (None = all), test_size (None = all)."""
 
-    def __init__(self, min_interval: float = 0.1, max_draw_share: float = 0.05, **settings):
+    def __init__(self, min_interval: float = 0.1, max_draw_share: float = 0.05, revive_after: float = 8.0,
+                 **settings):
         unknown = set(settings) - set(SETTINGS)
         if unknown:
             raise ValueError(f"unknown lab setting(s) {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
@@ -166,6 +215,9 @@ class Lab:
         self.test_size = s["test_size"]
         self.min_interval = min_interval
         self.max_draw_share = max_draw_share
+        self.revive_after = revive_after  # s without an answer before a figure is rebuilt
+        self.revivals = 0  # figures rebuilt because their browser model stopped listening
+        self._check_timer = None
         self.histories: list[History] = []
         self.trainer: _LabTrainer | None = None
         self._run_lock = threading.Lock()
@@ -609,12 +661,52 @@ class Lab:
                 self._set_status()
                 self._draw_curves(force)
                 self._draw_layer(force)
+                self._check_figures()
             except Exception as err:  # noqa: BLE001 - a drawing bug must not stop training
                 self._report_exception(err)
             dt = time.perf_counter() - t0
             self.draw_count += 1
             self.draw_time_s += dt
             self._next_draw = time.perf_counter() + max(self.min_interval, dt / self.max_draw_share)
+
+    def _check_figures(self) -> None:
+        """Rebuild figures whose browser model stopped answering; re-check later while any waits."""
+        for fig in self.figures:
+            if fig.stale(self.revive_after):
+                self._revive(fig)
+        if any(f.waiting() for f in self.figures) and not (self._check_timer and self._check_timer.is_alive()):
+            # a run may end (no more draws) before an unanswered update times out: check again then
+            self._check_timer = threading.Timer(self.revive_after + 0.5, self._timer_check)
+            self._check_timer.daemon = True
+            self._check_timer.start()
+
+    def _timer_check(self) -> None:
+        with self._draw_lock:
+            try:
+                self._check_figures()
+            except Exception as err:  # noqa: BLE001
+                self._report_exception(err)
+
+    def _revive(self, old: _LiveFigure) -> None:
+        """Replace ``old`` in the lab by a new widget with the same data and layout (passed to the
+        constructor, so the new browser model starts with the current picture)."""
+        if self.revivals >= MAX_REVIVALS:
+            if self.revivals == MAX_REVIVALS:
+                self.revivals += 1
+                self.say("A chart stopped receiving updates from the kernel (its browser model did not load). "
+                         "Reload the page to get it back; training and the other charts are not affected.",
+                         "warning")
+            return
+        self.revivals += 1
+        with old._sync_lock:
+            new = _LiveFigure(old.to_dict())
+        names = ("fig_curves", "fig_params", "fig_stats")
+        for name in names:
+            if getattr(self, name) is old:
+                setattr(self, name, new)
+        self.figures = tuple(getattr(self, name) for name in names)
+        _swap_child(self.widget, old, new)
+        old.close()
 
     def _runs(self):
         current = self.trainer.history if self.trainer is not None else None
@@ -687,6 +779,7 @@ class Lab:
             if self._drawn.get("curves_title") != title:
                 self._drawn["curves_title"] = title
                 fig.layout.title.text = title
+        fig.sent()
 
     def _layer_snapshots(self):
         """(first, last) snapshot of the shown run that has the chosen layer, or (None, None)."""
@@ -732,6 +825,7 @@ class Lab:
                 fp.layout.annotations = notes
             else:
                 fp.layout.annotations = self._param_annotations
+        fp.sent()
         ch = np.arange(max(len(rm), len(bm)), dtype=float)
         with fs._sync_lock, fs.batch_update():
             fs.data[0].x, fs.data[0].y = ch[:len(rm)], rm
@@ -746,6 +840,18 @@ class Lab:
                 note = f"step {last.step} · ×: the current training batch (this norm keeps no running estimate)"
             fs.layout.title.text = (self._layer_title("running vs batch statistics")
                                     + f"<br><span style='font-size:11px'>{note}</span>")
+        fs.sent()
+
+
+def _swap_child(box: W.Widget, old: W.Widget, new: W.Widget) -> bool:
+    """Replace ``old`` by ``new`` among the children of ``box`` or of a box inside it."""
+    children = getattr(box, "children", None)
+    if not children:
+        return False
+    if any(c is old for c in children):
+        box.children = tuple(new if c is old else c for c in children)
+        return True
+    return any(_swap_child(c, old, new) for c in children)
 
 
 def show_lab(**settings) -> Lab:

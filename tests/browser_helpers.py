@@ -195,13 +195,15 @@ def shot(page, name: str, **kw) -> Path:
 JS_CURVE = """() => {
   const gd = document.querySelector('.bnviz-lab .js-plotly-plot');
   if (!gd || !gd.data) return null;
-  const cur = gd.data.slice(-3);  // the current run: loss, train acc, test acc (drawn last)
+  // the current run: loss, train acc, test acc (drawn last). _fullData holds decoded arrays; gd.data
+  // may hold {dtype, bdata} objects (a figure rebuilt by the lab gets its data in the constructor)
+  const cur = (gd._fullData && gd._fullData.length === gd.data.length ? gd._fullData : gd.data).slice(-3);
   const ann = ((gd.layout || {}).annotations || []).map(a => a.text);
   const shapes = ((gd.layout || {}).shapes || []).filter(s => s.yref && s.yref.endsWith('domain')).map(s => s.x0);
   const lines = gd.querySelectorAll('.scatterlayer .trace path.js-line');
   let svgPoints = 0;
   lines.forEach(p => { const d = p.getAttribute('d') || ''; svgPoints = Math.max(svgPoints, (d.match(/[LM]/g) || []).length); });
-  return {points: cur[0].x ? cur[0].x.length : 0, name: cur[0].name, annotations: ann, marks: shapes,
+  return {points: (cur[0].x && cur[0].x.length) || 0, name: cur[0].name, annotations: ann, marks: shapes,
           svgPoints: svgPoints, title: (gd.layout.title || {}).text || ''};
 }"""
 
@@ -212,6 +214,27 @@ JS_BARS = """() => {
       .filter(p => (p.getAttribute('d') || '').length > 0 && p.getAttribute('d') !== 'M0,0Z').length;
   return {params: bars(plots[1]), stats: bars(plots[2])};
 }"""
+
+
+JS_LAYER = """() => {
+  const plots = document.querySelectorAll('.bnviz-lab .js-plotly-plot');
+  if (plots.length < 3) return null;
+  const sum = (a) => a ? Array.from(a).reduce((s, v) => s + (Number.isFinite(+v) ? +v : 0), 0) : 0;
+  const bars = (gd) => Array.from(gd.querySelectorAll('.barlayer .point path'))
+      .filter(p => (p.getAttribute('d') || '').length > 0 && p.getAttribute('d') !== 'M0,0Z').length;
+  const read = (gd, axis) => {
+    const fd = gd._fullData || [];
+    return {n: fd.map(t => (t[axis] && t[axis].length) || 0), sig: fd.map(t => sum(t[axis]).toPrecision(12)).join(','),
+            bars: bars(gd), title: (((gd._fullLayout || {}).title) || {}).text || ''};
+  };
+  return {params: read(plots[1], 'x'), stats: read(plots[2], 'y')};
+}"""
+
+
+def layer_charts(page) -> dict | None:
+    """The γ/β histogram (params) and the running-vs-batch statistics chart (stats) as drawn:
+    values per trace (n), a fingerprint of the values (sig), SVG bars drawn, the title."""
+    return page.evaluate(JS_LAYER)
 
 
 def curve(page) -> dict | None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from browser_helpers import (JS_BARS, ROOT, chromium, click_button, curve, jupyter_lab, require_browser,
+from browser_helpers import (ROOT, chromium, click_button, curve, jupyter_lab, layer_charts, require_browser,
                              run_all_cells, set_readout, shot, status, voila, wait_for, wait_kernel_idle)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
@@ -56,6 +56,24 @@ def run_and_watch_curve(page, name: str) -> dict:
     return later
 
 
+def watch_layer_charts(page, name: str) -> None:
+    """During a run the γ/β histograms and the running-vs-batch statistics must show data and then
+    change. (Regression: in Voilà a figure's browser model could stay deaf for the whole session
+    while the curves kept moving; the lab now rebuilds such a figure, which takes up to ~10 s.)"""
+    def filled():
+        c = layer_charts(page)
+        return c and c["params"]["n"][1] > 0 and c["params"]["n"][3] > 0 and c["stats"]["n"][0] > 0 \
+            and c["stats"]["n"][1] > 0 and c["params"]["bars"] > 0 and c["stats"]["bars"] > 0 and c
+    first = wait_for(page, filled, 60, "data and bars in the γ/β histograms and the statistics chart")
+    assert "step" in first["params"]["title"] and "step" in first["stats"]["title"], first
+    changed = wait_for(page, lambda: (c := filled()) and c["params"]["sig"] != first["params"]["sig"]
+                       and c["stats"]["sig"] != first["stats"]["sig"] and c, 60,
+                       "the γ/β histograms and the statistics chart to change during the run")
+    assert changed["params"]["title"] != first["params"]["title"]  # a later step is named
+    assert curve(page)["name"].startswith("▶ run") and state(page) in ("running", "stopping"), status(page)
+    shot(page, f"{name}-layer-charts")
+
+
 def stop_and_check(page, name: str) -> None:
     click_button(page, "Stop")
     wait_for(page, lambda: state(page) == "stopped", 90, "the status to say stopped")
@@ -90,9 +108,7 @@ def test_lab_in_jupyterlab(chromium_path, tmp_path, notebook_guard):
             msg = page.locator(".bnviz-lab .bnviz-message").first.text_content()
             assert "learning rate set to 0.3" in msg, msg
 
-            bars = wait_for(page, lambda: (b := page.evaluate(JS_BARS)) and b["params"] > 0 and b["stats"] > 0 and b,
-                            60, "γ/β histogram bars and running-statistics bars")
-            assert bars["params"] > 0
+            watch_layer_charts(page, "jupyterlab")
             page.locator(".bnviz-lab").first.screenshot(path=str(ROOT / "test-artifacts" / "jupyterlab-lab.png"))
 
             stop_and_check(page, "jupyterlab")
@@ -111,6 +127,7 @@ def test_lab_in_voila(chromium_path, tmp_path):
             assert state(page) == "idle"
             shot(page, "voila-ready")
             run_and_watch_curve(page, "voila")
+            watch_layer_charts(page, "voila")
             stop_and_check(page, "voila")
         except Exception:
             shot(page, "voila-failure")

@@ -239,3 +239,80 @@ def test_bad_settings_give_clear_messages():
     lab.stop_clicked()  # nothing running: a message, no exception
     assert "No run is going" in lab.message_text
     assert lab.save_clicked() is None and lab.message_level == "warning"
+
+
+def _answer(fig, edit_id):
+    """What a plotly view in the browser sends after it applied the update with ``edit_id``."""
+    fig.set_state({"_js2py_traceDeltas": {"trace_deltas": [{"uid": t.uid} for t in fig.data],
+                                          "trace_edit_id": edit_id}})
+
+
+def test_figure_whose_browser_model_stops_answering_is_rebuilt():
+    """A browser model that never answers an update (anywidget drops every message to a model whose
+    ES module loaded too slowly) is replaced by a new widget with the current data; a figure whose
+    view answers, or that no view ever showed (headless), is left alone."""
+    lab = Lab(**SMALL, revive_after=0.3)
+    params, stats, curves = lab.fig_params, lab.fig_stats, lab.fig_curves
+    for fig in (params, stats):
+        _answer(fig, 0)  # both rendered in a page (the view's first deltas carry the initial edit id)
+    answering = threading.Event()
+
+    def answer_stats():  # the stats view keeps answering every update, like a live page
+        while not answering.is_set():
+            with stats._sync_lock:
+                _answer(stats, stats._last_trace_edit_id)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=answer_stats, daemon=True)
+    t.start()
+    try:
+        h = lab.run_clicked()
+        lab.wait(120)
+        until(lambda: lab.fig_params is not params, timeout=10, what="the deaf γ/β figure to be rebuilt")
+    finally:
+        answering.set()
+        t.join(5)
+    assert h.status == "finished"
+    assert lab.fig_stats is stats and lab.fig_curves is curves  # answered / never shown: kept
+    new = lab.fig_params
+    assert lab.figures == (curves, new, stats)
+    box = lab.widget.children[-2]
+    assert new in box.children and params not in box.children  # swapped in place in the page
+    assert params.comm is None  # the old widget is closed
+    # the rebuilt figure starts with the current picture: the last snapshot's γ of layer fc1
+    last = h.snapshots[-1].layers["fc1"]
+    np.testing.assert_allclose(np.sort(new.data[1].x), np.sort(np.asarray(last.gamma, dtype=float)))
+    assert f"step {h.snapshots[-1].step}" in new.layout.title.text
+    assert lab.revivals == 1
+
+
+def test_rebuilds_are_bounded_and_then_the_learner_is_told():
+    lab = Lab(**SMALL, revive_after=0.0)
+    for _ in range(10):
+        fig = lab.fig_params
+        _answer(fig, 0)
+        with fig._sync_lock, fig.batch_update():
+            fig.data[1].x = np.arange(3.0) + fig._last_trace_edit_id  # (trace edits are the ones answered)
+        fig.sent()
+        time.sleep(0.01)
+        lab._check_figures()
+    from bnviz.dashboard import MAX_REVIVALS
+    assert lab.revivals == MAX_REVIVALS + 1
+    assert lab.message_level == "warning" and "Reload the page" in lab.message_text
+
+
+def test_figure_that_answered_once_is_never_rebuilt():
+    """A model that answered an update receives messages: later silence (a hidden tab, a slow
+    page, a closed tab) must not make the lab rebuild it."""
+    lab = Lab(**SMALL, revive_after=0.0)
+    fig = lab.fig_params
+    _answer(fig, 0)
+    for k in range(3):
+        with fig._sync_lock, fig.batch_update():
+            fig.data[1].x = np.arange(3.0) + k
+        fig.sent()
+        if k == 0:
+            _answer(fig, fig._last_trace_edit_id)
+        time.sleep(0.01)
+        lab._check_figures()
+    assert lab.fig_params is fig and lab.revivals == 0
