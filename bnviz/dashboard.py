@@ -699,7 +699,8 @@ class Lab:
             return
         self.revivals += 1
         with old._sync_lock:
-            new = _LiveFigure(old.to_dict())
+            # to_plotly_json keeps numpy arrays (to_dict would turn them into base64 specs)
+            new = _LiveFigure(data=[t.to_plotly_json() for t in old.data], layout=old.layout.to_plotly_json())
         names = ("fig_curves", "fig_params", "fig_stats")
         for name in names:
             if getattr(self, name) is old:

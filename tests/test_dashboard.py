@@ -289,11 +289,11 @@ def test_figure_whose_browser_model_stops_answering_is_rebuilt():
 
 def test_rebuilds_are_bounded_and_then_the_learner_is_told():
     lab = Lab(**SMALL, revive_after=0.0)
-    for _ in range(10):
+    for k in range(10):
         fig = lab.fig_params
         _answer(fig, 0)
         with fig._sync_lock, fig.batch_update():
-            fig.data[1].x = np.arange(3.0) + fig._last_trace_edit_id  # (trace edits are the ones answered)
+            fig.data[1].x = np.arange(3.0) + 100.0 * (k + 1)  # a new value: a trace edit is sent
         fig.sent()
         time.sleep(0.01)
         lab._check_figures()
