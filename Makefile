@@ -21,7 +21,7 @@ install: $(STAMP)
 
 # Install everything, then open JupyterLab at the course's start page.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/00_start_here.ipynb
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/00_start_here.ipynb
 
 # Install everything, then run all tests (notebooks in fast mode, browser tests in Chromium).
 test: $(STAMP)
