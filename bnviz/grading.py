@@ -363,7 +363,7 @@ def grade_one(submission: str | os.PathLike, autograder_zip: str | os.PathLike,
               work_dir: str | os.PathLike, timeout_s: float = DEFAULT_TIMEOUT_S,
               student_nb: dict | None = None, threads: int | None = None) -> dict[str, Any]:
     """Grade one submission in its own subprocess; return the result dict (see ``grade_folder``)."""
-    submission, work = Path(submission), Path(work_dir)
+    submission, work = Path(submission).resolve(), Path(work_dir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     questions = read_question_points(autograder_zip)
@@ -438,7 +438,7 @@ def grade_folder(submissions_dir: str | os.PathLike, autograder_zip: str | os.Pa
     empty column (to be filled in by hand) and do not count in ``possible``. otter's output for
     each submission goes to ``<out_dir>/logs/<student>.log``.
     """
-    sub_dir, out = Path(submissions_dir), Path(out_dir)
+    sub_dir, out = Path(submissions_dir).resolve(), Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work_root = out / ".work"
     questions = read_question_points(autograder_zip)

@@ -374,12 +374,15 @@ def test_cli_grade(dist, tmp_path):
     subs.mkdir()
     (subs / "broken.ipynb").write_text("nope")
     (subs / "notes.txt").write_text("ignored")
+    shutil.copy(out / "autograder" / "batch_norm.ipynb", subs / "good.ipynb")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "bnviz.grading", "grade", str(subs), "--dist", str(out),
-                           "--out", str(tmp_path / "grades"), "--timeout", "30"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    # relative paths, as `make grade SUBMISSIONS=subs` passes them
+    proc = subprocess.run([sys.executable, "-m", "bnviz.grading", "grade", "subs", "--dist", str(out),
+                           "--out", "grades", "--timeout", str(TIMEOUT_S)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(io.StringIO((tmp_path / "grades" / "gradebook.csv").read_text())))
     assert rows[0] == ["student", "q1", "q2", "q3", "q4", "total", "possible", "error"]
     assert rows[1][0] == "broken" and rows[1][5:7] == ["0", "19"] and "not valid JSON" in rows[1][7]
-    assert len(rows) == 2
+    assert rows[2][0] == "good" and rows[2][5:8] == ["19", "19", ""], rows[2]
+    assert len(rows) == 3
