@@ -24,12 +24,14 @@ from torch import nn
 
 from .norms import BatchNorm, D2LBatchNorm, LiteBatchNorm
 
-__all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "build_lenet", "norm_layers", "preset"]
+__all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "INITS", "build_lenet", "init_weights", "norm_layers", "preset"]
 
 NORM_KINDS = ("none", "scratch", "torch", "layer", "group", "instance",
               "lite-center", "lite-scale", "d2l")
 NORM_LAYER_NAMES = ("conv1", "conv2", "fc1", "fc2")
 BN_KINDS = ("scratch", "torch", "lite-center", "lite-scale", "d2l")
+# Weight initialisation schemes for init_weights: d2l's train_ch6 (xavier) or PyTorch's default.
+INITS = ("d2l", "pytorch")
 
 
 @dataclass(frozen=True)
@@ -215,3 +217,25 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, module in model.named_modules()
         if name and isinstance(module, kinds)
     }
+
+
+def init_weights(model: nn.Module, scheme: str = "d2l", generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise ``model``'s weights in place by ``scheme`` and return it.
+
+    * ``'d2l'``: ``nn.init.xavier_uniform_`` on the weight of every ``nn.Conv2d`` and
+      ``nn.Linear`` (exactly what d2l's ``train_ch6`` does before training). Biases and the
+      norm layers' parameters are left as built.
+    * ``'pytorch'``: nothing changes: PyTorch's default init stays (Kaiming-uniform with
+      ``a=sqrt(5)`` on weights, as each layer's ``reset_parameters`` draws it).
+
+    Convention: the draws come from the global torch RNG, in module order
+    (``model.modules()``), so ``torch.manual_seed(s); m = init_weights(build_lenet(spec))``
+    gives the same model every time. Pass ``generator`` to draw from it instead.
+    """
+    if scheme not in INITS:
+        raise ValueError(f"init scheme {scheme!r} is not valid; valid: {', '.join(map(repr, INITS))}")
+    if scheme == "d2l":
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight, generator=generator)
+    return model

@@ -112,3 +112,60 @@ def test_spec_dict_round_trip_and_label():
     spec = LeNetSpec(norm="scratch", pool="max", dropout=0.2, norm_layers=("conv1",))
     assert LeNetSpec.from_dict(spec.to_dict()) == spec
     assert "scratch" in spec.label() and "max pool" in spec.label() and "dropout 0.2" in spec.label()
+
+
+# ----------------------------------------------------------------------------- init_weights
+# (weight initialisation schemes: issue 10, item 1)
+
+from bnviz.models import INITS, init_weights  # noqa: E402
+
+
+def test_init_d2l_is_xavier_uniform_on_conv_and_linear_weights():
+    torch.manual_seed(0)
+    model = init_weights(build_lenet("lenet"), "d2l")
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(layers) == 5
+    for layer in layers:
+        w = layer.weight.detach()
+        fan_in = w.shape[1] * w[0, 0].numel()
+        fan_out = w.shape[0] * w[0, 0].numel()
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert w.abs().max() <= bound + 1e-7
+        var = 2 / (fan_in + fan_out)
+        tol = 0.35 if w.numel() < 1000 else 0.1  # conv1 has only 150 weights
+        assert abs(w.var().item() / var - 1) < tol, (layer, w.var().item(), var)
+
+
+def test_init_d2l_leaves_biases_and_is_deterministic():
+    torch.manual_seed(3)
+    plain = build_lenet("lenet-bn")
+    torch.manual_seed(3)
+    a = init_weights(build_lenet("lenet-bn"), "d2l")
+    torch.manual_seed(3)
+    b = init_weights(build_lenet("lenet-bn"), "d2l")
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), plain.parameters()):
+        assert torch.equal(p, q), name
+        if not name.endswith(".weight") or name.startswith("norm_"):
+            assert torch.equal(p, r), name  # biases and BN parameters untouched
+    assert not torch.equal(a.conv1.weight, plain.conv1.weight)
+
+
+def test_init_pytorch_leaves_the_default_init():
+    torch.manual_seed(7)
+    plain = build_lenet("lenet")
+    torch.manual_seed(7)
+    model = init_weights(build_lenet("lenet"), "pytorch")
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(p, q)
+    assert INITS == ("d2l", "pytorch")
+
+
+def test_init_bad_scheme_names_valid_ones():
+    with pytest.raises(ValueError, match="'d2l', 'pytorch'"):
+        init_weights(build_lenet("lenet"), "kaiming")
+
+
+def test_init_d2l_with_a_generator():
+    a = init_weights(build_lenet("lenet"), "d2l", generator=torch.Generator().manual_seed(1))
+    b = init_weights(build_lenet("lenet"), "d2l", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.fc1.weight, b.fc1.weight) and torch.equal(a.conv1.weight, b.conv1.weight)
