@@ -41,17 +41,20 @@ SUBMISSIONS ?= submissions
 GRADES ?= grades
 GRADE_TIMEOUT ?= 300
 GRADE_JOBS ?= 1
+GRADE_FLAGS ?=
 
 .PHONY: assignment grade
 
 # otter assign: student notebook + tests, autograder zip; fails if the solution fails a test
 assignment: $(VENV)/.installed
-	$(PY) -m bnviz.grading build --out $(ASSIGNMENT_DIST)
+	$(PY) -m bnviz.grading build --source notebooks/assignments/batch_norm/batch_norm.ipynb --out $(ASSIGNMENT_DIST)
 
-# grade every .ipynb / .zip in $(SUBMISSIONS) with `otter run` (no Docker: student code runs as you)
+# grade every .ipynb / .zip in $(SUBMISSIONS): each submission runs in a bubblewrap sandbox, the
+# scores are computed outside it (needs `apt-get install bubblewrap`; GRADE_FLAGS=--allow-forbidden,
+# --memory-gb 8, --sandbox docker --docker-image IMAGE, ...; see the assignment's README)
 grade: $(VENV)/.installed
 	@test -d "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder-of-notebooks"; exit 2; }
 	@test -f $(ASSIGNMENT_DIST)/assignment.json || $(MAKE) assignment
 	$(PY) -m bnviz.grading grade "$(SUBMISSIONS)" --dist $(ASSIGNMENT_DIST) --out $(GRADES) \
-		--timeout $(GRADE_TIMEOUT) --jobs $(GRADE_JOBS)
+		--timeout $(GRADE_TIMEOUT) --jobs $(GRADE_JOBS) $(GRADE_FLAGS)
 	@echo "gradebook: $(GRADES)/gradebook.csv"

@@ -1,0 +1,95 @@
+"""Grading throughput: N honest submissions graded by ``python -m bnviz.grading grade``.
+
+Builds the assignment (not timed), writes N copies of the solution notebook (each with its own
+comment line, so no two files are identical), grades the folder with ``--jobs`` workers through
+the command line (exactly what ``make grade`` runs) and prints, as its last line::
+
+    submissions/min: X
+
+It also checks that every submission got full marks (a faster grader that grades wrongly does not
+count). ``--pythonpath`` grades with another copy of the ``bnviz`` package, e.g. the code before a
+change (``git archive HEAD bnviz | tar -x -C /tmp/bnviz-old``), so before/after runs use the same
+script. Extra arguments after ``--`` go to ``grade`` (e.g. ``-- --no-sandbox``).
+
+    .venv/bin/python benchmarks/grading_speed.py [--n 40] [--jobs 2] [--pythonpath DIR] [-- ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE = REPO / "notebooks" / "assignments" / "batch_norm" / "batch_norm.ipynb"
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_submissions(solution: Path, folder: Path, n: int) -> None:
+    nb = json.loads(solution.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        copy = json.loads(json.dumps(nb))
+        copy["cells"].append({"cell_type": "code", "execution_count": None, "metadata": {},
+                              "outputs": [], "source": f"# submission {i}\n"})
+        (folder / f"student{i:03d}.ipynb").write_text(json.dumps(copy))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=40, help="number of submissions")
+    p.add_argument("--jobs", type=int, default=int(os.environ.get("GRADE_JOBS", 2)))
+    p.add_argument("--timeout", type=float, default=600.0, help="per-submission limit (s)")
+    p.add_argument("--pythonpath", default=str(REPO), help="where `bnviz` is imported from")
+    p.add_argument("--source", default=str(SOURCE), help="the assignment's solution notebook")
+    p.add_argument("--workdir", default=None, help="keep the files here (default: a temp folder)")
+    args = p.parse_args(argv)
+
+    env = dict(os.environ, PYTHONPATH=str(Path(args.pythonpath).resolve()))
+    with tempfile.TemporaryDirectory(prefix="bnviz-gradebench-") as tmp:
+        work = Path(args.workdir or tmp).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        dist, subs, grades = work / "dist", work / "submissions", work / "grades"
+        _run([sys.executable, "-m", "bnviz.grading", "build", "--source", args.source, "--out", str(dist)], env, work)
+        make_submissions(dist / "autograder" / "batch_norm.ipynb", subs, args.n)
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = float("nan")
+        print(f"grading {args.n} honest submissions, jobs={args.jobs}, cpus={os.cpu_count()}, "
+              f"load average before: {load:.2f}, code: {args.pythonpath}", flush=True)
+        t0 = time.perf_counter()
+        _run([sys.executable, "-m", "bnviz.grading", "grade", str(subs), "--dist", str(dist), "--out", str(grades),
+              "--jobs", str(args.jobs), "--timeout", str(args.timeout), *extra], env, work)
+        seconds = time.perf_counter() - t0
+        with open(grades / "gradebook.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        wrong = [r["student"] for r in rows if r["total"] != r["possible"] or r["error"]]
+        print(f"{len(rows)} graded in {seconds:.1f} s ({seconds / max(1, len(rows)):.2f} s each), "
+              f"not full marks: {len(wrong)} {wrong[:5]}")
+        if wrong or len(rows) != args.n:
+            print("ERROR: some honest submissions did not get full marks", file=sys.stderr)
+            return 1
+        print(f"submissions/min: {60.0 * len(rows) / seconds:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The trusted half of grading: test inputs, references, tolerances and scores.
+
+Nothing here imports or executes student code. ``make_tests(seed)`` draws fresh random float64
+inputs (the seed is chosen per grading run, so outputs cannot be precomputed) and returns the test
+cases of the assignment, with the same questions, points and coverage as the visible + hidden
+tests in the solution notebook (``tests/test_grading.py`` checks that they agree). Each case lists
+the *probes* the sandboxed worker must run (inputs only) and judges the worker's outputs against
+references computed here with PyTorch itself (``F.batch_norm``, ``nn.BatchNorm1d/2d``, autograd).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+RTOL, ATOL = 1e-8, 1e-10  # forward / module outputs and running statistics (float64)
+GRAD_RTOL = 1e-7  # module input / parameter gradients
+REL_ERR = 1e-8  # batch_norm_backward: ||a - b|| / ||b||
+
+
+class Fail(Exception):
+    """A failed check; its message is the reason shown to the instructor."""
+
+
+@dataclasses.dataclass
+class TestCase:
+    question: str
+    number: int
+    points: float
+    hidden: bool
+    probes: list[dict]
+    judge: Callable[[dict[str, Any]], None]  # raises Fail
+
+    @property
+    def name(self) -> str:
+        return f"{self.question} - {self.number}"
+
+
+def _f64(*shape, g):
+    return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+
+def _is_tensor(t, shape=None, what="value") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise Fail(f"{what} is missing or not a tensor")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise Fail(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t
+
+
+def _close(a, b, rtol=RTOL, atol=ATOL) -> bool:
+    a = _is_tensor(a)
+    if a.shape != b.shape or not a.dtype.is_floating_point:
+        return False
+    return bool(torch.allclose(a.to(b.dtype), b, rtol=rtol, atol=atol))
+
+
+def _probe_result(outputs: dict, pid: str) -> dict:
+    res = outputs.get(pid)
+    if not isinstance(res, dict):
+        raise Fail("no result (the submission did not finish this test)")
+    if res.get("error"):
+        raise Fail(str(res["error"])[:200])
+    return res
+
+
+# --------------------------------------------------------------------------- q1: forward
+
+
+def _forward_probe(pid, shape, g, momentum=0.1, eps=1e-5, training=True, steps=1, scale=3.0, pass_momentum=True):
+    """Inputs for batch_norm_forward and the F.batch_norm references (like the notebook's
+    ``_bn_compare``)."""
+    C = shape[1]
+    gamma = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+    beta = _f64(C, g=g)
+    rm = _f64(C, g=g)
+    rv = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+    xs = [0.5 + scale * _f64(*shape, g=g) for _ in range(steps)]
+    rm_ref, rv_ref, refs = rm.clone(), rv.clone(), []
+    for x in xs:
+        y = F.batch_norm(x, rm_ref, rv_ref, gamma, beta, training=training, momentum=momentum, eps=eps)
+        refs.append({"y": y, "rm": rm_ref.clone(), "rv": rv_ref.clone()})
+    spec = {"id": pid, "kind": "forward", "gamma": gamma, "beta": beta, "rm": rm, "rv": rv, "xs": xs,
+            "momentum": momentum if pass_momentum else None, "eps": eps, "training": training}
+    return spec, refs
+
+
+def _forward_steps(outputs, pid, refs):
+    res = _probe_result(outputs, pid)
+    steps = res.get("steps")
+    if not isinstance(steps, list) or len(steps) != len(refs):
+        raise Fail("batch_norm_forward did not return for every step")
+    for step, ref in zip(steps, refs):
+        if not isinstance(step, dict):
+            raise Fail("malformed result")
+        _is_tensor(step.get("y"), ref["y"].shape, "y")
+    return steps
+
+
+def _q1_case(number, points, hidden, shapes, checks, **kw):
+    """One q1 test: several shapes, each step checked by every (ok(step, ref) -> bool, message)."""
+    def build(g):
+        probes, refs = [], {}
+        for i, shape in enumerate(shapes):
+            spec, ref = _forward_probe(f"q1-{number}-{i}", shape, g, **kw)
+            probes.append(spec)
+            refs[spec["id"]] = (shape, ref)
+        return probes, refs
+
+    def judge_with(refs):
+        def judge(outputs):
+            for pid, (shape, ref) in refs.items():
+                for k, (step, r) in enumerate(zip(_forward_steps(outputs, pid, ref), ref)):
+                    for ok, message in checks:
+                        if not ok(step, r):
+                            raise Fail(message.format(shape=shape, step=k + 1))
+        return judge
+
+    return number, points, hidden, build, judge_with
+
+
+def _ok(key):
+    return lambda step, ref: _close(step.get(key), ref[key])
+
+
+def _q1_cases():
+    y, rm, rv = _ok("y"), _ok("rm"), _ok("rv")
+    stats_msg = "running statistics for {shape} after step {step} with momentum=0.3 differ from PyTorch's " \
+                "(running = (1 - momentum) * running + momentum * batch)"
+    return [
+        _q1_case(1, 1, False, [(16, 4)], [(y, "training-mode output for an (N, C) input differs from F.batch_norm")]),
+        _q1_case(2, 1, False, [(16, 4)], [(rm, "running_mean after one training step (momentum=0.1) differs from PyTorch's")]),
+        _q1_case(3, 2, True, [(8, 3, 5, 4), (2, 5, 3, 3), (16, 2, 1, 1)], [
+            (y, "training-mode output for a 4-D input {shape} differs from F.batch_norm (normalise per channel over N, H, W)")]),
+        _q1_case(4, 1, True, [(16, 4), (4, 3, 5, 5)], [
+            (rv, "running_var for {shape} differs from PyTorch's (it must store the UNBIASED batch variance)")]),
+        _combine(
+            _q1_case(5, 1, True, [(10, 3), (4, 2, 3, 3)], [(rm, stats_msg), (rv, stats_msg)], momentum=0.3, steps=3),
+            _q1_case(5, 1, True, [(6, 3)], [(rm, "the default momentum must be 0.1"), (rv, "the default momentum must be 0.1")],
+                     steps=2, pass_momentum=False)),
+        _combine(*[_q1_case(6, 1, True, [(32, 3), (8, 2, 4, 4)], [
+            (y, f"output for an input with tiny variance (eps={eps}) differs from F.batch_norm: eps belongs inside the square root")],
+            eps=eps, scale=1e-3) for eps in (1e-5, 1e-3)]),
+        _q1_case(7, 1, True, [(16, 4), (4, 3, 5, 5)], [
+            (y, "evaluation-mode output for {shape} differs from F.batch_norm (use running_mean / running_var)"),
+            (rm, "evaluation mode must not change the running statistics"),
+            (rv, "evaluation mode must not change the running statistics")], training=False, steps=2),
+        _q1_case(8, 1, True, [(5, 3, 4, 6)], [
+            (rm, "running_mean of a 4-D input after step {step} differs from PyTorch's"),
+            (rv, "running_var of a 4-D input after step {step} differs from PyTorch's")], steps=2),
+    ]
+
+
+def _combine(*parts):
+    """One test case made of several _q1_case parts (all must pass)."""
+    number, points, hidden = parts[0][:3]
+
+    def build(g):
+        probes, refs = [], []
+        for j, part in enumerate(parts):
+            p, r = part[3](g)
+            for spec in p:  # make ids unique across parts
+                old = spec["id"]
+                spec["id"] = f"{old}-{j}"
+                r[spec["id"]] = r.pop(old)
+            probes += p
+            refs.append(r)
+        return probes, refs
+
+    def judge_with(refs):
+        judges = [part[4](r) for part, r in zip(parts, refs)]
+
+        def judge(outputs):
+            for j in judges:
+                j(outputs)
+        return judge
+
+    return number, points, hidden, build, judge_with
+
+
+# --------------------------------------------------------------------------- q2: backward
+
+
+def _q2_case(number, points, hidden, shapes, scale=2.0, negative_gamma=False):
+    def build(g):
+        probes, refs = [], {}
+        for i, shape in enumerate(shapes):
+            C = shape[1]
+            x = 1.0 + scale * _f64(*shape, g=g)
+            gamma = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+            gamma = -gamma if negative_gamma else gamma
+            beta, dy = _f64(C, g=g), _f64(*shape, g=g)
+            xr, gr, br = (t.clone().requires_grad_() for t in (x, gamma, beta))
+            y = F.batch_norm(xr, None, None, gr, br, training=True, eps=1e-5)
+            refs[f"q2-{number}-{i}"] = (shape, torch.autograd.grad(y, (xr, gr, br), dy))
+            probes.append({"id": f"q2-{number}-{i}", "kind": "backward", "x": x, "gamma": gamma, "beta": beta, "dy": dy})
+        return probes, refs
+
+    def judge_with(refs):
+        def judge(outputs):
+            for pid, (shape, ref) in refs.items():
+                out = _probe_result(outputs, pid).get("out")
+                if not isinstance(out, list) or len(out) != 3:
+                    raise Fail("batch_norm_backward must return (dx, dgamma, dbeta)")
+                errors = {}
+                for name, a, b in zip(["dx", "dgamma", "dbeta"], out, ref):
+                    a = _is_tensor(a, b.shape, name)
+                    errors[name] = float((a.to(b.dtype) - b).norm() / b.norm()) if a.dtype.is_floating_point else float("inf")
+                if not all(e < REL_ERR for e in errors.values()):  # NaN fails too
+                    raise Fail(f"relative errors vs autograd for {shape}: "
+                               + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+        return judge
+
+    return number, points, hidden, build, judge_with
+
+
+def _q2_cases():
+    return [_q2_case(1, 1, False, [(10, 4)]),
+            _q2_case(2, 2, True, [(6, 3, 4, 4), (2, 4, 3, 5)]),
+            _q2_case(3, 1, True, [(2, 3), (3, 5, 2, 2), (64, 7)], scale=10.0, negative_gamma=True)]
+
+
+# --------------------------------------------------------------------------- q3: the module
+
+
+def _state(module) -> dict:
+    sd = module.state_dict()
+    return {"keys": list(sd.keys()), "values": [v.detach().clone() for v in sd.values()]}
+
+
+def _run_reference(ref: torch.nn.Module, spec: dict) -> list[dict]:
+    """The worker's ``probe_module`` script, run here on PyTorch's own module."""
+    if spec.get("load_state") is not None:
+        ref.load_state_dict(dict(zip(spec["load_state"]["keys"], spec["load_state"]["values"])))
+    ref = ref.double()
+    if spec.get("wb") is not None:
+        with torch.no_grad():
+            ref.weight.copy_(spec["wb"][0])
+            ref.bias.copy_(spec["wb"][1])
+    out = []
+    for step in spec["steps"]:
+        (ref.train if step["mode"] == "train" else ref.eval)()
+        x = step["x"].clone().requires_grad_(bool(step.get("requires_grad")))
+        with torch.no_grad() if step.get("no_grad") else torch.enable_grad():
+            y = ref(x)
+        res = {"y": y.detach().clone(), "state": _state(ref)}
+        if step.get("grad_weights") is not None:
+            (y * step["grad_weights"]).sum().backward()
+            res["grads"] = [x.grad.clone(), ref.weight.grad.clone(), ref.bias.grad.clone()]
+        out.append(res)
+    return out
+
+
+def _state_check(mine, ref) -> None:
+    if not isinstance(mine, dict) or not isinstance(mine.get("keys"), list) or not isinstance(mine.get("values"), list):
+        raise Fail("state_dict missing")
+    if mine["keys"] != ref["keys"]:
+        raise Fail(f"state_dict keys {mine['keys'][:6]} != {ref['keys']}")
+    for k, a, b in zip(ref["keys"], mine["values"], ref["values"]):
+        a = _is_tensor(a, b.shape, k)
+        if a.dtype != b.dtype:
+            raise Fail(f"{k} has dtype {a.dtype}, expected {b.dtype}")
+        same = torch.allclose(a, b, rtol=RTOL, atol=ATOL) if b.is_floating_point() else torch.equal(a, b)
+        if not same:
+            raise Fail(f"{k} differs from nn.BatchNorm's")
+
+
+def _module_steps(outputs, pid, refs, messages):
+    res = _probe_result(outputs, pid)
+    steps = res.get("steps")
+    if not isinstance(steps, list) or len(steps) != len(refs):
+        raise Fail("the module did not complete every step")
+    for k, (mine, ref) in enumerate(zip(steps, refs)):
+        if not isinstance(mine, dict) or not _close(mine.get("y"), ref["y"]):
+            raise Fail(messages[k].format(step=k + 1))
+        _state_check(mine.get("state"), ref["state"])
+    return res, steps
+
+
+def _pair_spec(pid, C, g, steps):
+    w = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+    return {"id": pid, "kind": "module", "C": C, "load_state": None, "wb": [w, _f64(C, g=g)], "steps": steps}
+
+
+def _q3_init():
+    def build(g):
+        return [{"id": "q3-1", "kind": "module_init", "C": 3}], _state(torch.nn.BatchNorm2d(3))
+
+    def judge_with(ref):
+        def judge(outputs):
+            res = _probe_result(outputs, "q3-1")
+            if res.get("params") != ["weight", "bias"]:
+                raise Fail(f"parameters: {str(res.get('params'))[:80]} (expected ['weight', 'bias'])")
+            if res.get("buffers") != ["running_mean", "running_var", "num_batches_tracked"]:
+                raise Fail(f"buffers: {str(res.get('buffers'))[:100]} (register running_mean, running_var, num_batches_tracked)")
+            try:
+                _state_check(res.get("state"), ref)
+            except Fail as e:
+                raise Fail(f"initial state differs from nn.BatchNorm2d's: {e}") from None
+        return judge
+
+    return 1, 1, False, build, judge_with
+
+
+def _q3_train():
+    def build(g):
+        probes, refs = [], {}
+        for shape, cls in [((8, 3, 4, 4), torch.nn.BatchNorm2d), ((12, 3), torch.nn.BatchNorm1d)]:
+            pid = f"q3-2-{len(shape)}"
+            spec = _pair_spec(pid, 3, g, [{"mode": "train", "x": 1.0 + 2.0 * _f64(*shape, g=g)} for _ in range(3)])
+            probes.append(spec)
+            refs[pid] = (shape, _run_reference(cls(3), spec))
+        return probes, refs
+
+    def judge_with(refs):
+        def judge(outputs):
+            for pid, (shape, ref) in refs.items():
+                msg = f"training-mode output for {shape} at step {{step}} differs from nn.BatchNorm"
+                _module_steps(outputs, pid, ref, [msg] * len(ref))
+        return judge
+
+    return 2, 2, True, build, judge_with
+
+
+def _q3_modes():
+    def build(g):
+        steps = [{"mode": "train", "no_grad": True, "x": 1.0 + 2.0 * _f64(6, 4, 3, 3, g=g)} for _ in range(2)]
+        steps.append({"mode": "eval", "requires_grad": True, "x": _f64(5, 4, 3, 3, g=g)})
+        spec = _pair_spec("q3-3", 4, g, steps)
+        return [spec], _run_reference(torch.nn.BatchNorm2d(4), spec)
+
+    def judge_with(ref):
+        msgs = ["in train() mode under torch.no_grad() the module must still use batch statistics"] * 2 + [
+            "in eval() mode (gradients enabled) the module must use the running statistics"]
+        return lambda outputs: _module_steps(outputs, "q3-3", ref, msgs)
+
+    return 3, 1, True, build, judge_with
+
+
+def _q3_load():
+    def build(g):
+        src = torch.nn.BatchNorm2d(3).train()
+        with torch.no_grad():
+            for _ in range(4):
+                src(torch.randn(6, 3, 2, 2, generator=g) * 3 + 1)
+        spec = {"id": "q3-4", "kind": "module", "C": 3, "load_state": _state(src), "wb": None,
+                "steps": [{"mode": "eval", "x": _f64(4, 3, 2, 2, g=g)}]}
+        return [spec], _run_reference(src, spec)
+
+    def judge_with(ref):
+        def judge(outputs):
+            res = _probe_result(outputs, "q3-4")
+            if res.get("dtypes") != ["torch.float64", "torch.float64"]:
+                raise Fail(".double() must convert the running statistics (register them as buffers)")
+            _module_steps(outputs, "q3-4", ref, ["after load_state_dict from a trained nn.BatchNorm2d, eval outputs differ"])
+        return judge
+
+    return 4, 1, True, build, judge_with
+
+
+def _q3_grad():
+    def build(g):
+        x, w = _f64(7, 3, 2, 5, g=g), _f64(7, 3, 2, 5, g=g)
+        spec = _pair_spec("q3-5", 3, g, [{"mode": "train", "x": x, "requires_grad": True, "grad_weights": w}])
+        return [spec], _run_reference(torch.nn.BatchNorm2d(3), spec)
+
+    def judge_with(ref):
+        def judge(outputs):
+            res = _probe_result(outputs, "q3-5")
+            steps = res.get("steps")
+            grads = steps[0].get("grads") if isinstance(steps, list) and steps and isinstance(steps[0], dict) else None
+            if not isinstance(grads, list) or len(grads) != 3 or any(t is None for t in grads):
+                raise Fail("forward must be differentiable with autograd")
+            for name, a, b in zip(["the input", "weight", "bias"], grads, ref[0]["grads"]):
+                if not _close(a, b, rtol=GRAD_RTOL):
+                    raise Fail(f"gradient w.r.t. {name} differs from nn.BatchNorm2d's")
+        return judge
+
+    return 5, 1, True, build, judge_with
+
+
+def _q3_cases():
+    return [_q3_init(), _q3_train(), _q3_modes(), _q3_load(), _q3_grad()]
+
+
+# --------------------------------------------------------------------------- all tests
+
+
+QUESTIONS = {"q1": _q1_cases, "q2": _q2_cases, "q3": _q3_cases}
+
+
+def make_tests(seed: int) -> list[TestCase]:
+    """Every autograded test case with fresh inputs drawn from ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    tests = []
+    for question, cases in QUESTIONS.items():
+        for number, points, hidden, build, judge_with in cases():
+            probes, refs = build(g)
+            tests.append(TestCase(question, number, float(points), hidden, probes, judge_with(refs)))
+    return tests
+
+
+def question_points(tests: list[TestCase] | None = None) -> dict[str, float]:
+    points: dict[str, float] = {}
+    for t in tests or make_tests(0):
+        points[t.question] = points.get(t.question, 0.0) + t.points
+    return points
+
+
+def judge_all(tests: list[TestCase], outputs: dict) -> list[dict]:
+    """[{question, name, hidden, points, passed, reason}] for one submission's probe outputs."""
+    results = []
+    for t in tests:
+        try:
+            t.judge(outputs)
+            passed, reason = True, None
+        except Fail as e:
+            passed, reason = False, str(e)
+        except Exception as e:  # malformed outputs must never crash the grader
+            passed, reason = False, f"malformed result ({type(e).__name__})"
+        results.append({"question": t.question, "name": t.name, "hidden": t.hidden, "points": t.points,
+                        "passed": passed, "reason": reason})
+    return results

@@ -1,0 +1,82 @@
+"""Command line: ``python -m bnviz.grading build|grade`` (what ``make assignment`` / ``make grade`` run).
+
+    python -m bnviz.grading build [--source NOTEBOOK] [--out dist/batch_norm]
+    python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
+                                  [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
+                                  [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import build, sandbox
+from .grade import grade_folder
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bnviz.grading",
+                                     description="Build and grade the batch normalization assignment.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="otter assign the solution notebook")
+    b.add_argument("--source", default=None, help=f"solution notebook (default: ${build.SOURCE_ENV} or the checkout's)")
+    b.add_argument("--out", default=str(build.DEFAULT_DIST))
+    g = sub.add_parser("grade", help="grade a folder of submissions, each in a sandbox")
+    g.add_argument("submissions")
+    g.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
+    g.add_argument("--out", default="grades")
+    g.add_argument("--timeout", type=float, default=300.0, help="wall-clock seconds per submission")
+    g.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time")
+    g.add_argument("--memory-gb", type=float, default=4.0, help="memory a submission may allocate")
+    g.add_argument("--output-mb", type=float, default=100.0, help="what a submission may print")
+    g.add_argument("--processes", type=int, default=128, help="process/thread limit (needs cgroups)")
+    g.add_argument("--allow-forbidden", action="store_true",
+                   help="do not withhold points for F.batch_norm / nn.BatchNorm / autograd where the rules forbid them")
+    g.add_argument("--sandbox", choices=["auto", "bwrap", "docker"], default="auto")
+    g.add_argument("--docker-image", default=None, help="image with python + torch for --sandbox docker")
+    g.add_argument("--no-sandbox", action="store_true", help="run student code unsandboxed (prints what it gives up)")
+    g.add_argument("--seed", type=int, default=None, help="test input seed (default: fresh per run)")
+    return parser
+
+
+def _grade(args, parser) -> int:
+    dist = Path(args.dist)
+    manifest_path = dist / "assignment.json"
+    if not manifest_path.is_file():
+        parser.error(f"{manifest_path} not found: run `python -m bnviz.grading build --out {dist}` first")
+    manifest = json.loads(manifest_path.read_text())
+    student_nb = dist / manifest["student_notebook"]
+    manual = {q: c["points"] for q, c in manifest.get("questions", {}).items() if c.get("manual")}
+    limits = sandbox.Limits(timeout_s=args.timeout, memory_bytes=int(args.memory_gb * sandbox.GiB),
+                            output_bytes=int(args.output_mb * sandbox.MiB), processes=args.processes,
+                            threads=1 if args.jobs > 1 else 2)
+    try:
+        results = grade_folder(args.submissions, args.out, jobs=args.jobs, limits=limits,
+                               student_notebook=student_nb if student_nb.is_file() else None,
+                               manual_questions=manual, forbidden=manifest.get("forbidden"),
+                               allow_forbidden=args.allow_forbidden, seed=args.seed,
+                               sandbox_backend="none" if args.no_sandbox else args.sandbox,
+                               docker_image=args.docker_image, extra_masks=[dist.resolve()])
+    except sandbox.SandboxUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"graded {len(results)} submission(s) -> {Path(args.out) / 'gradebook.csv'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        try:
+            manifest = build.build_assignment(args.out, args.source)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        print(f"built {args.out}: student notebook {manifest['student_notebook']}, "
+              f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
+              f"{manifest['autograded_points']:g} autograded + {manifest['manual_points']:g} manual points")
+        return 0
+    return _grade(args, parser)
