@@ -1,134 +1,165 @@
-"""Everything the "GPU speed" issue asks for, measured in one call on one GPU.
+"""Everything the engine issue's GPU targets ask for, measured in one call on one GPU.
 
     .venv/bin/python benchmarks/gpu_speed.py --out benchmarks/results        # on a CUDA machine
     .venv/bin/python benchmarks/gpu_speed.py --device cpu --quick --out /tmp/gs  # crash test
 
 Rows (LeNet-BN, avg pool, sigmoid; batch 256, lr 1.0; the 60k/10k SYNTHETIC set resident on
-the device; test accuracy evaluated at every epoch end; each row after a warm-up run that sees
-both batch shapes, so compiling happens in the warm-up, whose time is reported separately):
+the device; test accuracy evaluated at every epoch end and included in the time):
 
-* bnviz nn.BatchNorm / scratch BN, eager and compiled (``Config(compile=<mode>)``, one row per
-  ``--modes`` entry; default 'reduce-overhead' (CUDA graphs) and 'default'), ``--epochs`` (10)
-  epochs: wall seconds for the whole ``Trainer.run()`` and examples/s.
+* bnviz nn.BatchNorm / scratch BN with ``Config(fast=...)``: 'eager', 'graph' (one CUDA graph
+  per step) and 'auto' (on CUDA: the graph around an inductor-compiled loss), ``--epochs``
+  (10) epochs. ``wall s`` is the training loop with its evaluation; ``setup s`` (building,
+  compiling, capturing, before the loop) is reported apart; a warm-up run comes first (CUDA
+  context, cuDNN, inductor's cache).
 * d2l ``train_ch6`` fed by its per-sample PIL/ToTensor DataLoader (4 workers), same device and
-  data, ``--d2l-epochs`` (2) epochs: examples/s (its wall time is for fewer epochs).
-* the dashboard's overhead: ``benchmarks/dashboard_overhead.py`` (written separately); if it
-  is missing, the row says so.
+  data, ``--d2l-epochs`` (2) epochs: examples/s.
+* the dashboard's overhead: ``benchmarks/dashboard_overhead.measure()``.
+* live changes: the delay from ``LiveParams.set`` to the first step that uses the new value
+  (lr: a device tensor; BN momentum/eps: a re-capture).
 
-Targets (the issue): nn.BatchNorm 10 epochs <= 1.0 s, scratch <= 2.0 s, >= 20x d2l's
-examples/s, dashboard >= 90 % of headless throughput. The script prints a markdown table, the
-device and versions, and writes ``gpu_speed.json`` and ``gpu_speed.md`` to ``--out``.
-``--quick`` uses tiny sizes (a crash test, e.g. on a CPU; its numbers mean nothing). On a CPU
-the compiled rows fall back to eager (their note says so) unless ``--force-compile``.
+Targets (the issue): nn.BatchNorm 10 epochs <= 1.0 s, scratch <= 1.2 s, >= 25x d2l's
+examples/s, dashboard >= 90 % of headless, a live change <= 0.2 s. The script prints a markdown
+table (rows say met / NOT met), the device and versions, and writes ``gpu_speed.json`` and
+``gpu_speed.md`` to ``--out``. ``--quick`` uses tiny sizes (a crash test, e.g. on a CPU; its
+numbers mean nothing). 'graph' needs CUDA: on a CPU its rows say so.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
+import dashboard_overhead  # noqa: E402
 import throughput as tp  # noqa: E402  (also sets the Agg backend before d2l)
 import torch  # noqa: E402
 
-from bnviz import make_synthetic  # noqa: E402
+from bnviz import Trainer, make_synthetic  # noqa: E402
 from bnviz.data import resolve_device  # noqa: E402
 
-TARGETS = {"torch": 1.0, "scratch": 2.0}  # seconds for 10 epochs of 60k examples
-TARGET_VS_D2L = 20.0
+TARGETS = {"torch": 1.0, "scratch": 1.2}  # seconds for 10 epochs of 60k examples
+TARGET_VS_D2L = 25.0
 TARGET_DASHBOARD = 0.90
+TARGET_LIVE_S = 0.2
+FAST_ROWS = ("eager", "graph", "auto")
 
 
-def dashboard_overhead(device: torch.device, epochs: int, train_size: int, test_size: int, quick: bool):
-    """Call ``benchmarks/dashboard_overhead.py``'s measuring function if the file exists.
-
-    Returns (result or None, note). A function ``measure`` / ``measure_overhead`` / ``run`` is
-    called with the keyword arguments it accepts among device / epochs / train_size / test_size
-    / quick; a script with only a command line is run as a subprocess (last line
-    ``ratio dashboard/headless: X.XX``).
-    """
-    if not (HERE / "dashboard_overhead.py").exists():
-        return None, "skipped: benchmarks/dashboard_overhead.py does not exist yet"
+def live_change_delay(data, norm: str, quick: bool) -> dict:
+    """Seconds from ``trainer.live.set(...)`` (as a slider does) to the moment the trainer has
+    applied it, i.e. the first step using it can run: lr, then BN momentum (re-capture)."""
+    cfg = tp.bnviz_config(norm, None, data.device, "auto").replace(snapshot_every=10_000)
+    tr = Trainer(cfg, data=data)
+    tr.start()
+    delays = {}
     try:
-        mod = importlib.import_module("dashboard_overhead")
+        deadline = time.time() + 120
+        while tr.step_count < (20 if quick else 300) and time.time() < deadline and tr.running:
+            time.sleep(0.01)
+        for name, value in (("lr", 0.5), ("bn_momentum", 0.2), ("eps", 1e-4)):
+            n = len(tr.history.changes)
+            t = time.perf_counter()
+            tr.live.set(**{name: value})
+            while len(tr.history.changes) == n and tr.running and time.time() < deadline:
+                time.sleep(0.0005)
+            delays[name] = time.perf_counter() - t if len(tr.history.changes) > n else None
+    finally:
+        tr.stop()
+        tr.join(60)
+    return {"norm": norm, "delays_s": delays, "status": tr.history.status, "message": tr.history.message,
+            "recaptures": tr.captured.info["recaptures"] if tr.captured is not None else None}
+
+
+def bnviz_row(data, norm: str, fast: str, epochs: int, warmup: int) -> dict:
+    name = f"bnviz {'nn.BatchNorm' if norm == 'torch' else 'scratch BN'} fast={fast}"
+    if fast == "graph" and data.device.type != "cuda":
+        return {"name": name, "norm": norm, "fast": fast, "epochs": epochs,
+                "error": f"skipped: fast='graph' needs CUDA (this run is on {data.device.type})"}
+    try:
+        r = tp.time_bnviz(data, norm, epochs, fast=fast, warmup=warmup)
     except Exception as err:
-        return None, f"skipped: importing dashboard_overhead failed ({type(err).__name__}: {err})"
-    fn = next((getattr(mod, n) for n in ("measure", "measure_overhead", "run") if callable(getattr(mod, n, None))), None)
-    if fn is None:  # a command-line script: run it and read its last line
-        return _dashboard_subprocess(train_size, test_size, epochs, quick)
-    offered = {"device": str(device), "epochs": epochs, "train_size": train_size,
-               "test_size": test_size, "quick": quick}
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in offered.items() if k in params}
-    try:
-        return fn(**kwargs), f"{mod.__name__}.{fn.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
-    except Exception as err:
-        return None, f"failed: {type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+        r = {"error": f"{type(err).__name__}: {err}"}
+    return {**r, "name": name, "norm": norm, "fast": fast, "epochs": epochs}
 
 
-def _dashboard_subprocess(train_size: int, test_size: int, epochs: int, quick: bool):
-    """``python benchmarks/dashboard_overhead.py --train-size N ...``; its last line is
-    ``ratio dashboard/headless: X.XX``. The lab picks its own device (CUDA when present)."""
-    import re
-    import subprocess
-
-    cmd = [sys.executable, str(HERE / "dashboard_overhead.py"), "--train-size", str(train_size),
-           "--test-size", str(test_size), "--epochs", str(min(epochs, 2))]
-    if quick:
-        cmd += ["--repeats", "1"]
-    shown = "python benchmarks/dashboard_overhead.py " + " ".join(cmd[2:])
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
-    except subprocess.TimeoutExpired:
-        return None, f"failed: `{shown}` took more than 600 s"
-    m = re.search(r"ratio dashboard/headless: ([\d.]+)", done.stdout)
-    if done.returncode != 0 or m is None:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return None, f"failed: `{shown}` exited {done.returncode}: {tail[0]}"
-    return {"fraction": float(m.group(1)), "output": done.stdout}, f"`{shown}`"
-
-
-def _fraction(result) -> float | None:
-    """The dashboard's throughput as a fraction of headless, from whatever dict it returns."""
-    if not isinstance(result, dict):
-        return None
-    for key in ("fraction", "ratio", "attached_over_headless", "relative_throughput"):
-        if isinstance(result.get(key), (int, float)):
-            return float(result[key])
-    return None
-
-
-def main(argv=None) -> dict:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="cuda (default when present), cpu, auto")
     ap.add_argument("--epochs", type=int, default=10, help="epochs per bnviz row (default 10)")
     ap.add_argument("--d2l-epochs", type=int, default=2, help="epochs for d2l train_ch6 (default 2)")
-    ap.add_argument("--modes", default="reduce-overhead,default",
-                    help="torch.compile modes, comma-separated (default reduce-overhead,default); '' = none")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a crash test, numbers mean nothing")
-    ap.add_argument("--force-compile", action="store_true", help="compile on a CPU too (slow: minutes)")
     ap.add_argument("--skip-d2l", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for gpu_speed.json / .md")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.epochs < 1 or args.d2l_epochs < 1:
+        ap.error("--epochs and --d2l-epochs must be >= 1")
     try:
-        device = resolve_device(args.device)
+        args.device = resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
         ap.error(str(err))
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    from bnviz.train import COMPILE_MODES
+    return args
 
-    bad = [m for m in modes if m not in COMPILE_MODES]
-    if bad:
-        ap.error(f"unknown compile mode(s) {bad}; valid: {', '.join(COMPILE_MODES)}")
+
+def _fmt(x, f):
+    return "—" if x is None else format(x, f)
+
+
+def _verdict(ok) -> str:
+    return "—" if ok is None else ("met" if ok else "NOT met")
+
+
+def table(info, args, sizes, rows, d2l, dash, live) -> str:
+    train_size, test_size, epochs = sizes
+    cmd = "Command: `python benchmarks/gpu_speed.py " + " ".join(args.argv) + "`"
+    lines = [f"### GPU speed: {info['device_name']} ({info['device']}), torch {info['torch']}"
+             + (" — QUICK crash-test sizes, numbers mean nothing" if args.quick else ""), "",
+             f"Data: SYNTHETIC stand-in, {train_size} train / {test_size} test, batch 256, lr 1.0, "
+             f"LeNet-BN (avg pool, sigmoid), test accuracy every epoch (included in wall s). {cmd}", "",
+             "| run | epochs | wall s | examples/s | vs d2l | target | setup s (compile+capture) | test acc | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    d2l_eps = d2l.get("examples_per_s") if d2l else None
+    for r in rows:
+        eps = r.get("examples_per_s")
+        vs = eps / d2l_eps if (eps and d2l_eps) else None
+        target = TARGETS[r["norm"]] * epochs / 10 * train_size / 60000
+        met = None if (r.get("wall_s") is None or args.quick or r["fast"] == "eager") else r["wall_s"] <= target
+        cap = r.get("captured")
+        note = r.get("error") or r.get("message") or ""
+        if cap:
+            note = f"{note} graphs for batch sizes {sorted(cap['capture_s'])}".strip()
+        target_text = "" if r["fast"] == "eager" else f"≤ {target:.2g} s: {_verdict(met)}"
+        lines.append(f"| {r['name']} | {r['epochs']} | {_fmt(r.get('wall_s'), '.3f')} | {_fmt(eps, ',.0f')} | "
+                     f"{_fmt(vs, '.1f')}× | {target_text} | {_fmt(r.get('setup_s'), '.1f')} | "
+                     f"{_fmt(r.get('test_acc'), '.3f')} | {note} |")
+    best = max((r.get("examples_per_s") or 0 for r in rows if r["norm"] == "torch"), default=0)
+    if d2l:
+        ok = None if (args.quick or not d2l_eps) else best / d2l_eps >= TARGET_VS_D2L
+        lines.append(f"| d2l train_ch6 (PIL DataLoader, 4 workers) | {d2l.get('epochs', '—')} | "
+                     f"{_fmt(d2l.get('wall_s'), '.2f')} | {_fmt(d2l_eps, ',.0f')} | 1× | fastest bnviz "
+                     f"nn.BatchNorm ≥ {TARGET_VS_D2L:g}× this: {_verdict(ok)} | | {_fmt(d2l.get('test_acc'), '.3f')} "
+                     f"| {d2l.get('error', '')} |")
+    frac = dash.get("fraction") if dash else None
+    ok = None if (frac is None or args.quick) else frac >= TARGET_DASHBOARD
+    lines.append(f"| dashboard attached vs headless | | | | | ≥ {TARGET_DASHBOARD:.0%}: {_verdict(ok)} | | | "
+                 f"{'' if frac is None else f'{frac:.1%} of headless'} {dash.get('note', '') if dash else ''} |")
+    for lv in live:
+        d = lv.get("delays_s", {})
+        worst = max((v for v in d.values() if v is not None), default=None)
+        ok = None if (worst is None or args.quick) else worst <= TARGET_LIVE_S
+        text = ", ".join(f"{k} {_fmt(v, '.3f')} s" for k, v in d.items())
+        lines.append(f"| live change delay, {lv['norm']} fast=auto | | | | | ≤ {TARGET_LIVE_S} s: {_verdict(ok)} "
+                     f"| | | {text}; re-captures {lv.get('recaptures')}; {lv.get('error', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    device = args.device
     if args.quick:
         # d2l's train_ch6 needs >= 5 batches per epoch (it plots every num_batches // 5).
         train_size, test_size, epochs, d2l_epochs, warmup = 1280, 256, 1, 1, 300
@@ -136,95 +167,47 @@ def main(argv=None) -> dict:
         train_size, test_size, epochs, d2l_epochs, warmup = 60000, 10000, args.epochs, args.d2l_epochs, 512
     if device.type != "cuda" and not args.quick:
         print(f"note: no GPU ({device}): these are not GPU numbers", flush=True)
-
     data = make_synthetic(60000, 10000).subset(train_size, test_size).to(device)
     info = tp.machine_info(device)
     print(f"device: {info['device']} ({info['device_name']}), torch {info['torch']}, "
-          f"CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, python {info['python']}, "
-          f"{info['cpu_count']} CPU cores", flush=True)
-    print(f"data: {data.label}, {train_size} train / {test_size} test, batch 256, lr 1.0, "
-          f"test evaluated every epoch", flush=True)
-
+          f"CUDA {info.get('cuda')}, python {info['python']}, {info['cpu_count']} CPU cores", flush=True)
     rows = []
     for norm in ("torch", "scratch"):
-        for compile_ in [False] + modes:
-            request = compile_
-            if compile_ and device.type != "cuda" and args.force_compile:
-                request = "force"
-            t = time.perf_counter()
-            try:
-                r = tp.time_bnviz(data, norm, epochs, compile=request, warmup=warmup)
-                r["compile"] = compile_
-                r["name"] = (f"bnviz {'nn.BatchNorm' if norm == 'torch' else 'scratch BN'}"
-                             + (f" compiled ({compile_})" if compile_ else " eager"))
-            except Exception as err:
-                r = {"name": f"bnviz {norm} {compile_ or 'eager'}", "norm": norm, "compile": compile_,
-                     "error": f"{type(err).__name__}: {err}", "wall_s": None, "examples_per_s": None}
-            r["epochs"] = epochs
+        for fast in FAST_ROWS:
+            r = bnviz_row(data, norm, fast, epochs, warmup)
             rows.append(r)
-            status = (f"{r['wall_s']:.2f} s, {r['examples_per_s']:.0f} ex/s" if r.get("wall_s")
-                      else r.get("error"))
-            print(f"  {r['name']}: {status} ({time.perf_counter() - t:.0f} s with warm-up)", flush=True)
-
+            print(f"  {r['name']}: " + (f"{r['wall_s']:.3f} s, {r['examples_per_s']:,.0f} ex/s, setup "
+                                       f"{r['setup_s']:.1f} s" if r.get("wall_s") else r["error"]), flush=True)
     d2l = None
     if not args.skip_d2l:
         try:
             d2l = tp.time_d2l(data, d2l_epochs, device, warmup=warmup)
             d2l["epochs"] = d2l_epochs
-            print(f"  d2l train_ch6: {d2l['examples_per_s']:.0f} ex/s ({d2l_epochs} epochs)", flush=True)
         except Exception as err:
             d2l = {"name": "d2l train_ch6", "error": f"{type(err).__name__}: {err}", "examples_per_s": None}
-
-    dash, dash_note = dashboard_overhead(device, epochs, train_size, test_size, args.quick)
-
-    # ---- the table
-    def fmt(x, f):
-        return "—" if x is None else format(x, f)
-
-    lines = [f"### GPU speed: {info['device_name']} ({info['device']}), torch {info['torch']}"
-             + (" — QUICK crash-test sizes, numbers mean nothing" if args.quick else ""), "",
-             f"Data: {data.label}, {train_size} train / {test_size} test, batch 256, lr 1.0, "
-             f"LeNet-BN (avg pool, sigmoid), test accuracy every epoch. "
-             f"Command: `python benchmarks/gpu_speed.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             "",
-             "| run | epochs | wall s | examples/s | vs d2l | target | warm-up s (compile) | test acc | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    d2l_eps = d2l.get("examples_per_s") if d2l else None
-    for r in rows:
-        vs = r["examples_per_s"] / d2l_eps if (r.get("examples_per_s") and d2l_eps) else None
-        target = TARGETS[r["norm"]] * epochs / 10 * train_size / 60000
-        met = None if (r.get("wall_s") is None or args.quick) else r["wall_s"] <= target
-        note = r.get("error") or r.get("message") or ""
-        ci = r.get("compile_info")
-        if ci:
-            note = (note + f" mode {ci['mode']}, graphs for batch sizes {sorted(ci['shapes'])}, "
-                    f"{r.get('graphs_compiled_in_timed_run', 0)} compiled during the timed run").strip()
-            if r.get("cudagraph_skips"):
-                note += f"; inductor skipped CUDA graphs {r['cudagraph_skips']}× (see TORCH_LOGS=cudagraphs)"
-        lines.append(f"| {r['name']} | {r['epochs']} | {fmt(r.get('wall_s'), '.3f')} | "
-                     f"{fmt(r.get('examples_per_s'), ',.0f')} | {fmt(vs, '.1f')}× | "
-                     f"≤ {target:.2g} s: {'—' if met is None else ('met' if met else 'NOT met')} | "
-                     f"{fmt(r.get('warmup_s'), '.1f')} | {fmt(r.get('test_acc'), '.3f')} | {note} |")
-    if d2l:
-        lines.append(f"| d2l train_ch6 (PIL DataLoader, 4 workers) | {d2l.get('epochs', '—')} | "
-                     f"{fmt(d2l.get('wall_s'), '.2f')} | {fmt(d2l_eps, ',.0f')} | 1× | "
-                     f"bnviz nn.BatchNorm ≥ {TARGET_VS_D2L:g}× this | — | {fmt(d2l.get('test_acc'), '.3f')} | "
-                     f"{d2l.get('error', '')} |")
-    frac = _fraction(dash)
-    lines.append(f"| dashboard attached vs headless | | | | | ≥ {TARGET_DASHBOARD:.0%}: "
-                 f"{'—' if frac is None else ('met' if frac >= TARGET_DASHBOARD else 'NOT met')} | | | "
-                 f"{'' if frac is None else f'{frac:.1%} of headless; '}{dash_note.splitlines()[0]} |")
-    table = "\n".join(lines)
-    print("\n" + table + "\n")
+    try:
+        dash = dashboard_overhead.measure(device=str(device), train_size=train_size, test_size=test_size,
+                                          epochs=min(epochs, 2), repeats=1 if args.quick else 3)
+        dash_note = "benchmarks/dashboard_overhead.measure()"
+    except Exception as err:
+        dash, dash_note = None, f"failed: {type(err).__name__}: {err}"
+    live = []
+    for norm in ("torch", "scratch"):
+        try:
+            live.append(live_change_delay(data, norm, args.quick))
+        except Exception as err:
+            live.append({"norm": norm, "error": f"{type(err).__name__}: {err}"})
+    text = table(info, args, (train_size, test_size, epochs), rows, d2l,
+                 dict(dash or {}, note=dash_note) if dash else {"note": dash_note}, live)
+    print("\n" + text + "\n")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"machine": info, "quick": args.quick, "train_size": train_size, "test_size": test_size,
-              "rows": rows, "d2l": d2l, "dashboard": dash, "dashboard_note": dash_note,
-              "argv": argv if argv is not None else sys.argv[1:]}
+              "rows": rows, "d2l": d2l, "dashboard": dash, "dashboard_note": dash_note, "live": live,
+              "argv": args.argv}
     (out / "gpu_speed.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "gpu_speed.md").write_text(table + "\n\nversions: " + json.dumps(info) + "\n")
+    (out / "gpu_speed.md").write_text(text + "\n\nversions: " + json.dumps(info) + "\n")
     print(f"wrote {out / 'gpu_speed.json'} and {out / 'gpu_speed.md'}")
     return result
 

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bnviz import Config, Trainer, build_lenet, make_synthetic, preset  # noqa: E402
-from bnviz.data import Dataset, batches, resolve_device  # noqa: E402
+from bnviz.data import Dataset, resolve_device  # noqa: E402
 
 LENET_BN = preset("lenet-bn")
 
@@ -88,53 +88,45 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- bnviz
 
 
-def bnviz_config(norm: str, epochs: int, device: torch.device, compile=False, batch_size=256,
+def bnviz_config(norm: str, epochs: int, device: torch.device, fast: str = "eager", batch_size=256,
                  lr=1.0) -> Config:
     return Config(model=LENET_BN.replace(norm=norm), dataset="synthetic", batch_size=batch_size,
                   lr=lr, epochs=epochs, seed=0, device=str(device), snapshot_every=50,
-                  compile=compile, label=f"bnviz {norm}")
+                  fast=fast, label=f"bnviz {norm}")
 
 
-def time_bnviz(data: Dataset, norm: str, epochs: int, compile=False, warmup: int = 512,
+def time_bnviz(data: Dataset, norm: str, epochs: int, fast: str = "eager", warmup: int = 512,
                batch_size: int = 256, lr: float = 1.0) -> dict:
-    """Warm up on ``warmup`` examples, then time a full ``Trainer.run()`` (wall clock)."""
-    from torch._dynamo.utils import counters
-
+    """Warm up on ``warmup`` examples (CUDA context, cuDNN, inductor's cache), then time a full
+    ``Trainer.fit()``. ``wall_s`` is the training loop with its per-epoch test evaluation;
+    ``setup_s`` (building the model, compiling and capturing the step) is reported apart."""
     device = data.device
-    cfg = bnviz_config(norm, epochs, device, compile, batch_size, lr)
-    torch.manual_seed(0)
-    model = build_lenet(cfg.model)  # shared by the warm-up and the timed run
+    cfg = bnviz_config(norm, epochs, device, fast, batch_size, lr)
     warm_s = 0.0
-    skips_before = counters["inductor"]["cudagraph_skips"]  # CUDA graphs inductor gave up on
     if warmup:
-        # The warm-up sees the timed run's batch shapes (a full batch and the last partial one)
-        # with the same model object, so a compiled step is compiled (and cached) here.
         n_warm = min(len(data.train_x), max(warmup, batch_size + len(data.train_x) % batch_size))
         small = data.subset(n_warm, min(len(data.test_x), 512))
         t = time.perf_counter()
-        hw = Trainer(cfg.replace(epochs=1), data=small, model=model).run()
+        hw = Trainer(cfg.replace(epochs=1), data=small).fit()
         sync(device)
         warm_s = time.perf_counter() - t
         if hw.status != "finished":
             raise RuntimeError(f"bnviz {norm} warm-up ended {hw.status}: {hw.message}")
-    graphs_before = counters["stats"]["unique_graphs"]
     sync(device)
-    t = time.perf_counter()
-    trainer = Trainer(cfg, data=data, model=model)
-    h = trainer.run()
+    trainer = Trainer(cfg, data=data)
+    h = trainer.fit()
     sync(device)
-    wall = time.perf_counter() - t
+    wall = h.wall_time_s - h.setup_time_s
     n = epochs * len(data.train_x)
     if h.status != "finished":
         raise RuntimeError(f"bnviz {norm} run ended {h.status}: {h.message}")
+    captured = trainer.captured.info if trainer.captured is not None else None
     return {"name": f"bnviz {'nn.BatchNorm' if norm == 'torch' else 'scratch BN'}"
-                    + (" compiled" if compile else ""),
-            "norm": norm, "compile": compile, "examples": n, "wall_s": wall,
+                    + ("" if fast == "eager" else f" fast={fast}"),
+            "norm": norm, "fast": fast, "examples": n, "wall_s": wall, "setup_s": h.setup_time_s,
             "examples_per_s": n / wall, "own_examples_per_s": h.examples_per_s,
             "test_acc": h.final_test_acc, "message": h.message, "warmup_s": warm_s,
-            "graphs_compiled_in_timed_run": counters["stats"]["unique_graphs"] - graphs_before,
-            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
-            "compile_info": trainer.compiled.info if trainer.compiled is not None else None}
+            "captured": captured}
 
 
 # ----------------------------------------------------------------------------- d2l
@@ -242,26 +234,13 @@ def profile_step(data: Dataset, norm: str = "torch", batch_size: int = 256, step
     over the steps, the table title gives the per-step wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bnviz.train import _forward
-
     device = data.device
-    torch.manual_seed(0)
-    model = build_lenet(LENET_BN.replace(norm=norm)).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    trainer = Trainer(bnviz_config(norm, 1, device, "eager", batch_size), data=data)
+    trainer._setup()  # model, optimizer and sums, as fit() builds them
     gen = torch.Generator(device=device).manual_seed(0)
 
-    def forever():
-        while True:
-            yield from batches(data.train_x, data.train_y, batch_size, drop_last=True, generator=gen)
-
-    it = forever()
-
     def step():
-        xb, yb = next(it)
-        opt.zero_grad(set_to_none=True)
-        loss, _ = _forward(model, xb, yb)
-        loss.backward()
-        opt.step()
+        trainer.step(torch.randint(0, len(data.train_x), (batch_size,), device=device, generator=gen))
 
     for _ in range(20):
         step()

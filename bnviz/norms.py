@@ -51,6 +51,26 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def _check_inputs(x, weight, bias, running_mean, running_var, momentum, eps) -> None:
+    """Every shape and value is checked before anything (a running buffer) is changed."""
+    if x.dim() < 2:
+        raise ValueError(f"batch_norm expects input of shape (N, C, *), got {tuple(x.shape)}")
+    c = x.shape[1]
+    if c < 1 or x.shape[0] < 1:
+        raise ValueError(f"batch_norm needs at least one example and one channel, got input of shape "
+                         f"{tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (c,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the input has {c} channels on "
+                             f"axis 1 (shape {tuple(x.shape)}): expected shape ({c},)")
+    if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1] (weight of the new batch) or None (cumulative "
+                         f"average), got {momentum!r}")
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"eps must be a positive number, got {eps!r}")
+
+
 def batch_norm(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -83,8 +103,7 @@ def batch_norm(
     bias``, with two full-size operations instead of four (the backward pass through ``a`` and
     ``b`` is done by autograd and is exact).
     """
-    if x.dim() < 2:
-        raise ValueError(f"batch_norm expects input of shape (N, C, *), got {tuple(x.shape)}")
+    _check_inputs(x, weight, bias, running_mean, running_var, momentum, eps)
     use_batch_stats = training or running_mean is None or running_var is None
     if use_batch_stats:
         values_per_channel = x.numel() // x.shape[1]

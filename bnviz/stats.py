@@ -20,6 +20,9 @@ Functions:
   average of per-step batch statistics remembers, and how far it lags.
 * :func:`fold_bn`: merge each BN into the conv/linear layer in front of it, for inference.
 * :func:`shift_images`: a brightness/contrast shift of uint8 images (a simple domain shift).
+* :func:`layer_state`, :func:`per_channel`, :func:`num_channels`: one value per channel of any
+  norm layer's γ, β and running statistics (the one place that reads them; the trainer, the
+  lab and the experiments use it).
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ from .norms import BatchNorm
 
 __all__ = [
     "bn_layers",
+    "layer_state",
+    "per_channel",
+    "num_channels",
     "recompute_bn_stats",
     "layer_input_stats",
     "ema_trace",
@@ -55,6 +61,43 @@ def _is_bn(m: nn.Module) -> bool:
 def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The BN layers (with running statistics) of ``model``, by module path."""
     return {name: m for name, m in model.named_modules() if _is_bn(m)}
+
+
+def num_channels(module: nn.Module) -> int:
+    """The channel count of a norm layer (BatchNorm, GroupNorm, LayerNorm, d2l's layer)."""
+    for attr in ("num_features", "num_channels"):
+        if hasattr(module, attr):
+            return int(getattr(module, attr))
+    if hasattr(module, "normalized_shape"):
+        return int(module.normalized_shape[0])
+    if hasattr(module, "gamma"):
+        return int(module.gamma.shape[1])
+    raise ValueError(f"cannot tell the channel count of {type(module).__name__}")
+
+
+def per_channel(t: torch.Tensor | None, channels: int) -> torch.Tensor | None:
+    """One value per channel of a γ/β/statistic of any norm layer, detached (a LayerNorm on a
+    conv has a (C, H, W) weight: the mean over H, W; d2l's layer has shape (1, C, 1, 1))."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.numel() == channels:
+        return t.reshape(channels)
+    return t.reshape(channels, -1).mean(1)
+
+
+def layer_state(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Per-channel tensors (on the device, no host copy) of one norm layer: ``gamma``, ``beta``,
+    ``running_mean``, ``running_var`` (None where the layer has none)."""
+    c = num_channels(module)
+    gamma = getattr(module, "weight", None) if hasattr(module, "weight") else getattr(module, "gamma", None)
+    beta = getattr(module, "bias", None) if hasattr(module, "bias") else getattr(module, "beta", None)
+    rm = getattr(module, "running_mean", None)
+    rv = getattr(module, "running_var", None)
+    if rm is None and hasattr(module, "moving_mean"):
+        rm, rv = module.moving_mean, module.moving_var
+    return {"gamma": per_channel(gamma, c), "beta": per_channel(beta, c),
+            "running_mean": per_channel(rm, c), "running_var": per_channel(rv, c)}
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

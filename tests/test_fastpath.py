@@ -1,5 +1,6 @@
-"""The fast path: no host sync per step, the compiled training step (torch.compile) against the
-eager one, its fallbacks, and the benchmark scripts' quick modes (crash tests, no timings).
+"""The fast path: no host sync per step, the compiled step against the eager one, the plan and
+its fallbacks, the CUDA-graph step (``gpu`` marker: skipped without CUDA), and the benchmark
+scripts' quick modes (crash tests, no timings).
 
 The compiled-vs-eager test really compiles on the CPU (inductor + the C++ compiler): about 1 to
 3 minutes per norm the first time on a 2-core machine, seconds once inductor's cache
@@ -14,17 +15,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from bnviz import Config, Trainer, make_synthetic, preset
-from bnviz.train import COMPILE_MODES
+from bnviz.fastpath import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def cfg(norm="torch", **kw):
     base = dict(model=preset("lenet-bn", norm=norm), dataset="synthetic", batch_size=256, lr=1.0,
-                epochs=3, snapshot_every=2, device="cpu", seed=0)
+                epochs=3, snapshot_every=2, device="cpu", seed=0, fast="eager")
     base.update(kw)
     return Config(**base)
 
@@ -54,16 +59,62 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# ----------------------------------------------------------------------------- config
+def _assert_same_run(h, ref, loss_abs=1e-4, acc_flips=2, n_train=600, n_test=300):
+    assert len(h.snapshots) == len(ref.snapshots)
+    for a, b in zip(h.snapshots, ref.snapshots):
+        assert (a.kind, a.step, a.examples) == (b.kind, b.step, b.examples)
+        assert a.loss == pytest.approx(b.loss, abs=loss_abs)
+        assert abs(a.train_acc - b.train_acc) * n_train <= acc_flips  # argmax ties may flip
+        if b.test_acc is not None:
+            assert abs(a.test_acc - b.test_acc) * n_test <= acc_flips
+        for name, lb in b.layers.items():
+            assert a.layers[name].running_var == pytest.approx(lb.running_var, rel=1e-3, abs=1e-5)
+            assert a.layers[name].batch_mean == pytest.approx(lb.batch_mean, rel=1e-3, abs=1e-5)
 
 
-def test_compile_setting_is_validated():
-    for ok in (False, True, "force") + COMPILE_MODES:
-        assert cfg(compile=ok).compile == ok
-    with pytest.raises(ValueError, match="compile must be True, False, 'force'.*reduce-overhead"):
-        cfg(compile="fast")
-    with pytest.raises(ValueError, match="compile must be"):
-        cfg(compile=1.5)
+def _assert_same_params(m1, m2, tol=1e-4):
+    p1, p2 = _params(m1), _params(m2)
+    assert p1.keys() == p2.keys()
+    for k in p2:
+        if p2[k].dtype.is_floating_point:
+            diff = (p1[k] - p2[k]).abs().max().item()
+            assert diff <= tol, f"{k}: max |fast - eager| = {diff:.2e}"
+        else:
+            assert torch.equal(p1[k], p2[k]), k  # num_batches_tracked
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_fast_setting_is_validated_and_planned_per_device():
+    with pytest.raises(ValueError, match="fast='turbo' is not valid; valid: 'auto', 'eager'"):
+        cfg(fast="turbo")
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        cfg(fast="graph", device="cpu")
+    model = nn.Sequential(nn.Linear(2, 2))
+    cpu = torch.device("cpu")
+    assert plan("auto", model, cpu) == (False, False, "")  # eager on a CPU, no note needed
+    assert plan("eager", model, cpu) == (False, False, "")
+    compile_, capture, note = plan("graph+compile", model, cpu)
+    assert capture is False and "not captured: CUDA graphs need a CUDA device" in note
+
+
+def test_the_d2l_layer_and_cumulative_torch_bn_are_never_captured():
+    from bnviz import build_lenet
+    from bnviz.fastpath import capture_unavailable
+
+    cuda = torch.device("cuda")
+    assert "d2l-book BN layer" in capture_unavailable(build_lenet(preset("lenet-bn", norm="d2l")), cuda)
+    m = build_lenet(preset("lenet-bn"))
+    for bn in m.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            bn.momentum = None
+    assert "num_batches_tracked on the host" in capture_unavailable(m, cuda)
+    s = build_lenet(preset("lenet-bn", norm="scratch"))
+    for bn in s.modules():
+        if hasattr(bn, "momentum"):
+            bn.momentum = None
+    assert capture_unavailable(s, cuda) is None  # the scratch layer keeps the factor on the device
 
 
 # ----------------------------------------------------------------------------- no host sync per step
@@ -87,7 +138,7 @@ def test_no_host_sync_per_step(norm, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    h = Trainer(cfg(norm, epochs=2, snapshot_every=1000), data=data).run()
+    h = Trainer(cfg(norm, epochs=2, snapshot_every=1000), data=data).fit()
     monkeypatch.undo()
     assert h.status == "finished", h.message
     steps = h.snapshots[-1].step
@@ -100,50 +151,44 @@ def test_no_host_sync_per_step(norm, monkeypatch):
 # ----------------------------------------------------------------------------- fallbacks
 
 
-def test_compile_falls_back_to_eager_on_cpu_with_the_same_numbers(tiny_data):
-    eager = Trainer(cfg(epochs=1), data=tiny_data).run()
-    tr = Trainer(cfg(epochs=1, compile=True), data=tiny_data)
-    h = tr.run()
-    assert h.status == "finished"
-    assert "only used on CUDA" in h.message and "running eager on cpu" in h.message
-    assert tr.compiled is None
+def test_auto_on_a_cpu_is_the_eager_step_with_the_same_numbers(tiny_data):
+    eager = Trainer(cfg(epochs=1, batch_size=64), data=tiny_data).fit()
+    tr = Trainer(cfg(epochs=1, batch_size=64, fast="auto"), data=tiny_data)
+    h = tr.fit()
+    assert h.status == "finished" and tr.captured is None and h.message == ""
     assert [s.loss for s in h.snapshots] == [s.loss for s in eager.snapshots]
+
+
+def _broken_compile(fn, **kwargs):
+    def call(*a, **k):
+        raise RuntimeError("simulated: no working C++ compiler")
+    return call
 
 
 def test_a_failing_compile_falls_back_to_eager_and_says_so(tiny_data, monkeypatch):
     """A compiler that breaks at the first call (as a missing triton or compiler would): the
     run goes on eagerly with the same numbers as an eager run, and the message says why."""
-
-    def broken_compile(fn, **kwargs):
-        def call(*a, **k):
-            raise RuntimeError("simulated: no working C++ compiler")
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    eager = Trainer(cfg(epochs=2), data=tiny_data).run()
-    tr = Trainer(cfg(epochs=2, compile="force"), data=tiny_data)
-    h = tr.run()
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    eager_tr = Trainer(cfg(epochs=2, batch_size=64), data=tiny_data)
+    eager = eager_tr.fit()
+    tr = Trainer(cfg(epochs=2, batch_size=64, fast="compile"), data=tiny_data)
+    h = tr.fit()
     assert h.status == "finished", h.message
-    assert "torch.compile failed (RuntimeError: simulated: no working C++ compiler)" in h.message
-    assert "continues eager" in h.message
-    assert tr.compiled.info["fallback"] and tr.compiled.info["calls"] == 0
+    assert "fast path failed (RuntimeError: simulated: no working C++ compiler)" in h.message
+    assert "continues eagerly" in h.message
     assert [s.loss for s in h.snapshots] == [s.loss for s in eager.snapshots]
     assert [s.test_acc for s in h.epochs] == [s.test_acc for s in eager.epochs]
+    _assert_same_params(tr.model, eager_tr.model, tol=0)  # the failed warm-up left no trace
 
 
-def test_a_genuine_step_error_is_not_hidden_by_the_fallback(monkeypatch):
-    """Batch size 1 with BN fails in the eager rerun too: the run reports that error."""
-    data = make_synthetic(8, 8, seed=0)
-
-    def broken_compile(fn, **kwargs):
-        def call(*a, **k):
-            raise RuntimeError("simulated compile failure")
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    h = Trainer(cfg(batch_size=1, epochs=1, compile="force", snapshot_every=1000), data=data).run()
-    assert h.status == "error"
-    assert "Batch size 1 with batch normalization" in h.message
+def test_a_genuine_step_error_is_not_hidden_by_the_fallback(tiny_data, monkeypatch):
+    """A model that cannot run fails in the eager step too: fit() raises that error."""
+    monkeypatch.setattr(torch, "compile", _broken_compile)
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(10, 10))  # expects 10 inputs, gets 784
+    tr = Trainer(cfg(epochs=1, batch_size=64, fast="compile"), data=tiny_data, model=wrong)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        tr.fit()
+    assert tr.history.status == "error" and "shapes cannot be multiplied" in tr.history.message
 
 
 # ----------------------------------------------------------------------------- compiled == eager
@@ -153,44 +198,114 @@ def test_a_genuine_step_error_is_not_hidden_by_the_fallback(monkeypatch):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("norm", ["scratch", "torch"])
 def test_compiled_step_matches_eager_and_compiles_once_per_batch_shape(norm, data600):
-    """3 epochs of 3 steps (256, 256, 88) with snapshots every 2 steps (snapshot steps run
-    eagerly, the others through the captured graph): the same losses, accuracies, parameters and
-    running statistics as an eager run, within float32 tolerance; exactly two graphs (batch 256
-    and the last batch of 88) for the whole run: no recompile in epochs 2 and 3."""
+    """3 epochs of 3 steps (256, 256, 88): the same losses, accuracies, parameters, running
+    statistics and per-layer batch statistics as an eager run, within float32 tolerance; both
+    batch shapes are compiled before the run (setup) and nothing recompiles during it."""
     from torch._dynamo.utils import counters
 
     eager_tr = Trainer(cfg(norm), data=data600)
-    eager = eager_tr.run()
+    eager = eager_tr.fit()
     torch._dynamo.reset()
     counters.clear()
-    tr = Trainer(cfg(norm, compile="force"), data=data600)
-    h = tr.run()
+    tr = Trainer(cfg(norm, fast="compile"), data=data600)
+    h = tr.fit()
     assert h.status == "finished", h.message
     assert h.message == "", h.message  # no fallback
-    info = tr.compiled.info
-    assert info["fallback"] is None
-    assert sorted(info["shapes"]) == [88, 256]
-    # steps 1..9; 2, 4, 6, 8 are snapshot steps (eager): 5 compiled calls.
-    assert info["calls"] == 5
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # 256 and 88
+    assert h.setup_time_s > 0
+    _assert_same_run(h, eager)
+    _assert_same_params(tr.model, eager_tr.model)
 
-    assert len(h.snapshots) == len(eager.snapshots)
-    for a, b in zip(h.snapshots, eager.snapshots):
-        assert (a.kind, a.step, a.examples) == (b.kind, b.step, b.examples)
-        assert a.loss == pytest.approx(b.loss, abs=1e-4)
-        assert abs(a.train_acc - b.train_acc) * 600 <= 2  # at most 2 argmax ties flipped
-        if b.test_acc is not None:
-            assert abs(a.test_acc - b.test_acc) * 300 <= 2
-        for name, lb in b.layers.items():
-            assert a.layers[name].running_var == pytest.approx(lb.running_var, rel=1e-3, abs=1e-5)
-    pc, pe = _params(tr.model), _params(eager_tr.model)
-    assert pc.keys() == pe.keys()
-    for k in pe:
-        if pe[k].dtype.is_floating_point:
-            diff = (pc[k] - pe[k]).abs().max().item()
-            assert diff < 1e-4, f"{k}: max |compiled - eager| = {diff:.2e}"
-        else:
-            assert torch.equal(pc[k], pe[k]), k  # num_batches_tracked
+
+# ----------------------------------------------------------------------------- CUDA graphs (gpu)
+
+
+def _cuda_data():
+    return make_synthetic(2000, 500, seed=4).to("cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("norm", ["torch", "scratch"])
+@pytest.mark.parametrize("fast", ["graph", "graph+compile"])
+def test_captured_step_equals_eager_after_50_steps(norm, fast):
+    data = _cuda_data()  # 2000 = 7 x 256 + 208: two captured batch sizes
+    base = cfg(norm, epochs=7, snapshot_every=10, device="cuda")  # 56 steps
+    eager_tr = Trainer(base, data=data)
+    eager = eager_tr.fit()
+    tr = Trainer(base.replace(fast=fast), data=data)
+    h = tr.fit()
+    assert h.status == "finished", h.message
+    assert tr.captured is not None and sorted(tr.captured.graphs) == [208, 256], h.message
+    _assert_same_run(h, eager, loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
+    _assert_same_params(tr.model, eager_tr.model, tol=2e-3)
+
+
+@gpu
+@needs_cuda
+def test_captured_live_lr_change_takes_effect_at_the_next_step():
+    """The lr is a device tensor read by the graph: a change applies at the next replay."""
+    data = _cuda_data()
+    seen = {}
+
+    class Spy:
+        def before_step(self, trainer):
+            if trainer.step_count == 5:
+                trainer.live.set(lr=1e-30)  # LiveUpdates (earlier in the list) applies it next step
+            if trainer.step_count == 6:
+                seen["before"] = [p.detach().clone() for p in trainer.model.parameters()]
+
+        def on_snapshot(self, trainer, s):
+            if s.step == 8:
+                seen["after"] = [p.detach().clone() for p in trainer.model.parameters()]
+
+    tr = Trainer(cfg(epochs=1, snapshot_every=8, device="cuda", fast="graph"), data=data, callbacks=[Spy()])
+    h = tr.fit()
+    assert tr.captured is not None, h.message
+    (change,) = h.changes
+    assert change.step == 7 and change.new == 1e-30
+    for a, b in zip(seen["before"], seen["after"]):
+        assert torch.equal(a, b)  # steps 7 and 8 ran with lr 1e-30: below float32 resolution
+
+
+@gpu
+@needs_cuda
+def test_captured_run_has_no_host_sync_per_step(monkeypatch):
+    data = _cuda_data()
+    reads = {"n": 0}
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=original, **k):
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tr = Trainer(cfg(epochs=3, snapshot_every=1000, device="cuda", fast="graph"), data=data)
+    h = tr.fit()
+    monkeypatch.undo()
+    assert tr.captured is not None, h.message
+    assert reads["n"] <= len(h.snapshots), f"{reads['n']} host reads in {h.snapshots[-1].step} steps"
+
+
+@gpu
+@needs_cuda
+def test_captured_momentum_change_recaptures_and_matches_eager():
+    data = _cuda_data()
+
+    class Change:
+        def before_step(self, trainer):
+            if trainer.step_count == 3:
+                trainer.live.set(bn_momentum=0.5, eps=1e-3)
+
+    runs = {}
+    for fast in ("eager", "graph"):
+        tr = Trainer(cfg("scratch", epochs=2, snapshot_every=4, device="cuda", fast=fast), data=data,
+                     callbacks=[Change()])
+        runs[fast] = (tr, tr.fit())
+    tr, h = runs["graph"]
+    assert tr.captured is not None and tr.captured.info["recaptures"] == 1, h.message
+    _assert_same_run(h, runs["eager"][1], loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
 
 
 # ----------------------------------------------------------------------------- benchmark scripts
@@ -234,21 +349,18 @@ def test_gpu_speed_quick_mode_runs_on_cpu(tmp_path, capsys):
     result = gs.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     rows = result["rows"]
-    assert [(r["norm"], r["compile"]) for r in rows] == [
-        ("torch", False), ("torch", "reduce-overhead"), ("torch", "default"),
-        ("scratch", False), ("scratch", "reduce-overhead"), ("scratch", "default")]
+    assert [(r["norm"], r["fast"]) for r in rows] == [
+        ("torch", "eager"), ("torch", "graph"), ("torch", "auto"),
+        ("scratch", "eager"), ("scratch", "graph"), ("scratch", "auto")]
     for r in rows:
+        if r["fast"] == "graph":  # a CUDA-only mode: a clear skip on a CPU
+            assert "needs CUDA" in r["error"]
+            continue
         assert "error" not in r, r.get("error")
         assert r["examples_per_s"] > 0
-        if r["compile"]:  # a CPU without --force-compile: eager, with the reason
-            assert "running eager on cpu" in r["message"]
     assert result["d2l"]["examples_per_s"] > 0
-    # The dashboard row: measured when benchmarks/dashboard_overhead.py exists, else a skip note.
-    if (BENCH / "dashboard_overhead.py").exists():
-        assert result["dashboard"] is not None, result["dashboard_note"]
-        assert 0 < result["dashboard"]["fraction"] < 10
-    else:
-        assert result["dashboard_note"].startswith("skipped")
+    assert result["dashboard"] is not None, result["dashboard_note"]
+    assert 0 < result["dashboard"]["fraction"] < 10
     assert "| run | epochs | wall s | examples/s |" in out and "QUICK" in out
     saved = (tmp_path / "gpu_speed.json").read_text()
     assert '"quick": true' in saved

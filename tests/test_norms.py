@@ -62,7 +62,11 @@ def test_matches_torch_train_then_eval(dtype, shape, momentum, affine, track):
         torch.testing.assert_close(y, y_ref, **tol)
         y_ref.sum().backward()
         y.sum().backward()
-        torch.testing.assert_close(x2.grad, x.grad, **tol)
+        # Without running statistics the output is normalised by the batch's own statistics, so
+        # d(sum y)/dx is 0 up to rounding: compare at the rounding level of the reduction order
+        # (which depends on the thread count), not at 1e-5.
+        zero_tol = {} if track else {"atol": 1e-4 if dtype == torch.float32 else 1e-9, "rtol": 0}
+        torch.testing.assert_close(x2.grad, x.grad, **{**tol, **zero_tol})
 
 
 def test_running_var_is_unbiased_and_momentum_weights_new_batch():
@@ -266,3 +270,20 @@ def test_momentum_conventions_agree_when_converted():
             _, mm_old, mv_old = d2l_batch_norm(xb, 1.0, 0.0, mm_old, mv_old, 1e-5, 0.9, old_convention=True)
     torch.testing.assert_close(mm_new, mm_old)
     torch.testing.assert_close(mv_new, mv_old)
+
+
+def test_bad_shapes_raise_before_any_buffer_changes():
+    """A wrong channel count or an empty input raises a clear ValueError and leaves the running
+    statistics exactly as they were (nothing is mutated before validation)."""
+    rm, rv, nbt = torch.full((3,), 2.0), torch.full((3,), 3.0), torch.tensor(7)
+    for x, match in ((torch.randn(4, 5), "running_mean has shape \\(3,\\) but the input has 5 channels"),
+                     (torch.randn(4, 0), "at least one example and one channel"),
+                     (torch.randn(0, 3), "at least one example and one channel")):
+        with pytest.raises(ValueError, match=match):
+            batch_norm(x, None, None, rm, rv, nbt, training=True)
+        assert rm.tolist() == [2.0] * 3 and rv.tolist() == [3.0] * 3 and nbt.item() == 7
+    with pytest.raises(ValueError, match="weight has shape"):
+        batch_norm(torch.randn(4, 3), torch.ones(2), None, rm, rv, training=True)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        batch_norm(torch.randn(4, 3), None, None, rm, rv, training=True, momentum=1.5)
+    assert rm.tolist() == [2.0] * 3

@@ -1,18 +1,20 @@
 """The trainer: seeding, live parameters from another thread, stop, divergence, history I/O."""
 import math
+import re
 import threading
 import time
 
 import pytest
 import torch
 
+import bnviz
 from bnviz import Config, LiveParams, Trainer, preset
-from bnviz.train import History, load_histories, save_histories
+from bnviz.history import load_histories, save_histories
 
 
 def cfg(**kw):
     base = dict(model=preset("lenet-bn"), dataset="synthetic", batch_size=64, lr=0.5, epochs=1,
-                snapshot_every=2, device="cpu")
+                snapshot_every=2, device="cpu", fast="eager")
     base.update(kw)
     return Config(**base)
 
@@ -148,20 +150,67 @@ def test_batch_size_change_waits_for_next_epoch(tiny_data):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-1), "lr must be a positive"), (dict(lr=float("nan")), "lr must be"),
-    (dict(bn_momentum=2.0), "momentum must be in"), (dict(eps=0.0), "eps must be a positive"),
-    (dict(batch_size=0), "batch_size must be a positive"), (dict(epochs=0), "epochs"),
-    (dict(model="vgg"), "unknown preset"),
+    (dict(lr=-1), "lr=-1 is not valid; valid: a positive"), (dict(lr=float("nan")), "lr=nan"),
+    (dict(lr=True), "lr=True is not valid"), (dict(bn_momentum=2.0), "bn_momentum=2.0 is not valid"),
+    (dict(eps=0.0), "eps=0.0 is not valid; valid: a positive"), (dict(batch_size=0), "batch_size=0"),
+    (dict(epochs=0), "epochs=0 is not valid; valid: a positive integer, or None"),
+    (dict(model="vgg"), "unknown preset 'vgg'"), (dict(dataset="cifar"), "dataset='cifar' is not valid"),
+    (dict(train_size=-5), "train_size=-5 is not valid"), (dict(test_size=0), "test_size=0 is not valid"),
+    (dict(device="tpu"), "device='tpu' is not valid; valid: 'auto', 'cpu', 'cuda'"),
+    (dict(divergence_factor=-1), "divergence_factor=-1 is not valid; valid: a number > 1"),
+    (dict(init="he"), "init='he' is not valid; valid: 'd2l', 'pytorch'"),
+    (dict(seed=-1), "seed=-1"), (dict(snapshot_every=0), "snapshot_every=0"),
+    (dict(weight_decay=-0.1), "weight_decay=-0.1"), (dict(drop_last="yes"), "drop_last='yes'"),
 ])
 def test_bad_config_is_refused_with_valid_range(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=re.escape(match)):
         cfg(**kwargs)
+
+
+def test_train_raises_on_bad_input_before_doing_anything(tiny_data):
+    with pytest.raises(ValueError, match="dataset='cifar' is not valid"):
+        bnviz.train(dataset="cifar")
+    with pytest.raises(ValueError, match="unknown Config field"):
+        bnviz.train(learning_rate=0.1)
+    with pytest.raises(ValueError, match="config must be a bnviz Config"):
+        Trainer({"lr": 0.1})
+
+
+def test_an_unavailable_device_is_a_clear_value_error(tiny_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available; valid here: 'cpu', 'auto'"):
+        bnviz.train(cfg(device="cuda"), progress=False)
+
+
+def test_environment_dataset_is_honoured_and_missing_data_raises(monkeypatch, tmp_path):
+    """Config.dataset=None means $BNVIZ_DATASET: an explicit 'fashion-mnist' without its files
+    raises DataUnavailable instead of training on the synthetic set."""
+    import importlib
+
+    from bnviz import data as data_mod
+
+    train_mod = importlib.import_module("bnviz.train")  # (bnviz.train the attribute is the function)
+
+    def unavailable(name, root, download):
+        raise data_mod.DataUnavailable(f"{name} is not in {root} (test)")
+
+    monkeypatch.setattr(data_mod, "_load_torchvision", unavailable)
+    monkeypatch.setattr(train_mod, "_DATA_CACHE", {})
+    monkeypatch.setenv("BNVIZ_DATASET", "fashion-mnist")
+    with pytest.raises(data_mod.DataUnavailable, match="fashion-mnist is not in"):
+        bnviz.train(Config(device="cpu", epochs=1), progress=False)
+    monkeypatch.setenv("BNVIZ_DATASET", "synthetic")
+    h = bnviz.train(Config(device="cpu", epochs=1, train_size=256, test_size=64, batch_size=64), progress=False)
+    assert "SYNTHETIC" in h.dataset_label
 
 
 def test_bad_live_value_is_refused_and_run_untouched():
     live = LiveParams(lr=0.5, bn_momentum=0.1, eps=1e-5, batch_size=64)
-    with pytest.raises(ValueError, match="lr must be"):
+    with pytest.raises(ValueError, match="lr=0 is not valid"):
         live.set(lr=0)
+    with pytest.raises(ValueError, match="bn_momentum=1.5 is not valid"):
+        live.set(lr=0.1, bn_momentum=1.5)  # one bad value: nothing of the call is queued
     with pytest.raises(ValueError, match="cannot be changed during a run"):
         live.set(epochs=3)
     assert not live.has_pending
@@ -181,13 +230,65 @@ def test_stuck_at_chance_is_reported(tiny_data):
     assert "chance" in h.message and "did not learn" in h.message
 
 
-def test_batch_size_one_with_bn_is_explained(tiny_data):
-    h = Trainer(cfg(batch_size=1), data=tiny_data).run()
-    assert h.status == "error"
-    assert "one value per channel" in h.message and "LayerNorm" in h.message
+def test_batch_size_one_with_bn_raises_before_training_with_the_explanation(tiny_data):
+    t = Trainer(cfg(batch_size=1), data=tiny_data)
+    with pytest.raises(ValueError, match="one value per channel") as err:
+        t.fit()
+    assert "LayerNorm" in str(err.value) and "model.eval()" in str(err.value)
+    assert t.history.status == "error" and "one value per channel" in t.history.message
+    assert t.history.snapshots == []
     conv_only = preset("lenet-bn", norm_layers=("conv1", "conv2"))
-    h2 = Trainer(cfg(model=conv_only, batch_size=1, epochs=1), data=tiny_data.subset(20, 10)).run()
+    h2 = Trainer(cfg(model=conv_only, batch_size=1, epochs=1, lr=0.05), data=tiny_data.subset(20, 10)).fit()
     assert h2.status == "finished"  # conv BN with one image = instance normalisation
+
+
+def test_a_background_run_keeps_its_error_in_the_history(tiny_data):
+    t = Trainer(cfg(batch_size=8), data=tiny_data)
+    t.live.set(batch_size=1)  # applied at the first epoch: an error inside the running job
+    t.start()
+    h = t.join(60)
+    assert h.status == "error" and "Batch size 1" in h.message
+
+
+def test_until_stopped_runs_past_any_epoch_count_until_stop(tiny_data):
+    t = Trainer(cfg(epochs=None, batch_size=256, snapshot_every=1000), data=tiny_data.subset(256, 32))
+    t.start()
+    deadline = time.time() + 60
+    while len(t.history.epochs) < 4 and time.time() < deadline:
+        time.sleep(0.01)
+    t.stop()
+    h = t.join(30)
+    assert h.status == "stopped" and len(h.epochs) >= 4
+
+
+def test_step_is_one_sgd_step_of_pytorch(tiny_data):
+    """Trainer.step against an independent reference: the same model copy, torch.optim.SGD on
+    the same batch, cross-entropy; parameters equal after one step (float64)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from bnviz.data import to_float
+
+    t = Trainer(cfg(lr=0.3, weight_decay=1e-3), data=tiny_data)
+    t._setup()
+    t.model.double()
+    ref = copy.deepcopy(t.model)
+    t.loss_fn = lambda x, y: t._loss(x.double(), y)
+    idx = torch.arange(64)
+    before = t.sums.clone()
+    out = t.step(idx)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.3, weight_decay=1e-3)
+    loss = F.cross_entropy(ref(to_float(tiny_data.train_x[idx]).double()), tiny_data.train_y[idx])
+    loss.backward()
+    opt.step()
+    assert out.loss.item() == pytest.approx(loss.item(), rel=1e-12)
+    for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=name)
+    for b, r in zip(t.model.buffers(), ref.buffers()):
+        torch.testing.assert_close(b, r)  # running statistics too
+    d = (t.sums - before).tolist()
+    assert d[2] == d[5] == 64 and d[0] == pytest.approx(64 * loss.item(), rel=1e-6)
 
 
 def test_partial_last_batch_of_one_is_dropped_not_fatal(tiny_data):
@@ -207,20 +308,37 @@ def test_callback_error_does_not_kill_the_run(tiny_data):
 def test_history_json_round_trip(tiny_data, tmp_path):
     t = Trainer(cfg(epochs=2), data=tiny_data)
     t.live.set(lr=0.25)
-    h = t.run()
-    path = save_histories([h, h], tmp_path / "runs.json")
-    a, b = load_histories(path)
+    h = t.fit()
+    path = save_histories([h], tmp_path / "runs.json")
+    (a,) = load_histories(path)
     assert a.to_dict() | {"run_id": 0} == h.to_dict() | {"run_id": 0}
-    assert a.run_id != b.run_id != h.run_id
+    assert a.run_id != h.run_id and a.uid == h.uid
     assert a.config == h.config and a.changes == h.changes
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a bnviz history file"):
         load_histories(tmp_path / "bad.json")
 
 
-def test_compile_falls_back_on_cpu_with_a_message(tiny_data):
-    h = Trainer(cfg(compile=True), data=tiny_data).run()
-    assert h.status == "finished" and "eager" in h.message
+def test_saving_merges_and_never_loses_earlier_runs(tiny_data, tmp_path):
+    one = Trainer(cfg(epochs=1, seed=1), data=tiny_data).fit()
+    two = Trainer(cfg(epochs=1, seed=2), data=tiny_data).fit()
+    three = Trainer(cfg(epochs=1, seed=3), data=tiny_data).fit()
+    path = tmp_path / "runs.json"
+    save_histories([one, two], path)
+    save_histories([three], path)  # default: merge
+    save_histories([three], path)  # the same run again is stored once
+    assert [h.uid for h in load_histories(path)] == [one.uid, two.uid, three.uid]
+    with pytest.raises(FileExistsError, match="exists"):
+        save_histories([three], path, mode="new")
+    save_histories([three], path, mode="overwrite")
+    assert [h.uid for h in load_histories(path)] == [three.uid]
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"my": "notes"}')
+    with pytest.raises(ValueError, match="not a bnviz history file"):
+        save_histories([one], foreign)
+    assert foreign.read_text() == '{"my": "notes"}'  # untouched
+    with pytest.raises(ValueError, match="mode='append' is not valid"):
+        save_histories([one], path, mode="append")
 
 
 def test_start_twice_is_refused(tiny_data):

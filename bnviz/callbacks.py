@@ -1,0 +1,255 @@
+"""Small callbacks around :meth:`bnviz.train.Trainer.fit`: everything that is not the step.
+
+A callback is any object with some of these methods (each gets the trainer; missing ones are
+skipped). The trainer calls them in list order::
+
+    on_fit_start(trainer)              after the model, data and fast path are ready
+    before_epoch(trainer)              a new epoch is about to start (trainer.epoch is set)
+    before_step(trainer)               before every step: keep it cheap (no host sync)
+    on_snapshot(trainer, snapshot)     after each snapshot was added to trainer.history
+    on_fit_end(trainer)                always, also after an error or a CancelFit
+
+To end a run early a callback raises :class:`CancelFit` with the final status ('stopped' or
+'diverged') and a message; the trainer records both in the History.
+
+Here: live hyperparameters (:class:`LiveUpdates`), stopping from another thread
+(:class:`StopSignal`), divergence detection with its explanation (:class:`Divergence`,
+:func:`diagnose`), the per-layer batch statistics written inside the step
+(:class:`BatchStatsRecorder`), a tqdm progress bar (:class:`Progress`) and a probe that calls a
+function on every snapshot (:class:`Probe`).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from typing import Callable
+
+import torch
+
+from .history import Change
+
+__all__ = ["CancelFit", "LiveUpdates", "StopSignal", "Divergence", "BatchStatsRecorder",
+           "Progress", "Probe", "SnapshotFunction", "diagnose", "BATCH_ONE"]
+
+
+class CancelFit(Exception):
+    """Raised by a callback to end a run: ``status`` is 'stopped' or 'diverged'."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- live parameters
+
+
+class LiveUpdates:
+    """Applies :class:`bnviz.config.LiveParams` changes: lr, BN momentum and eps before the next
+    step, the batch size before the next epoch. Each applied change becomes a
+    :class:`~bnviz.history.Change` whose ``step`` is the first step that used the new value."""
+
+    STEP_NAMES = ("lr", "bn_momentum", "eps")
+
+    def before_epoch(self, trainer) -> None:
+        self._apply(trainer, ("batch_size",))
+
+    def before_step(self, trainer) -> None:
+        if trainer.live.has_pending:
+            self._apply(trainer, self.STEP_NAMES)
+
+    def _apply(self, trainer, names) -> None:
+        live = trainer.live
+        for name, new in live.take(names).items():
+            old = live.values[name]
+            if new == old:
+                continue
+            trainer.set_hyperparameter(name, new)  # raises ValueError before changing anything
+            live.values[name] = new
+            trainer.history.changes.append(Change(step=trainer.step_count + 1, epoch=trainer.epoch,
+                                                  name=name, old=old, new=new))
+
+
+class StopSignal:
+    """``stop()`` (from any thread) ends the run before its next step."""
+
+    def __init__(self):
+        self.event = threading.Event()
+
+    def stop(self) -> None:
+        self.event.set()
+
+    def before_step(self, trainer) -> None:
+        if self.event.is_set():
+            raise CancelFit("stopped", f"Stopped by the user at step {trainer.step_count} "
+                                       f"(epoch {trainer.epoch}).")
+
+    before_epoch = before_step
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def diagnose(start: str, config, stuck: bool = False) -> str:
+    """``start`` plus the likely causes of a run that diverged (``stuck=False``) or finished at
+    chance (``stuck=True``), from its settings (a :class:`~bnviz.config.Config`)."""
+    m, causes = config.model, []
+    if stuck and m.activation == "sigmoid" and not m.uses_norm:
+        causes.append("a sigmoid network without normalisation can sit on the loss plateau at "
+                      "ln(10) = 2.303 for a while: check the weight init (init='d2l', xavier, as "
+                      "d2l's train_ch6; PyTorch's default init starts it with tiny signals), train "
+                      "longer, or add batch norm")
+    elif stuck and config.init == "pytorch":
+        causes.append("PyTorch's default init (init='pytorch') gives small starting signals; "
+                      "try init='d2l' (xavier, as d2l's train_ch6)")
+    if stuck and config.lr < 0.05:
+        causes.append(f"the learning rate {config.lr:g} may be too small to leave the plateau")
+    elif config.lr >= 1 and not m.is_batch_norm:
+        causes.append(f"the learning rate {config.lr:g} is high for a network without batch norm "
+                      "(try 0.1 to 0.9)")
+    elif config.lr > 10:
+        causes.append(f"the learning rate {config.lr:g} is very high even with batch norm (try 0.1 to 1)")
+    elif not stuck:
+        causes.append("the learning rate is too high for this model (try a value 3 to 10 times smaller)")
+    if m.is_batch_norm and config.eps < 1e-6:
+        causes.append(f"eps={config.eps:g} is tiny: a channel with almost no variance gets divided "
+                      "by ~sqrt(eps)")
+    if m.is_batch_norm and config.batch_size < 8:
+        causes.append(f"batch size {config.batch_size} gives very noisy batch statistics")
+    if m.activation == "relu" and not m.uses_norm:
+        causes.append("ReLU without normalisation lets activations grow layer by layer")
+    if stuck and (config.dataset or "").startswith("synth"):
+        causes.append("(the SYNTHETIC stand-in data set is used, not Fashion-MNIST)")
+    return start + " Likely causes: " + "; ".join(causes) + "."
+
+
+class Divergence:
+    """Ends the run as 'diverged' when a snapshot's loss is not finite or exceeds
+    ``factor`` × max(first snapshot's loss, ln(classes)); the message lists likely causes."""
+
+    def __init__(self, factor: float, num_classes: int = 10):
+        self.factor = factor
+        self.ref = math.log(num_classes)
+        self.seen = 0
+
+    def on_snapshot(self, trainer, s) -> None:
+        why = None
+        if not math.isfinite(s.loss):
+            why = f"The loss became {s.loss} at step {s.step}."
+        elif s.loss > self.factor * self.ref:
+            why = (f"The loss rose to {s.loss:.3g} at step {s.step}, more than "
+                   f"{self.factor:g}× its starting level {self.ref:.3g}.")
+        if s.kind == "step" and self.seen == 0 and math.isfinite(s.loss):
+            self.ref = max(self.ref, s.loss)
+        self.seen += 1
+        if why:
+            raise CancelFit("diverged", diagnose(why + " The run was stopped.", trainer.current_config()))
+
+
+BATCH_ONE = (
+    "Batch size {bs} with batch normalization in a fully connected layer: in training mode that "
+    "layer sees one value per channel, so the batch variance is undefined and x - mean is always "
+    "0; PyTorch refuses to train (\"Expected more than 1 value per channel when training\"). A "
+    "convolutional BN layer still works with one image (it normalises over H×W, i.e. it becomes "
+    "instance normalisation). Use a batch size of at least 2 (8 or more for useful statistics), "
+    "or a norm that does not use the batch: LayerNorm or GroupNorm. Prediction (model.eval()) "
+    "works with any batch size, even 1, because it uses the running statistics."
+)
+
+
+# ----------------------------------------------------------------------------- layer statistics
+
+
+class BatchStatsRecorder:
+    """The per-channel mean and biased variance of each norm layer's input, written into static
+    device buffers by forward pre-hooks at every training step (inside a captured graph too: a
+    per-step switch would be baked into the graph), so a snapshot reads the last training
+    batch's statistics without an extra forward. Cost: one ``var_mean`` per norm layer."""
+
+    def __init__(self):
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = []
+
+    def on_fit_start(self, trainer) -> None:
+        from .stats import num_channels
+
+        for name, m in trainer.norms.items():
+            c = num_channels(m)
+            dev = trainer.device
+            self.buffers[name] = (torch.zeros(c, device=dev), torch.zeros(c, device=dev))
+            self.handles.append(m.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name):
+        mean_buf, var_buf = self.buffers[name]
+
+        def fn(module, inputs):
+            if module.training:
+                x = inputs[0].detach()
+                var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
+                mean_buf.copy_(mean)
+                var_buf.copy_(var)
+        return fn
+
+    def on_fit_end(self, trainer) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+# ----------------------------------------------------------------------------- progress, probes
+
+
+class Progress:
+    """A tqdm bar over the epochs (over snapshots when the run has no epoch limit)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_fit_start(self, trainer) -> None:
+        from tqdm.auto import tqdm
+
+        total = trainer.config.epochs
+        self.bar = tqdm(total=total, desc=trainer.config.label or trainer.config.model.label(),
+                        unit="epoch", leave=True)
+
+    def on_snapshot(self, trainer, s) -> None:
+        if s.kind == "epoch" and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{s.loss:.3f}", train=f"{s.train_acc:.3f}",
+                                 test=f"{s.test_acc:.3f}")
+
+    def on_fit_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Probe:
+    """Calls ``probe(model, snapshot) -> dict`` on every snapshot whose kind is in ``kinds``
+    and collects the rows (with step, epoch and the snapshot's metrics) in ``self.rows``."""
+
+    def __init__(self, probe: Callable, kinds=("step", "epoch")):
+        self.probe, self.kinds, self.rows = probe, kinds, []
+
+    def on_snapshot(self, trainer, s) -> None:
+        if s.kind in self.kinds:
+            row = {"step": s.step, "epoch": s.epoch, "kind": s.kind, "loss": s.loss}
+            row.update(self.probe(trainer.model, s))
+            self.rows.append(row)
+
+
+class SnapshotFunction:
+    """Wraps a plain ``fn(history, snapshot)`` (the old ``on_snapshot=`` argument). An exception
+    in it is reported once as a warning and does not stop training (a view's bug must not kill
+    the run)."""
+
+    def __init__(self, fn: Callable):
+        self.fn, self.warned = fn, False
+
+    def on_snapshot(self, trainer, s) -> None:
+        try:
+            self.fn(trainer.history, s)
+        except Exception as err:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"on_snapshot callback failed: {type(err).__name__}: {err}")

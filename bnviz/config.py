@@ -1,0 +1,309 @@
+"""What defines a run (:class:`Config`), what may change during one (:class:`LiveParams`), and
+the one set of validators both use.
+
+Every invalid value raises ``ValueError`` when the Config is made (or when ``LiveParams.set``
+is called), naming the field, the bad value and the valid ones. Nothing else is touched first:
+a bad slider value leaves the running job as it was.
+
+Conventions: ``bn_momentum`` is PyTorch's (the weight of the **new** batch in the running
+statistics, 0.1 by default; ``None`` = cumulative average). ``eps`` is added to the variance
+inside the square root. ``lr`` is plain SGD's step size (no momentum), as d2l's ``train_ch6``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass, fields, replace
+
+from .data import DATASET_NAMES
+from .models import INITS, PRESETS, LeNetSpec, preset
+
+__all__ = ["Config", "LiveParams", "FAST_MODES", "check", "resolve_dataset"]
+
+# How a training step runs (see bnviz.fastpath): 'auto' = on CUDA one captured CUDA graph per
+# step around an inductor-compiled loss; elsewhere eager. The others force one way.
+FAST_MODES = ("auto", "eager", "compile", "graph", "graph+compile")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(name: str, value, valid: str):
+    raise ValueError(f"{name}={value!r} is not valid; valid: {valid}")
+
+
+def _check_lr(v):
+    if not (_number(v) and v > 0):
+        _bad("lr", v, "a positive finite number, e.g. 0.01 to 10 (d2l uses 0.9 for LeNet, 1.0 with BN)")
+
+
+def _check_momentum(v):
+    if v is not None and not (_number(v) and 0.0 <= v <= 1.0):
+        _bad("bn_momentum", v, "a number in [0, 1] (the weight of the NEW batch, PyTorch's convention; "
+             "Keras' 0.99 is PyTorch's 0.01) or None (cumulative average)")
+
+
+def _check_eps(v):
+    if not (_number(v) and v > 0):
+        _bad("eps", v, "a positive number, e.g. 1e-8 to 1 (PyTorch's default 1e-5)")
+
+
+def _check_batch_size(v):
+    if not (_integer(v) and v >= 1):
+        _bad("batch_size", v, "a positive integer, e.g. 2 to 1024 (d2l uses 256; BN needs >= 2)")
+
+
+def _check_epochs(v):
+    if v is not None and not (_integer(v) and v >= 1):
+        _bad("epochs", v, "a positive integer, or None (train until stopped)")
+
+
+def _check_size(name):
+    def fn(v):
+        if v is not None and not (_integer(v) and v >= 1):
+            _bad(name, v, "None (the whole split) or a positive integer number of examples")
+    return fn
+
+
+def _check_dataset(v):
+    if v is not None and (not isinstance(v, str) or v.lower() not in DATASET_NAMES):
+        _bad("dataset", v, f"None (use $BNVIZ_DATASET, else 'auto') or one of {DATASET_NAMES}")
+
+
+def _check_device(v):
+    if not (isinstance(v, str) and _DEVICE.match(v)):
+        _bad("device", v, "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+def _check_choice(name, choices):
+    def fn(v):
+        if v not in choices:
+            _bad(name, v, ", ".join(map(repr, choices)))
+    return fn
+
+
+def _check_nonneg(name, example):
+    def fn(v):
+        if not (_number(v) and v >= 0):
+            _bad(name, v, f"a number >= 0, e.g. {example}")
+    return fn
+
+
+def _check_positive_int(name, example):
+    def fn(v):
+        if not (_integer(v) and v >= 1):
+            _bad(name, v, f"a positive integer, e.g. {example}")
+    return fn
+
+
+def _check_divergence(v):
+    if not (_number(v) and v > 1):
+        _bad("divergence_factor", v, "a number > 1: the run is 'diverged' when the loss exceeds this "
+             "many times its starting level (default 4)")
+
+
+def _check_seed(v):
+    if not (_integer(v) and 0 <= v < 2**63):
+        _bad("seed", v, "an integer in [0, 2**63)")
+
+
+def _check_label(v):
+    if v is not None and not isinstance(v, str):
+        _bad("label", v, "None or a string")
+
+
+def _check_bool(name):
+    def fn(v):
+        if not isinstance(v, bool):
+            _bad(name, v, "True or False")
+    return fn
+
+
+CHECKS = {
+    "init": _check_choice("init", INITS),
+    "dataset": _check_dataset,
+    "train_size": _check_size("train_size"),
+    "test_size": _check_size("test_size"),
+    "batch_size": _check_batch_size,
+    "lr": _check_lr,
+    "bn_momentum": _check_momentum,
+    "eps": _check_eps,
+    "epochs": _check_epochs,
+    "seed": _check_seed,
+    "device": _check_device,
+    "snapshot_every": _check_positive_int("snapshot_every", "50 (steps between curve points)"),
+    "drop_last": _check_bool("drop_last"),
+    "weight_decay": _check_nonneg("weight_decay", "0 or 5e-4"),
+    "fast": _check_choice("fast", FAST_MODES),
+    "divergence_factor": _check_divergence,
+    "label": _check_label,
+}
+
+
+def check(name: str, value) -> None:
+    """Validate one Config field (raises ValueError naming the valid values)."""
+    CHECKS[name](value)
+
+
+def resolve_dataset(name: str | None) -> str:
+    """The data set a run uses: ``name``, else ``$BNVIZ_DATASET``, else 'auto'."""
+    chosen = (name or os.environ.get("BNVIZ_DATASET") or "auto").lower()
+    if chosen not in DATASET_NAMES:
+        raise ValueError(f"BNVIZ_DATASET={chosen!r} is not valid; valid: {DATASET_NAMES}")
+    return chosen
+
+
+def _coerce_model(model) -> LeNetSpec:
+    if isinstance(model, LeNetSpec):
+        return model
+    if isinstance(model, str):
+        return preset(model)
+    if isinstance(model, dict):
+        try:
+            return LeNetSpec.from_dict(model)
+        except TypeError as err:
+            raise ValueError(f"model={model!r} is not a valid LeNetSpec dict ({err})") from None
+    _bad("model", model, f"a LeNetSpec, a dict of its fields, or a preset name {sorted(PRESETS)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run (frozen; a changed copy is ``cfg.replace(...)``).
+
+    model: a :class:`~bnviz.models.LeNetSpec` or a preset name ('lenet', 'lenet-bn', ...).
+    init: 'd2l' (xavier-uniform conv/linear weights, as d2l's ``train_ch6``) or 'pytorch'
+        (PyTorch's default Kaiming-uniform).
+    dataset: None (``$BNVIZ_DATASET``, else 'auto') | 'auto' | 'fashion-mnist' | 'mnist' |
+        'synthetic'; train_size/test_size: use only that many examples (None: all).
+    batch_size, lr, weight_decay: plain SGD on the mean cross-entropy of a batch.
+    bn_momentum, eps: set on every norm layer that has them (see the module docstring).
+    epochs: a positive integer, or None to train until stopped (the lab's option).
+    seed: model init and the order of the batches (an on-device generator).
+    device: 'auto' (CUDA, then MPS, then CPU) or a device name.
+    snapshot_every: steps between 'step' snapshots (curve points); a snapshot is the one
+        moment the host reads device values.
+    drop_last: drop the last partial batch of each epoch (kept by default, as d2l does).
+    fast: how the step runs: 'auto' (CUDA: a captured CUDA graph around a compiled loss;
+        CPU/MPS: eager), 'eager', 'compile' (inductor on any device), 'graph' (CUDA graph,
+        no compile), 'graph+compile'. See :mod:`bnviz.fastpath`.
+    divergence_factor: the run is 'diverged' when the loss is not finite or exceeds this many
+        times max(first snapshot's loss, ln(classes)).
+    label: a name for legends (default: made from the settings).
+    """
+
+    model: LeNetSpec = PRESETS["lenet-bn"]
+    init: str = "d2l"
+    dataset: str | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    batch_size: int = 256
+    lr: float = 1.0
+    bn_momentum: float | None = 0.1
+    eps: float = 1e-5
+    epochs: int | None = 10
+    seed: int = 0
+    device: str = "auto"
+    snapshot_every: int = 50
+    drop_last: bool = False
+    weight_decay: float = 0.0
+    fast: str = "auto"
+    divergence_factor: float = 4.0
+    label: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", _coerce_model(self.model))
+        for name, fn in CHECKS.items():
+            fn(getattr(self, name))
+        if isinstance(self.dataset, str):
+            object.__setattr__(self, "dataset", self.dataset.lower())
+        if self.fast in ("graph", "graph+compile") and self.device in ("cpu", "mps"):
+            _bad("fast", self.fast, f"'auto', 'eager' or 'compile' on device {self.device!r} "
+                 "(CUDA graphs need a CUDA device)")
+
+    def replace(self, **changes) -> "Config":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(f"unknown Config field(s) {unknown}; valid: {sorted(names)}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = dict(d)
+        d.pop("compile", None)  # files saved before the fast path was redesigned
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def make(cls, config: "Config | None" = None, **changes) -> "Config":
+        """``config`` (or the defaults) with ``changes``; unknown names raise ValueError."""
+        base = config if config is not None else cls()
+        if not isinstance(base, Config):
+            raise ValueError(f"config must be a bnviz Config or None, got {type(base).__name__}")
+        return base.replace(**changes) if changes else base
+
+    def describe(self) -> str:
+        """A short label for legends: the model plus the optimisation settings."""
+        mom = "cumulative" if self.bn_momentum is None else f"{self.bn_momentum:g}"
+        bn = f", mom {mom}, eps {self.eps:g}" if self.model.is_batch_norm else ""
+        init = "" if self.init == "d2l" else f", {self.init} init"
+        return f"{self.model.label()} | bs {self.batch_size}, lr {self.lr:g}{bn}{init}, seed {self.seed}"
+
+
+class LiveParams:
+    """Hyperparameters another thread (a slider) may change while a run is going.
+
+    ``set(lr=..., bn_momentum=..., eps=..., batch_size=...)`` validates at once with the same
+    checks as :class:`Config` (a bad value raises ``ValueError`` in the caller's thread and
+    nothing is queued) and queues the change; the trainer applies lr / bn_momentum / eps before
+    its next step and batch_size at the next epoch, and records each in ``History.changes``.
+    """
+
+    NAMES = ("lr", "bn_momentum", "eps", "batch_size")
+
+    def __init__(self, lr: float, bn_momentum: float | None, eps: float, batch_size: int):
+        for name, value in zip(self.NAMES, (lr, bn_momentum, eps, batch_size)):
+            CHECKS[name](value)
+        self._lock = threading.Lock()
+        self._pending: dict = {}
+        self.values = {"lr": lr, "bn_momentum": bn_momentum, "eps": eps, "batch_size": batch_size}
+
+    @classmethod
+    def from_config(cls, config: Config) -> "LiveParams":
+        return cls(config.lr, config.bn_momentum, config.eps, config.batch_size)
+
+    def set(self, **changes) -> None:
+        for name, value in changes.items():
+            if name not in self.NAMES:
+                raise ValueError(f"{name!r} cannot be changed during a run; live parameters: {self.NAMES}")
+            CHECKS[name](value)
+        with self._lock:
+            self._pending.update(changes)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def take(self, names=NAMES) -> dict:
+        """Remove and return the pending changes among ``names``."""
+        with self._lock:
+            taken = {k: v for k, v in self._pending.items() if k in names}
+            for k in taken:
+                del self._pending[k]
+        return taken
+
+    def __getitem__(self, name):
+        return self.values[name]
