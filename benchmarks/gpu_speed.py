@@ -36,7 +36,6 @@ sys.path.insert(0, str(HERE))
 
 import dashboard_overhead  # noqa: E402
 import throughput as tp  # noqa: E402  (also sets the Agg backend before d2l)
-import torch  # noqa: E402
 
 from bnviz import Trainer, make_synthetic  # noqa: E402
 from bnviz.data import resolve_device  # noqa: E402

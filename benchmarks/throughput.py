@@ -31,10 +31,8 @@ import io
 import os
 import platform
 import re
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -42,7 +40,6 @@ matplotlib.use("Agg")  # before d2l imports pyplot: draw off-screen, never show
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bnviz import Config, Trainer, build_lenet, make_synthetic, preset  # noqa: E402
 from bnviz.data import Dataset, resolve_device  # noqa: E402
 

@@ -19,7 +19,9 @@ Rules that keep the numbers identical to the eager step:
   is a ``fill_`` (no re-capture); BN momentum/eps are Python numbers baked into the graph, so
   a change re-captures before the next step (:meth:`CapturedStep.invalidate`);
 * every batch size has its own graph (the last partial batch of an epoch too), all captured
-  up front.
+  up front;
+* the test evaluation (the whole test set in eval mode) is one more graph
+  (:class:`CapturedEval`), replayed at each epoch end.
 
 What cannot be captured falls back to the eager step with a note in ``History.message``:
 no CUDA device, the d2l-book layer (it replaces its statistics tensors in Python),
@@ -37,7 +39,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["plan", "compile_loss", "CapturedStep", "compile_unavailable", "capture_unavailable"]
+__all__ = ["plan", "compile_loss", "CapturedStep", "CapturedEval", "compile_unavailable",
+           "capture_unavailable"]
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -148,3 +151,33 @@ class CapturedStep:
         self.graphs.clear()
         self.info["recaptures"] += 1
         self.capture(sizes, sample_idx)
+
+
+class CapturedEval:
+    """The test accuracy of ``model`` (eval mode, running statistics) on the uint8 images ``x``
+    and labels ``y``, recorded once as a CUDA graph over the whole test set; ``evaluator()``
+    replays it and returns the accuracy as a 0-d device tensor. It reads the parameters and
+    buffers where the training step writes them, so it always sees the current model."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Callable):
+        self.model, self.x, self.y, self.forward = model, x, y, forward
+        self.correct = torch.zeros((), dtype=torch.long, device=x.device)
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            self._count()
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._count()
+
+    def _count(self) -> None:
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            self.correct.copy_((self.forward(self.x).argmax(1) == self.y).sum())
+        self.model.train(was_training)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.correct.float() / max(len(self.y), 1)

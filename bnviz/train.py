@@ -214,6 +214,9 @@ class Trainer:
         out = self.model(x)
         return F.cross_entropy(out, y), (out.detach().argmax(1) == y).sum()
 
+    def _evaluate(self) -> torch.Tensor:
+        return evaluate(self.model, self.data.test_x, self.data.test_y)
+
     def _run_step(self, idx: torch.Tensor) -> None:
         if self.captured is not None:
             self.captured(idx)
@@ -255,12 +258,13 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
         if self._drop_last(cfg.batch_size) and not cfg.drop_last:
-            h.message = _join(h.message, f"The last batch of each epoch (1 example) is dropped: BN "
-                                         f"cannot normalise a batch of one.")
+            h.message = _join(h.message, "The last batch of each epoch (1 example) is dropped: BN "
+                                         "cannot normalise a batch of one.")
         compile_, capture, note = fastpath.plan(cfg.fast, self.model, self.device)
         h.message = _join(h.message, note)
         self._call("on_fit_start")
         self.loss_fn = fastpath.compile_loss(self._loss) if compile_ else self._loss
+        self.evaluator = self._evaluate
         self._prepare_fast_path(compile_, capture)
 
     def _build_model(self) -> nn.Module:
@@ -303,16 +307,21 @@ class Trainer:
             if capture:
                 self.captured = fastpath.CapturedStep(self.step, self._state, self.device)
                 self.captured.capture(sizes, sample)
+                self._capture_eval()
             else:
                 for bs in sizes:
                     self.step(sample[:bs])
                 self._restore(saved)
         except Exception as err:
             self._restore(saved)
-            self.captured, self.loss_fn = None, self._loss
+            self.captured, self.loss_fn, self.evaluator = None, self._loss, self._evaluate
             reason = (str(err).strip().splitlines() or [""])[0][:300]
             self.history.message = _join(self.history.message, f"The fast path failed ({type(err).__name__}: "
                                                                 f"{reason}); the run continues eagerly.")
+
+    def _capture_eval(self) -> None:
+        self.evaluator = fastpath.CapturedEval(self.model, self.data.test_x, self.data.test_y,
+                                               lambda x: self.model(to_float(x)))
 
     def _restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -344,12 +353,13 @@ class Trainer:
         if self.captured is not None:
             why = fastpath.capture_unavailable(self.model, self.device)
             if why:
-                self.captured = None
+                self.captured, self.evaluator = None, self._evaluate
                 self.history.message = _join(self.history.message, f"From step {self.step_count + 1} "
                                                                     f"the step runs eagerly: {why}.")
             else:
                 sizes = list(self.captured.graphs)
                 self.captured.invalidate(torch.arange(max(sizes), device=self.device))
+                self._capture_eval()  # eps is baked into the evaluation graph too
 
     def current_config(self) -> Config:
         """The config with the live values now in use."""
@@ -363,7 +373,7 @@ class Trainer:
         t_eval = time.perf_counter()
         parts = [self.sums]
         if kind == "epoch":
-            parts.append(evaluate(self.model, self.data.test_x, self.data.test_y).reshape(1))
+            parts.append(self.evaluator().reshape(1))
         layers = {}
         for name, m in self.norms.items():
             st = layer_state(m)

@@ -1,6 +1,4 @@
 """bnviz.norms against PyTorch's own BatchNorm: outputs, gradients, buffers, conventions."""
-import copy
-import itertools
 
 import pytest
 import torch

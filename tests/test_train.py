@@ -1,7 +1,6 @@
 """The trainer: seeding, live parameters from another thread, stop, divergence, history I/O."""
 import math
 import re
-import threading
 import time
 
 import pytest
