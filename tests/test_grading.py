@@ -5,7 +5,7 @@ solution); one folder of planted and hostile submissions is graded once with ``g
 (each submission in its own bubblewrap sandbox); the tests then inspect the per-student results,
 the gradebook, the host's files and its processes. Needs otter-grader (``pip install -e
 .[grading]``) and bubblewrap (``apt-get install bubblewrap``): without bwrap the sandbox tests are
-skipped, or fail when ``BNVIZ_REQUIRE_SANDBOX=1`` (CI). About 2-3 minutes on a 2-core machine.
+skipped, or fail when ``BNVIZ_REQUIRE_SANDBOX=1`` (CI). About 3-4 minutes on a busy 2-core machine.
 """
 
 from __future__ import annotations
@@ -820,3 +820,29 @@ def test_cli_grade(dist, bwrap, tmp_path):
     assert rows[1][0] == "broken" and rows[1][5:7] == ["0", "19"] and "not valid JSON" in rows[1][7]
     assert rows[2][0] == "good" and rows[2][5:9] == ["19", "19", "", ""], rows[2]
     assert len(rows) == 3
+
+
+def test_reports_are_loaded_as_plain_data_only(tmp_path):
+    import pickle
+
+    import torch
+
+    from bnviz.grading.grade import load_report
+
+    ok = io.BytesIO()
+    torch.save({"protocol": 1, "probes": {"a": {"y": torch.ones(2)}}}, ok)
+    assert load_report(ok.getvalue())["probes"]["a"]["y"].tolist() == [1.0, 1.0]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/pwned",))
+
+    bad = io.BytesIO()
+    torch.save({"protocol": 1, "x": Evil()}, bad, pickle_protocol=2)
+    assert load_report(bad.getvalue()) is None and not (tmp_path / "pwned").exists()
+    assert load_report(pickle.dumps({"protocol": 1})) is None  # not a torch.save zip at all
+    deflated = io.BytesIO()  # a compressed entry could inflate to any size: refused
+    with zipfile.ZipFile(io.BytesIO(ok.getvalue())) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert load_report(deflated.getvalue()) is None

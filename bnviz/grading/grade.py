@@ -145,7 +145,11 @@ def load_report(data: bytes | None) -> dict | None:
 
     if not data:
         return None
-    try:
+    try:  # a torch.save file is a zip of stored (uncompressed) entries: refuse anything that could inflate
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            entries = zf.infolist()
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries) or sum(e.file_size for e in entries) > len(data):
+            return None
         report = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception:
         return None
@@ -170,18 +174,22 @@ def _cell_error_text(cell_errors: list, limits: sandbox.Limits) -> list[str]:
     return out
 
 
-def _tripwire_trouble(report: dict, passed_questions: set[str]) -> str | None:
-    """Why the sandbox's rule checks cannot be trusted for this submission, if they cannot."""
+def _tripwire_trouble(report: dict, passed_questions: set[str]) -> tuple[str | None, bool]:
+    """(why the sandbox's rule checks cannot be trusted for this submission, withhold all points?).
+
+    Missing or removed tripwires withhold everything (honest code never touches them). A question
+    whose calls the dispatch mode saw no aten op for is only flagged: code that works on numpy
+    arrays and converts back can be honest."""
     tw = report.get("tripwire")
     if not isinstance(tw, dict) or not tw.get("installed"):
-        return "tripwire report missing"
+        return "tripwire report missing: all points withheld, check by hand", True
     if not tw.get("intact"):
-        return "tripwires removed or replaced by the submission"
+        return "tripwires removed or replaced by the submission: all points withheld, check by hand", True
     ops = tw.get("ops") if isinstance(tw.get("ops"), dict) else {}
     blind = sorted(q for q in passed_questions if not ops.get(q))
     if blind:
-        return f"tripwire saw no computation for {', '.join(blind)}"
-    return None
+        return f"the run-time tripwire saw no torch operation for {', '.join(blind)}: check by hand", False
+    return None, False
 
 
 def _score(session: Session, result: dict, report: dict, scanned: dict) -> None:
@@ -190,8 +198,9 @@ def _score(session: Session, result: dict, report: dict, scanned: dict) -> None:
     for t in judged:
         if t["passed"]:
             result["scores"][t["question"]] += t["points"]
-        else:
-            result["failed_tests"].append({k: t[k] for k in ("question", "name", "hidden", "points", "reason")})
+        else:  # a reason may quote the report, which the submission could have forged: clean it
+            result["failed_tests"].append({**{k: t[k] for k in ("question", "name", "hidden", "points")},
+                                           "reason": clean(t["reason"], 300)})
     hits = report.get("tripwire", {}).get("hits", []) if isinstance(report.get("tripwire"), dict) else []
     hits = [h for h in hits if isinstance(h, dict)] if isinstance(hits, list) else []
     flags = []
@@ -201,9 +210,10 @@ def _score(session: Session, result: dict, report: dict, scanned: dict) -> None:
         else:
             flags.append(f"{question}: forbidden " + "; ".join(reasons))
         result["scores"][question] = 0.0
-    trouble = _tripwire_trouble(report, {q for q, s in result["scores"].items() if s})
+    trouble, withhold = _tripwire_trouble(report, {q for q, s in result["scores"].items() if s})
     if trouble:
-        flags.append(f"{trouble}: all points withheld, check by hand")
+        flags.append(trouble)
+    if withhold:
         result["scores"] = {q: 0.0 for q in result["scores"]}
     result["flags_list"] = flags
 

@@ -95,7 +95,11 @@ def choose_backend(requested: str = "auto", docker_image: str | None = None) -> 
     if requested == "none":
         return "none"
     if requested in ("auto", "bwrap") and shutil.which("bwrap"):
-        return "bwrap"
+        problem = bwrap_problem()
+        if problem is None:
+            return "bwrap"
+        if requested == "bwrap" or not docker_available():
+            raise SandboxUnavailable(f"bwrap is installed but cannot create a sandbox here: {problem}")
     if requested == "bwrap":
         raise SandboxUnavailable(INSTALL_HINT)
     if requested in ("auto", "docker") and docker_available():
@@ -104,6 +108,17 @@ def choose_backend(requested: str = "auto", docker_image: str | None = None) -> 
                                      "--docker-image IMAGE (see notebooks/assignments/batch_norm/README.md)")
         return "docker"
     raise SandboxUnavailable(INSTALL_HINT)
+
+
+def bwrap_problem() -> str | None:
+    """None if bwrap can create the namespaces we use, else its complaint (e.g. user namespaces
+    disabled by the kernel or a container's seccomp policy)."""
+    try:
+        proc = subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/", "/",
+                               "--proc", "/proc", "--dev", "/dev", "--", "/bin/true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")[:300]
 
 
 def make_worker_root(folder: Path) -> Path:
