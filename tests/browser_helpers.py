@@ -169,13 +169,14 @@ def voila(tmp: Path, notebook: str):
 
 
 @contextmanager
-def chromium(path: str):
+def chromium(path: str, width: int = 1400, height: int = 2000):
+    """A headless Chromium page with a ``width`` × ``height`` window."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS, headless=True)
         try:
-            ctx = browser.new_context(viewport={"width": 1400, "height": 2000})
+            ctx = browser.new_context(viewport={"width": width, "height": height})
             page = ctx.new_page()
             page.set_default_timeout(30_000)
             yield page
@@ -229,6 +230,51 @@ JS_LAYER = """() => {
   };
   return {params: read(plots[1], 'x'), stats: read(plots[2], 'y')};
 }"""
+
+
+JS_FIT = """() => {
+  const lab = document.querySelector('.bnviz-lab');
+  if (!lab) return null;
+  const box = (el) => { const b = el.getBoundingClientRect(); return {left: b.left, right: b.right, width: b.width}; };
+  // what a plot really draws: its SVG (a figure wider than its cell overflows its .js-plotly-plot div)
+  const plots = Array.from(lab.querySelectorAll('.js-plotly-plot')).map(gd => {
+    const svgs = Array.from(gd.querySelectorAll('svg.main-svg')).map(box);
+    return {div: box(gd), right: Math.max(...svgs.map(b => b.right)), width: Math.max(...svgs.map(b => b.width))};
+  });
+  const out = lab.closest('.jp-OutputArea-output');
+  const panel = lab.closest('.jp-NotebookPanel') || lab.closest('.jp-WindowedPanel-outer');
+  const left = document.querySelector('#jp-left-stack');
+  return {viewport: window.innerWidth, plots: plots, lab: box(lab),
+          labOverflow: lab.scrollWidth - lab.clientWidth,
+          output: out ? box(out) : null, panel: panel ? box(panel) : null,
+          sidebar: left ? box(left).width : 0};
+}"""
+
+
+def fit(page) -> dict | None:
+    """Where the lab and each plot's drawing end on the page (px from the left), the visible
+    output area, the notebook panel, the viewport's width and the left sidebar's width."""
+    return page.evaluate(JS_FIT)
+
+
+def tick(page, description: str) -> None:
+    """Click the checkbox whose label contains ``description``."""
+    page.locator(f".bnviz-lab .widget-checkbox:has-text('{description}') input").first.click()
+
+
+def slider_keys(page, description: str, key: str, times: int = 1) -> None:
+    """Press ``key`` (e.g. 'ArrowLeft') ``times`` times on the handle of the slider labelled
+    ``description`` (how a keyboard user moves a selection slider)."""
+    slider = page.locator(".bnviz-lab .widget-slider", has=page.locator(f"label:text-is('{description}')")).first
+    handle = slider.locator(".noUi-handle").first
+    handle.focus()
+    for _ in range(times):
+        page.keyboard.press(key)
+
+
+def readout(page, description: str) -> str:
+    slider = page.locator(".bnviz-lab .widget-slider", has=page.locator(f"label:text-is('{description}')")).first
+    return (slider.locator(".widget-readout").first.text_content() or "").strip()
 
 
 def layer_charts(page) -> dict | None:

@@ -1,10 +1,12 @@
 """The lab in a real browser: JupyterLab and Voilà in headless Chromium (Playwright).
 
-What a learner does: open notebooks/03_lab.ipynb, run all cells, press Run, move the
-learning-rate slider during the run, look at the γ/β histograms, press Stop. Everything is read
-back from the page (plotly's graph div and the lab's status line). Screenshots go to
-test-artifacts/. Needs Debian's chromium (apt-get install chromium); skipped without it unless
-BNVIZ_REQUIRE_BROWSER=1 (CI), then it fails.
+What a learner does: open notebooks/03_lab.ipynb in a 1280×800 window, run all cells, check that
+every chart fits (file browser open, then collapsed), tick *until stopped*, press Run, move the
+learning-rate slider during the run, look at the γ/β histograms, press Stop, then try batch size
+1 with BN and read the explanation. Everything is read back from the page (plotly's graph div,
+the drawn SVG, the lab's status line and message box). Screenshots go to test-artifacts/. Needs
+Debian's chromium (apt-get install chromium); skipped without it unless BNVIZ_REQUIRE_BROWSER=1
+(CI), then it fails.
 """
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import time
 
 import pytest
 
-from browser_helpers import (ROOT, chromium, click_button, curve, jupyter_lab, layer_charts, require_browser,
-                             run_all_cells, set_readout, shot, status, voila, wait_for, wait_kernel_idle)
+from browser_helpers import (ROOT, chromium, click_button, curve, fit, jupyter_lab, layer_charts, readout,
+                             require_browser, run_all_cells, set_readout, shot, slider_keys, status, tick, voila,
+                             wait_for, wait_kernel_idle)
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
 
@@ -41,19 +44,68 @@ def state(page) -> str:
     return (page.locator(".bnviz-lab .bnviz-state").first.text_content(timeout=10_000) or "").strip()
 
 
-def run_and_watch_curve(page, name: str) -> dict:
-    """Set a long run (30 epochs), press Run, and check that the loss curve gains points."""
-    set_readout(page, "epochs", "30")
+def message(page) -> str:
+    return page.locator(".bnviz-lab .bnviz-message").first.text_content(timeout=10_000) or ""
+
+
+def run_and_watch_curve(page, name: str, until_stopped: bool = False) -> dict:
+    """Set a long run (30 epochs, or *until stopped*), press Run, and check that the loss curve
+    gains points."""
+    if until_stopped:
+        tick(page, "until stopped")
+    else:
+        set_readout(page, "epochs", "30")
     click_button(page, "Run")
     first = wait_for(page, lambda: (c := curve(page)) and c["points"] >= 2 and c, 150,
                      "the first points of the loss curve")
-    assert "epoch 1/30" in status(page), status(page)  # the epochs typed in the page reached the kernel
+    # the epochs chosen in the page reached the kernel
+    expected = "epoch 1 (until stopped)" if until_stopped else "epoch 1/30"
+    assert expected in status(page), status(page)
     later = wait_for(page, lambda: (c := curve(page)) and c["points"] >= first["points"] + 3 and c, 90,
                      "the loss curve to gain points")
     assert later["svgPoints"] >= 2, later  # drawn in the SVG, not only in the data
     assert later["name"].startswith("▶ run") and "SYNTHETIC" in later["title"], later
+    page.locator(".bnviz-lab .bnviz-status").first.scroll_into_view_if_needed()
+    page.mouse.wheel(0, 120)  # the status line, the message and the curves
     shot(page, f"{name}-running")
     return later
+
+
+def check_fits(page, name: str, sidebar_open: bool) -> dict:
+    """Every chart is drawn inside the visible output area and the window: its SVG's right edge
+    is left of both (a figure wider than its cell is cut off at the cell's edge)."""
+    def ready():
+        f = fit(page)
+        return f and len(f["plots"]) == 3 and all(p["width"] > 0 for p in f["plots"]) and \
+            (f["sidebar"] > 100) == sidebar_open and f
+    f = wait_for(page, ready, 30, f"the three charts with the file browser {'open' if sidebar_open else 'collapsed'}")
+    page.wait_for_timeout(500)  # let the notebook finish its re-layout after the sidebar moved
+    f = fit(page)
+    limit = min(f["viewport"], f["output"]["right"], f["panel"]["right"])
+    for i, p in enumerate(f["plots"]):
+        assert p["right"] <= limit + 1, (f"chart {i + 1} of 3 is drawn to x={p['right']:.0f} px, beyond the "
+                                         f"visible edge at {limit:.0f} px ({name}): {f}")
+    assert f["plots"][-1]["right"] <= f["viewport"], f
+    assert f["labOverflow"] <= 1, f"the lab is wider than its cell by {f['labOverflow']} px ({name})"
+    top = "el => el.scrollIntoView({block: 'start'})"
+    page.locator(".bnviz-lab .js-plotly-plot").first.evaluate(top)
+    shot(page, f"{name}-curves")
+    page.locator(".bnviz-lab .js-plotly-plot").nth(1).evaluate(top)
+    shot(page, f"{name}-panels")
+    return f
+
+
+def batch_size_one_is_explained(page, name: str) -> None:
+    """Batch size 1 with BN in the fc layers: the run is refused and the message box says why."""
+    slider_keys(page, "batch size", "ArrowLeft", 8)  # 256 -> 1 on the powers-of-two slider
+    wait_for(page, lambda: readout(page, "batch size") == "1", 30, "the batch size slider at 1")
+    click_button(page, "Run")
+    wait_for(page, lambda: state(page) == "error", 90, "the status to say error")
+    text = message(page)
+    assert "could not train. Batch size 1 with batch normalization" in text, text
+    assert "LayerNorm" in text, text
+    page.locator(".bnviz-lab .bnviz-message").first.scroll_into_view_if_needed()
+    shot(page, f"{name}-batch-one")
 
 
 def watch_layer_charts(page, name: str) -> None:
@@ -71,33 +123,37 @@ def watch_layer_charts(page, name: str) -> None:
                        "the γ/β histograms and the statistics chart to change during the run")
     assert changed["params"]["title"] != first["params"]["title"]  # a later step is named
     assert curve(page)["name"].startswith("▶ run") and state(page) in ("running", "stopping"), status(page)
+    page.locator(".bnviz-lab .js-plotly-plot").nth(2).scroll_into_view_if_needed()
     shot(page, f"{name}-layer-charts")
 
 
 def stop_and_check(page, name: str) -> None:
     click_button(page, "Stop")
     wait_for(page, lambda: state(page) == "stopped", 90, "the status to say stopped")
-    assert "Stopped by the user" in page.locator(".bnviz-lab .bnviz-message").first.text_content()
+    assert "Stopped by the user" in message(page)
     shot(page, f"{name}-stopped")
 
 
 def test_lab_in_jupyterlab(chromium_path, tmp_path, notebook_guard):
     t0 = time.monotonic()
-    with jupyter_lab(tmp_path) as (base, token, _proc), chromium(chromium_path) as page:
+    with jupyter_lab(tmp_path) as (base, token, _proc), chromium(chromium_path, 1280, 800) as page:
         try:
             page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
             page.wait_for_selector(".jp-Notebook", timeout=90_000)
             wait_kernel_idle(page)
-            page.keyboard.press("Control+b")  # hide the file browser: more room for the lab
             run_all_cells(page)
             wait_for(page, lambda: page.locator(".bnviz-lab .js-plotly-plot").count() == 3, 150,
                      "the lab's three figures")
             wait_kernel_idle(page, 120)
             page.locator(".bnviz-lab").first.scroll_into_view_if_needed()
             assert state(page) == "idle" and "no run yet" in status(page)
-            shot(page, "jupyterlab-ready")
 
-            before = run_and_watch_curve(page, "jupyterlab")
+            # a 1280-px window: nothing cut off with the file browser open, nor collapsed
+            check_fits(page, "jupyterlab-1280-sidebar-open", sidebar_open=True)
+            page.keyboard.press("Control+b")
+            check_fits(page, "jupyterlab-1280-sidebar-collapsed", sidebar_open=False)
+
+            before = run_and_watch_curve(page, "jupyterlab", until_stopped=True)
 
             # move the learning rate during the run: typed into the slider's readout
             set_readout(page, "learning rate", "0.3")
@@ -105,13 +161,12 @@ def test_lab_in_jupyterlab(chromium_path, tmp_path, notebook_guard):
                               and c, 90, "the lr change to be marked on the chart")
             assert min(marked["marks"]) > 0 and len(marked["marks"]) == 3  # one dashed line per subplot
             assert marked["points"] >= before["points"]
-            msg = page.locator(".bnviz-lab .bnviz-message").first.text_content()
-            assert "learning rate set to 0.3" in msg, msg
+            assert "learning rate set to 0.3" in message(page), message(page)
 
             watch_layer_charts(page, "jupyterlab")
-            page.locator(".bnviz-lab").first.screenshot(path=str(ROOT / "test-artifacts" / "jupyterlab-lab.png"))
-
+            assert state(page) == "running" and "(until stopped)" in status(page)  # no end of its own
             stop_and_check(page, "jupyterlab")
+            batch_size_one_is_explained(page, "jupyterlab")
             assert time.monotonic() - t0 < 280
         except Exception:
             shot(page, "jupyterlab-failure")
