@@ -846,3 +846,24 @@ def test_reports_are_loaded_as_plain_data_only(tmp_path):
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info))
     assert load_report(deflated.getvalue()) is None
+
+
+def test_sandbox_command_lines(tmp_path):
+    """What bwrap and docker are asked for (static: also runs where neither exists)."""
+    limits = sandbox.Limits()
+    cmd = sandbox.bwrap_command(tmp_path, limits, [REPO / "dist", Path(sys.prefix) / "lib"], sandbox.worker_env(limits))
+    for flag in ("--unshare-all", "--die-with-parent", "--new-session", "--clearenv"):
+        assert flag in cmd
+    assert cmd[cmd.index("--cap-drop") + 1] == "ALL"
+    binds = [cmd[i + 1] for i, a in enumerate(cmd) if a in ("--ro-bind", "--bind", "--ro-bind-try")]
+    assert "--bind" not in cmd  # nothing of the host is writable
+    assert str(REPO) not in binds and "/" not in binds and "/root" not in binds and "/home" not in binds
+    assert str(tmp_path) in binds  # the worker-only package tree
+    tmpfs = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--tmpfs"]
+    assert {"/tmp", "/scratch"} <= set(tmpfs) and str(Path(sys.prefix) / "lib") in tmpfs  # masked: inside a bind
+    assert str(REPO / "dist") not in tmpfs or str(REPO / "dist").startswith(sys.prefix)
+    assert cmd[-5:] == [sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"]
+    d = sandbox.docker_command("bnviz-x", tmp_path, limits, "img")
+    for flag in ("--network", "--read-only", "--pids-limit", "--memory", "--cap-drop", "--user"):
+        assert flag in d
+    assert d[d.index("--network") + 1] == "none" and f"{tmp_path}:/opt/bnviz-worker:ro" in d
