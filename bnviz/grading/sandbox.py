@@ -102,7 +102,11 @@ def choose_backend(requested: str = "auto", docker_image: str | None = None) -> 
             raise SandboxUnavailable(f"bwrap is installed but cannot create a sandbox here: {problem}")
     if requested == "bwrap":
         raise SandboxUnavailable(INSTALL_HINT)
-    if requested in ("auto", "docker") and docker_available():
+    docker = requested in ("auto", "docker") and docker_available()
+    if requested == "docker" and not docker:
+        raise SandboxUnavailable("--sandbox docker: Docker is not available here (`docker info` failed); "
+                                 "start the Docker daemon, or install bubblewrap and use --sandbox bwrap")
+    if docker:
         if not docker_image:
             raise SandboxUnavailable("bwrap is missing and Docker needs an image with Python and torch: pass "
                                      "--docker-image IMAGE (see notebooks/assignments/batch_norm/README.md)")
