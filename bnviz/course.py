@@ -16,9 +16,37 @@ def fast_mode() -> bool:
     return os.environ.get("BNVIZ_FAST", "").strip().lower() in ("1", "true", "yes")
 
 
-def pick(full, fast):
-    """``fast`` in fast mode, else ``full``: ``epochs = pick(10, 1)``."""
-    return fast if fast_mode() else full
+_UNSET = object()
+SIZES = ("gpu", "cpu", "fast")
+
+
+def sizes() -> str:
+    """Which sizes a chapter uses: 'fast' (``BNVIZ_FAST=1``), else ``$BNVIZ_SIZES`` if set
+    ('gpu' or 'cpu'), else 'gpu' when CUDA is available and 'cpu' otherwise (an Apple GPU
+    counts as 'cpu': its per-step overhead is closer to a CPU's)."""
+    if fast_mode():
+        return "fast"
+    chosen = os.environ.get("BNVIZ_SIZES", "").strip().lower()
+    if chosen:
+        if chosen not in ("gpu", "cpu"):
+            raise ValueError(f"BNVIZ_SIZES={chosen!r} is not valid; valid: 'gpu', 'cpu' (or unset)")
+        return chosen
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def pick(full, fast, cpu=_UNSET):
+    """``fast`` in fast mode, else ``full``: ``epochs = pick(10, 1)``.
+
+    With ``cpu``, full mode on a machine without CUDA (see :func:`sizes`) uses ``cpu``
+    instead: ``train_size = pick(60000, 512, cpu=6000)``. Without it, full mode is ``full``
+    everywhere (the behaviour chapters 00-04 rely on)."""
+    if fast_mode():
+        return fast
+    if cpu is not _UNSET and sizes() == "cpu":
+        return cpu
+    return full
 
 
 _FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

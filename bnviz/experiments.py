@@ -1,40 +1,62 @@
-"""The canned experiments of chapter 05: grids of runs, learning-rate sweeps, and probes.
+"""The canned experiments of chapters 05 (optimisation), 06 (architecture) and 07 (batches):
+grids of runs with seeds and spreads, learning-rate sweeps, probes and numeric checks.
+The figures are in :mod:`bnviz.figures`.
 
 Conventions:
 
-* A **variant** is a dict of changes to a base :class:`~bnviz.train.Config`. Keys that are
-  ``Config`` fields (``lr``, ``batch_size``, ``epochs``, ...) change the config; keys that are
+* A **variant** is a dict of changes to a base :class:`~bnviz.config.Config`. Keys that are
+  ``Config`` fields (``lr``, ``batch_size``, ``init``, ...) change the config; keys that are
   :class:`~bnviz.models.LeNetSpec` fields (``norm``, ``pool``, ``padding``, ``bias``,
   ``dropout``, ...) change its model; ``model`` replaces the spec (a spec or a preset name).
-* A run's **final** metrics are its last epoch's (``History.final_*``: loss and training
-  accuracy averaged over that epoch, test accuracy in eval mode at its end). A run that
-  diverged keeps what it reached and its ``status``; it has no test accuracy if it diverged
-  before its first epoch ended.
-* Every figure names the data set in its title (``History.dataset_label``); on the synthetic
+* Several runs train through :func:`bnviz.grid.train_grid` (K runs at once, each equal to the
+  same run alone).
+* **The accuracy a comparison uses** (:data:`ACCURACY`): the mean test accuracy of the last 3
+  epochs (``History.mean_test_acc(3)``; fewer if the run has fewer epochs). One epoch's value
+  swings with the moving averages' lag and with the last steps' noise; the mean of three is
+  steadier. A run that diverged (or failed) has no accuracy: it is counted, not averaged.
+* **Seeds and verdicts** (:func:`compare`): each variant runs with every seed (the seed sets
+  the initial weights and the batch order). A variant is summarised by the mean, the sample
+  standard deviation (``ddof=1``) and the min–max of its accuracy over the seeds. Against the
+  reference, Δ = mean(variant) − mean(reference); the noise is the **pooled seed std**
+  ``s_p = sqrt(((n₁−1)s₁² + (n₂−1)s₂²) / (n₁+n₂−2))``; the verdict is "within noise" when
+  |Δ| < 2·s_p, else "better" / "worse" with Δ.
+* Every figure and table names its data set (``History.dataset_label``); on the synthetic
   stand-in that label says SYNTHETIC, because its numbers are not Fashion-MNIST results.
 """
 from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .callbacks import Probe
+from .config import Config
 from .data import Dataset, load_dataset, resolve_device, to_float
+from .history import History
 from .models import LeNetSpec, build_lenet, norm_layers, preset
-from .train import Config, History, Trainer
+from .norms import channel_stats
+from .stats import layer_state
+from .train import Trainer
 
 __all__ = [
-    "Run", "GridResult", "apply_changes", "run_grid", "lr_sweep", "max_lr", "MaxLR",
-    "batch_size_grid", "run_with_probe", "weight_norms", "bias_check", "scale_invariance_check",
-    "batch_stat_noise", "LandscapeProbe", "loss_landscape_probe", "landscape_during_training",
-    "deep_mlp", "grad_norms_at_init", "Rescale", "curves_figure", "bar_figure",
-    "lr_sweep_figure", "line_figure", "landscape_figure", "status_table",
+    "ACCURACY", "NOISE_K", "Run", "GridResult", "SeedStats", "Comparison", "apply_changes",
+    "run_accuracy", "seed_stats", "pooled_std", "verdict", "compare", "default_seeds",
+    "train_configs", "run_grid", "seed_grid", "lr_sweep", "sweep_summary", "summarize", "max_lr",
+    "MaxLR", "batch_size_grid", "status_table", "run_with_probe", "weight_norms",
+    "weight_norm_growth", "layer_health", "health_during_training", "bias_check",
+    "scale_invariance_check", "batch_stat_noise", "border_ink", "dropout_variance_shift",
+    "LandscapeProbe", "loss_landscape_probe", "landscape_during_training", "deep_mlp",
+    "grad_norms_at_init", "Rescale", "Residual", "answer_table", "fmt_stats",
 ]
+
+ACCURACY = "mean test accuracy of the last 3 epochs (History.mean_test_acc(3), eval mode)"
+NOISE_K = 2.0  # a difference is "within noise" when |Δ| < NOISE_K × pooled seed std
 
 _CONFIG_FIELDS = {f.name for f in fields(Config)}
 _SPEC_FIELDS = {f.name for f in fields(LeNetSpec)}
@@ -42,6 +64,15 @@ _FAILED = ("diverged", "error")
 
 
 # ----------------------------------------------------------------------------- results
+
+
+def run_accuracy(h: History, last: int = 3) -> float | None:
+    """The accuracy comparisons use (:data:`ACCURACY`): the mean test accuracy of the last
+    ``last`` epochs, or None for a run that diverged or failed."""
+    if h.status in _FAILED:
+        return None
+    acc = h.mean_test_acc(last)
+    return None if acc is None or not math.isfinite(acc) else float(acc)
 
 
 @dataclass
@@ -59,7 +90,13 @@ class Run:
 
     @property
     def test_acc(self) -> float | None:
+        """The final epoch's test accuracy (eval mode, running statistics)."""
         return self.history.final_test_acc
+
+    @property
+    def acc(self) -> float | None:
+        """The accuracy comparisons use: :func:`run_accuracy` (None if the run failed)."""
+        return run_accuracy(self.history)
 
     @property
     def train_acc(self) -> float | None:
@@ -79,7 +116,7 @@ class Run:
     def row(self) -> dict:
         h = self.history
         return {"label": self.label, **self.tags, "status": self.status, "loss": self.loss,
-                "train_acc": self.train_acc, "test_acc": self.test_acc, "gap": self.gap,
+                "train_acc": self.train_acc, "test_acc": self.test_acc, "acc": self.acc, "gap": self.gap,
                 "steps": h.snapshots[-1].step if h.snapshots else 0,
                 "time_s": round(h.wall_time_s, 2)}
 
@@ -87,7 +124,8 @@ class Run:
 @dataclass
 class GridResult:
     """The runs of one experiment, in order. ``table()`` is a pandas DataFrame with one row per
-    run (its tags and final metrics); ``result['label']`` is one :class:`Run`."""
+    run (its tags and final metrics; ``acc`` is :data:`ACCURACY`); ``result['label']`` is one
+    :class:`Run`."""
 
     runs: list[Run] = field(default_factory=list)
     dataset_label: str = ""
@@ -136,8 +174,10 @@ def apply_changes(base: Config, changes: dict) -> Config:
 
 def _data_for(cfg: Config, data: Dataset | None) -> Dataset:
     if data is None:
-        return load_dataset(cfg.dataset, device=resolve_device(cfg.device), train_size=cfg.train_size,
-                            test_size=cfg.test_size)
+        from .config import resolve_dataset
+
+        return load_dataset(resolve_dataset(cfg.dataset), device=resolve_device(cfg.device),
+                            train_size=cfg.train_size, test_size=cfg.test_size)
     n_tr = min(cfg.train_size or len(data.train_x), len(data.train_x))
     n_te = min(cfg.test_size or len(data.test_x), len(data.test_x))
     if (n_tr, n_te) != (len(data.train_x), len(data.test_x)):
@@ -149,12 +189,91 @@ def _tag(value):
     return value.label() if isinstance(value, LeNetSpec) else value
 
 
+# ----------------------------------------------------------------------------- training many runs
+
+
+def _grid_runner():
+    """bnviz.grid.train_grid, or None while that module does not exist yet."""
+    try:
+        from .grid import train_grid
+    except ImportError:  # TEMPORARY: until bnviz/grid.py is committed (remove this fallback then)
+        return None
+    return train_grid
+
+
+def train_configs(configs: Sequence[Config], data: Dataset | None = None, progress: bool = True,
+                  models: dict[int, nn.Module | Callable[[], nn.Module]] | None = None,
+                  desc: str = "runs") -> list[History]:
+    """Train every config and return their Histories in order. Configs that use the same
+    slice of ``data`` train together through :func:`bnviz.grid.train_grid` (K runs at once,
+    each equal to the same run alone); ``models[i]`` (a module or a function making one) trains
+    config ``i`` with that model instead, alone."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("configs is empty: give at least one Config")
+    if data is None:
+        data = _data_for(configs[0], None)
+    models = models or {}
+    out: list[History | None] = [None] * len(configs)
+    groups: dict[tuple, list[int]] = OrderedDict()
+    for i, cfg in enumerate(configs):
+        if i in models:
+            continue
+        sub = _data_for(cfg, data)
+        groups.setdefault((len(sub.train_x), len(sub.test_x)), []).append(i)
+    train_grid = _grid_runner()
+    for (n_tr, n_te), idx in groups.items():
+        sub = _data_for(configs[idx[0]], data)
+        if train_grid is not None:
+            hists = train_grid([configs[i] for i in idx], data=sub, progress=progress)
+        else:  # TEMPORARY sequential fallback until bnviz/grid.py is committed
+            hists = _sequential([configs[i] for i in idx], sub, progress, desc)
+        for i, h in zip(idx, hists):
+            out[i] = h
+    for i, model in models.items():
+        if callable(model) and not isinstance(model, nn.Module):
+            model = model()
+        out[i] = _fit(configs[i], _data_for(configs[i], data), model=model)
+    return out  # type: ignore[return-value]
+
+
+def _fit(cfg: Config, data: Dataset, model: nn.Module | None = None, callbacks=()) -> History:
+    """One run; an error is kept in the History (status 'error'), as the grid does."""
+    trainer = Trainer(cfg, data=data, model=model, callbacks=callbacks)
+    try:
+        return trainer.fit()
+    except Exception:
+        if trainer.history.status != "error":
+            raise
+        return trainer.history
+
+
+def _sequential(configs: list[Config], data: Dataset, progress: bool, desc: str) -> list[History]:
+    """TEMPORARY: one run after another (used only while bnviz.grid does not exist)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(configs), desc=f"{desc} ({data.label})", unit="run")
+    out = []
+    try:
+        for cfg in configs:
+            out.append(_fit(cfg, data))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
 def run_grid(base: Config, variants: dict[str, dict], data: Dataset | None = None,
              progress: bool = True, tags: dict[str, dict] | None = None,
              models: dict[str, nn.Module | Callable[[], nn.Module]] | None = None,
              desc: str = "runs") -> GridResult:
     """Train one run per variant (``label -> changes``, see :func:`apply_changes`), all on the
-    same data set (loaded once from ``base`` if ``data`` is None), and return a GridResult.
+    same data set (loaded once from ``base`` if ``data`` is None), through the grid runner,
+    and return a GridResult.
 
     ``tags[label]`` overrides what the table shows for a run (default: its changes).
     ``models[label]`` gives a ready-made model (or a function making one) instead of the
@@ -162,46 +281,315 @@ def run_grid(base: Config, variants: dict[str, dict], data: Dataset | None = Non
     """
     if not variants:
         raise ValueError("variants is empty: give at least one label -> changes")
-    configs = {label: apply_changes(base, ch).replace(label=label) for label, ch in variants.items()}
+    labels = list(variants)
+    configs = [apply_changes(base, variants[label]).replace(label=label) for label in labels]
     if data is None:
         data = _data_for(base, None)
+    by_index = {labels.index(k): v for k, v in (models or {}).items()}
+    hists = train_configs(configs, data=data, progress=progress, models=by_index, desc=desc)
     result = GridResult(dataset_label=data.label)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(configs), desc=f"{desc} ({data.label})", unit="run")
-    try:
-        for label, cfg in configs.items():
-            model = (models or {}).get(label)
-            if callable(model) and not isinstance(model, nn.Module):
-                model = model()
-            h = Trainer(cfg, data=_data_for(cfg, data), model=model).run()
-            shown = (tags or {}).get(label, {k: _tag(v) for k, v in variants[label].items()})
-            result.runs.append(Run(label, dict(shown), h))
-            if bar is not None:
-                acc = h.final_test_acc
-                bar.set_postfix_str(f"{label}: {h.status}, test acc {'-' if acc is None else f'{acc:.3f}'}")
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    for label, h in zip(labels, hists):
+        shown = (tags or {}).get(label, {k: _tag(v) for k, v in variants[label].items()})
+        result.runs.append(Run(label, dict(shown), h))
     return result
 
 
-def lr_sweep(base: Config, lrs: Iterable[float], models: dict[str, LeNetSpec | str],
+def default_seeds(cuda: bool | None = None) -> tuple[int, ...]:
+    """The seeds of a comparison: 5 on a GPU, 3 on a CPU (2 in fast mode, only to check the
+    notebooks run)."""
+    from .course import fast_mode
+
+    if fast_mode():
+        return (0, 1)
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    return (0, 1, 2, 3, 4) if cuda else (0, 1, 2)
+
+
+def _seeds(seeds) -> tuple[int, ...]:
+    seeds = default_seeds() if seeds is None else tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct integers, at least one; got {seeds}")
+    return seeds
+
+
+def seed_grid(base: Config, variants: dict[str, dict], seeds=None, data: Dataset | None = None,
+              progress: bool = True, tags: dict[str, dict] | None = None,
+              models: dict[str, Callable[[], nn.Module]] | None = None, desc: str = "runs") -> GridResult:
+    """Every variant with every seed, in one grid. Run labels are ``'<variant> · seed <s>'``;
+    tags get ``variant`` and ``seed`` (plus ``tags[variant]``, default: the changes)."""
+    seeds = _seeds(seeds)
+    runs, run_tags, run_models = {}, {}, {}
+    for name, changes in variants.items():
+        shown = (tags or {}).get(name, {k: _tag(v) for k, v in changes.items()})
+        for s in seeds:
+            label = f"{name} · seed {s}"
+            runs[label] = {**changes, "seed": s}
+            run_tags[label] = {"variant": name, **shown, "seed": s}
+            if models and name in models:
+                run_models[label] = _seeded(models[name], s)
+    return run_grid(base, runs, data=data, progress=progress, tags=run_tags, models=run_models or None,
+                    desc=desc)
+
+
+def _seeded(make: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
+    """``make`` called with the global RNG seeded by ``seed``: each seed gets its own init."""
+    def fn():
+        torch.manual_seed(seed)
+        return make()
+    return fn
+
+
+# ----------------------------------------------------------------------------- seed statistics
+
+
+@dataclass
+class SeedStats:
+    """The spread of one accuracy over seeds. ``std`` is the sample standard deviation
+    (``ddof=1``; 0 with one value); ``failed`` counts runs without an accuracy (diverged)."""
+
+    values: list[float]
+    failed: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / self.n if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return 0.0 if self.n == 1 else float("nan")
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+    @property
+    def min(self) -> float:
+        return min(self.values) if self.values else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.values) if self.values else float("nan")
+
+    def __str__(self) -> str:
+        return fmt_stats(self)
+
+
+def fmt_stats(s: SeedStats) -> str:
+    """'0.812 ± 0.011 (0.800–0.824, 3 seeds)', with the failed runs named."""
+    if s.n == 0:
+        return f"no accuracy ({s.failed} run(s) diverged)"
+    text = f"{s.mean:.3f} ± {s.std:.3f} ({s.min:.3f}–{s.max:.3f}, {s.n} seed{'s' if s.n != 1 else ''})"
+    if s.failed:
+        text += f", {s.failed} diverged"
+    return text
+
+
+def seed_stats(values: Iterable[float | None]) -> SeedStats:
+    """Mean, sample std, min and max of accuracies over seeds; None / NaN values (runs that
+    diverged) are counted in ``failed``."""
+    ok, failed = [], 0
+    for v in values:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            failed += 1
+        else:
+            ok.append(float(v))
+    return SeedStats(ok, failed)
+
+
+def pooled_std(*groups: SeedStats) -> float:
+    """The pooled sample standard deviation of groups: ``sqrt(Σ(nᵢ−1)sᵢ² / Σ(nᵢ−1))`` (groups
+    with fewer than 2 values add nothing); 0 when no group has 2 values."""
+    dof = sum(g.n - 1 for g in groups if g.n >= 2)
+    if dof == 0:
+        return 0.0
+    return math.sqrt(sum((g.n - 1) * g.std ** 2 for g in groups if g.n >= 2) / dof)
+
+
+def verdict(reference: SeedStats, other: SeedStats, k: float = NOISE_K) -> dict:
+    """``other`` against ``reference``: ``delta`` = mean difference, ``noise`` = k × pooled
+    seed std, ``verdict`` = 'within noise' if |Δ| < noise (or Δ = 0), else 'better (Δ +x)' /
+    'worse (Δ −x)'; runs without an accuracy are named."""
+    if other.n == 0 or reference.n == 0:
+        who = "this variant" if other.n == 0 else "the reference"
+        return {"delta": float("nan"), "noise": float("nan"),
+                "verdict": f"no comparison: every run of {who} diverged"}
+    delta = other.mean - reference.mean
+    noise = k * pooled_std(reference, other)
+    if delta == 0 or abs(delta) < noise:
+        text = "within noise"
+    else:
+        text = f"{'better' if delta > 0 else 'worse'} (Δ {delta:+.3f})"
+    if other.failed:
+        text += f"; {other.failed} of {other.n + other.failed} runs diverged"
+    return {"delta": delta, "noise": noise, "verdict": text}
+
+
+@dataclass
+class Comparison:
+    """Variants run with several seeds (from :func:`compare`). ``stats(v)`` is a
+    :class:`SeedStats` of :data:`ACCURACY`; ``table()`` has one row per variant with mean,
+    std, min, max, Δ against the reference, the noise threshold (2 × pooled std) and the
+    verdict; ``contrast(a, b)`` compares any two variants (b against a)."""
+
+    reference: str
+    variants: list[str]
+    seeds: tuple[int, ...]
+    runs: GridResult
+    metric: str = ACCURACY
+
+    @property
+    def dataset_label(self) -> str:
+        return self.runs.dataset_label
+
+    def runs_of(self, variant: str) -> list[Run]:
+        if variant not in self.variants:
+            raise KeyError(f"no variant {variant!r}; variants: {self.variants}")
+        return [r for r in self.runs if r.tags.get("variant") == variant]
+
+    def values(self, variant: str) -> list[float | None]:
+        return [r.acc for r in self.runs_of(variant)]
+
+    def stats(self, variant: str) -> SeedStats:
+        return seed_stats(self.values(variant))
+
+    def contrast(self, a: str, b: str) -> dict:
+        """``b`` against ``a``: delta, noise and verdict (see :func:`verdict`)."""
+        return verdict(self.stats(a), self.stats(b))
+
+    @property
+    def noise_floor(self) -> float:
+        """The seed-to-seed sample std of the reference."""
+        return self.stats(self.reference).std
+
+    def table(self, reference: str | None = None):
+        import pandas as pd
+
+        ref = reference or self.reference
+        rows = []
+        for v in self.variants:
+            s = self.stats(v)
+            row = {"variant": v, "seeds": s.n + s.failed, "mean": s.mean, "std": s.std, "min": s.min,
+                   "max": s.max, "diverged": s.failed}
+            if v == ref:
+                row.update({"Δ": 0.0, "2·pooled std": 2 * s.std if s.n > 1 else float("nan"),
+                            "verdict": "(reference)"})
+            else:
+                c = self.contrast(ref, v)
+                row.update({"Δ": c["delta"], "2·pooled std": c["noise"], "verdict": c["verdict"]})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def print(self, reference: str | None = None) -> None:
+        """One line per variant: its accuracy with spread, and the verdict against the reference."""
+        ref = reference or self.reference
+        print(f"accuracy = {self.metric}; {len(self.seeds)} seeds {list(self.seeds)}; {self.dataset_label}")
+        width = max(len(v) for v in self.variants)
+        for v in self.variants:
+            s = self.stats(v)
+            tail = "reference" if v == ref else self.contrast(ref, v)["verdict"]
+            print(f"  {v:<{width}}  {fmt_stats(s)}  → {tail}")
+
+    def say(self, a: str, b: str) -> str:
+        """'b vs a: Δ +0.012 (2·pooled std 0.020) → within noise', from the numbers."""
+        c = self.contrast(a, b)
+        if math.isnan(c["delta"]):
+            return f"{b} vs {a}: {c['verdict']}"
+        return f"{b} vs {a}: Δ {c['delta']:+.3f} (2·pooled std {c['noise']:.3f}) → {c['verdict']}"
+
+    def __add__(self, other: "Comparison") -> "Comparison":
+        if tuple(self.seeds) != tuple(other.seeds):
+            raise ValueError(f"cannot merge comparisons with different seeds: {self.seeds} and {other.seeds}")
+        both = set(self.variants) & set(other.variants)
+        if both:
+            raise ValueError(f"variants {sorted(both)} are in both comparisons")
+        return Comparison(self.reference, self.variants + other.variants, self.seeds, self.runs + other.runs,
+                          self.metric)
+
+
+def compare(base: Config, variants: dict[str, dict], seeds=None, data: Dataset | None = None,
+            reference: str | None = None, include: Comparison | None = None,
+            models: dict[str, Callable[[], nn.Module]] | None = None, progress: bool = True,
+            desc: str = "comparison") -> Comparison:
+    """Run every variant with every seed (:func:`seed_grid`) and return a :class:`Comparison`.
+
+    ``reference``: the variant the others are compared with (default: the first; it may be in
+    ``include``). ``include``: a Comparison run earlier with the same seeds whose variants are
+    reused, not rerun (e.g. the chapter's base run). ``seeds``: default :func:`default_seeds`.
+    """
+    seeds = _seeds(seeds) if include is None or seeds is not None else tuple(include.seeds)
+    if include is not None and tuple(include.seeds) != seeds:
+        raise ValueError(f"include was run with seeds {include.seeds}, this comparison asks for {seeds}")
+    new = {k: v for k, v in variants.items() if include is None or k not in include.variants}
+    if not new and include is None:
+        raise ValueError("variants is empty: give at least one label -> changes")
+    runs = seed_grid(base, new, seeds, data=data, progress=progress, models=models, desc=desc) if new \
+        else GridResult(dataset_label=include.dataset_label)
+    cmp = Comparison(reference or next(iter(variants)), list(new), seeds, runs)
+    if include is not None:
+        cmp = _merge(include, cmp, variants, reference)
+    if cmp.reference not in cmp.variants:
+        raise ValueError(f"reference {cmp.reference!r} is not among the variants {cmp.variants}")
+    return cmp
+
+
+def _merge(include: Comparison, new: Comparison, variants: dict, reference: str | None) -> Comparison:
+    """``include``'s runs and ``new``'s, in the order: variants asked for first, then the rest."""
+    order = [v for v in variants] + [v for v in include.variants if v not in variants]
+    runs = GridResult([r for v in order for r in (include.runs_of(v) if v in include.variants
+                                                   else new.runs_of(v))],
+                      include.dataset_label or new.dataset_label)
+    return Comparison(reference or next(iter(variants)), order, new.seeds, runs)
+
+
+def summarize(result: GridResult, by: Sequence[str]):
+    """One row per combination of the tags ``by`` (over the seeds): ``n`` (runs with an
+    accuracy), ``mean``, ``std`` (sample), ``min``, ``max`` of :data:`ACCURACY`, ``diverged``
+    (runs that failed) and ``status`` ('diverged' if any run of the group failed)."""
+    import pandas as pd
+
+    groups: dict[tuple, list[Run]] = OrderedDict()
+    for r in result:
+        missing = [k for k in by if k not in r.tags]
+        if missing:
+            raise ValueError(f"run {r.label!r} has no tag(s) {missing}; tags: {sorted(r.tags)}")
+        groups.setdefault(tuple(r.tags[k] for k in by), []).append(r)
+    rows = []
+    for key, runs in groups.items():
+        s = seed_stats(r.acc for r in runs)
+        rows.append({**dict(zip(by, key)), "n": s.n, "mean": s.mean, "std": s.std, "min": s.min,
+                     "max": s.max, "diverged": s.failed,
+                     "status": "diverged" if s.failed else "finished"})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def lr_sweep(base: Config, lrs: Iterable[float], models: dict[str, LeNetSpec | str], seeds=(0,),
              data: Dataset | None = None, progress: bool = True) -> GridResult:
-    """One run per (model, lr): the table has columns ``model`` (the name given) and ``lr``."""
+    """One run per (model, lr, seed), all in one grid: the table has columns ``model`` (the name
+    given), ``lr`` and ``seed``. :func:`sweep_summary` gives the spread over seeds."""
     lrs = [float(lr) for lr in lrs]
     if not lrs or not models:
         raise ValueError("lr_sweep needs at least one learning rate and one model")
+    seeds = _seeds(seeds)
     variants, tags = {}, {}
     for name, spec in models.items():
         for lr in lrs:
-            label = f"{name}, lr {lr:g}"
-            variants[label] = {"model": spec, "lr": lr}
-            tags[label] = {"model": name, "lr": lr}
+            for s in seeds:
+                label = f"{name}, lr {lr:g}" + (f" · seed {s}" if len(seeds) > 1 else "")
+                variants[label] = {"model": spec, "lr": lr, "seed": s}
+                tags[label] = {"model": name, "lr": lr, "seed": s}
     return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="lr sweep")
+
+
+def sweep_summary(result: GridResult):
+    """Per (model, lr): the spread of :data:`ACCURACY` over the seeds (see :func:`summarize`)."""
+    return summarize(result, ("model", "lr"))
 
 
 @dataclass
@@ -218,22 +606,25 @@ class MaxLR:
 
 def _rows(results) -> list[dict]:
     if isinstance(results, GridResult):
-        return [r.row() for r in results.runs]
+        return sweep_summary(results).rename(columns={"mean": "test_acc"}).to_dict("records")
     if hasattr(results, "to_dict") and hasattr(results, "columns"):  # a DataFrame
-        return results.to_dict("records")
+        df = results.rename(columns={"mean": "test_acc"}) if "test_acc" not in results.columns else results
+        return df.to_dict("records")
     return [dict(r) for r in results]
 
 
 def max_lr(results, tolerance: float = 0.05, floor: float = 0.2) -> dict[str, MaxLR]:
     """The maximum learning rate of each model in a sweep, by this definition:
 
-    *the largest lr in the sweep whose run did not diverge (status not 'diverged'/'error') and
-    whose final test accuracy is within* ``tolerance`` *of the best final test accuracy over all
-    lrs for that model.* The best must itself be at least ``floor`` (default 0.2, twice chance
-    for 10 classes): if no lr reached it, the model did not learn and its max lr is None.
+    *the largest lr in the sweep where no run diverged (status not 'diverged'/'error') and
+    whose accuracy is within* ``tolerance`` *of the best accuracy over all lrs for that model.*
+    The best must itself be at least ``floor`` (default 0.2, twice chance for 10 classes): if
+    no lr reached it, the model did not learn and its max lr is None.
 
-    ``results``: a :class:`GridResult` from :func:`lr_sweep`, a DataFrame, or rows (dicts) with
-    keys ``model``, ``lr``, ``test_acc``, ``status``.
+    ``results``: a :class:`GridResult` from :func:`lr_sweep` (the accuracy of an lr is the mean
+    over its seeds of :data:`ACCURACY`; an lr counts as diverged if any seed diverged), a
+    DataFrame (e.g. :func:`sweep_summary`), or rows (dicts) with keys ``model``, ``lr``,
+    ``test_acc``, ``status``.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
@@ -260,21 +651,26 @@ def max_lr(results, tolerance: float = 0.05, floor: float = 0.2) -> dict[str, Ma
 
 
 def batch_size_grid(base: Config, norms: dict[str, dict], batch_sizes: Iterable[int],
-                    scale_lr: bool = True, data: Dataset | None = None, progress: bool = True) -> GridResult:
-    """One run per (norm, batch size), the same number of epochs (so the same examples) each.
+                    scale_lr: bool = True, seeds=(0,), data: Dataset | None = None,
+                    progress: bool = True) -> GridResult:
+    """One run per (norm, batch size, seed), the same number of epochs (so the same examples)
+    each, in one grid.
 
     ``norms``: name -> model changes, e.g. ``{'BN': {'norm': 'torch'}, 'GroupNorm': {'norm':
     'group'}}``. With ``scale_lr`` the lr follows the linear scaling rule
     ``lr = base.lr * batch_size / base.batch_size`` (Goyal et al. 2017), so that an epoch moves
-    the weights about as far whatever the batch size. Table columns: ``norm``, ``batch_size``, ``lr``.
+    the weights about as far whatever the batch size. Table columns: ``norm``, ``batch_size``,
+    ``lr``, ``seed``; :func:`summarize` with ``by=('norm', 'batch_size')`` gives the spreads.
     """
+    seeds = _seeds(seeds)
     variants, tags = {}, {}
     for name, changes in norms.items():
         for bs in batch_sizes:
             lr = base.lr * bs / base.batch_size if scale_lr else base.lr
-            label = f"{name}, bs {bs}"
-            variants[label] = {**changes, "batch_size": int(bs), "lr": lr}
-            tags[label] = {"norm": name, "batch_size": int(bs), "lr": lr}
+            for s in seeds:
+                label = f"{name}, bs {bs}" + (f" · seed {s}" if len(seeds) > 1 else "")
+                variants[label] = {**changes, "batch_size": int(bs), "lr": lr, "seed": s}
+                tags[label] = {"norm": name, "batch_size": int(bs), "lr": lr, "seed": s}
     return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="batch sizes")
 
 
@@ -287,31 +683,49 @@ def status_table(results):
                           "test_acc": r.test_acc, "message": r.history.message} for r in results])
 
 
+def answer_table(answers: dict[str, str], chapter: str | None = None):
+    """The closing table of a chapter: one row per question id (``id -> measured answer``, a
+    string the notebook computed from its runs), with the question from
+    :data:`bnviz.questions.QUESTIONS`. With ``chapter``, every id must live in that notebook."""
+    import pandas as pd
+
+    from .questions import QUESTIONS
+
+    unknown = sorted(set(answers) - set(QUESTIONS))
+    if unknown:
+        raise ValueError(f"unknown question id(s) {unknown}; known: {sorted(QUESTIONS)}")
+    if chapter is not None:
+        elsewhere = {q: QUESTIONS[q][0] for q in answers if QUESTIONS[q][0] != chapter}
+        if elsewhere:
+            raise ValueError(f"these ids are answered in other chapters, not {chapter}: {elsewhere}")
+    return pd.DataFrame([{"id": q, "question": QUESTIONS[q][1], "measured answer": a} for q, a in answers.items()])
+
+
 # ----------------------------------------------------------------------------- probes during a run
 
 
+class _ProbeFromStart(Probe):
+    """:class:`bnviz.callbacks.Probe` that also probes the initial model (step 0, kind
+    'start', snapshot None) once the trainer has built it."""
+
+    def on_fit_start(self, trainer) -> None:
+        row = {"step": 0, "epoch": 0, "kind": "start", "loss": None}
+        row.update(self.probe(trainer.model, None))
+        self.rows.append(row)
+
+
 def run_with_probe(cfg: Config, probe: Callable[[nn.Module, object], dict], data: Dataset | None = None,
-                   model: nn.Module | None = None) -> tuple[History, list[dict]]:
-    """Train ``cfg`` and call ``probe(model, snapshot)`` at every snapshot (every
-    ``cfg.snapshot_every`` steps and each epoch end). Returns the History and the probe's rows,
-    each with ``step`` and ``epoch`` added. The probe runs in the training thread, between steps;
-    it must not change the model (work on a copy)."""
-    rows: list[dict] = []
-    trainer: Trainer | None = None
-    errors: list[BaseException] = []
-
-    def on_snapshot(history, snap):
-        try:
-            rows.append({"step": snap.step, "epoch": snap.epoch, "kind": snap.kind,
-                         **probe(trainer.model, snap)})
-        except Exception as err:  # re-raised below: a probe bug must not pass silently
-            errors.append(err)
-
-    trainer = Trainer(cfg, data=_data_for(cfg, data), on_snapshot=on_snapshot, model=model)
-    h = trainer.run()
-    if errors:
-        raise RuntimeError(f"the probe failed: {type(errors[0]).__name__}: {errors[0]}") from errors[0]
-    return h, rows
+                   model: nn.Module | None = None, at_start: bool = True,
+                   kinds=("step", "epoch")) -> tuple[History, list[dict]]:
+    """Train ``cfg`` with a :class:`bnviz.callbacks.Probe` that calls ``probe(model, snapshot)``
+    at every snapshot of a kind in ``kinds`` (and, with ``at_start``, once on the initial model,
+    with ``snapshot=None``: row step 0, kind 'start'). Returns the History and the rows (each
+    with ``step``, ``epoch``, ``kind``, ``loss``). The probe runs in the training thread between
+    steps and must not change the model (work on a copy). An error in it ends the run and is
+    raised."""
+    cb = (_ProbeFromStart if at_start else Probe)(probe, kinds=kinds)
+    h = Trainer(cfg, data=_data_for(cfg, data), callbacks=(cb,), model=model).fit()
+    return h, cb.rows
 
 
 def weight_norms(model: nn.Module) -> dict[str, float]:
@@ -320,6 +734,93 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
     names = set(norm_layers(model))
     return {name: float(m.weight.detach().norm()) for name, m in model.named_modules()
             if name in names and isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def weight_norm_growth(rows: list[dict], layers: Sequence[str] | None = None):
+    """From :func:`run_with_probe` rows of :func:`weight_norms` (with the step-0 row): per
+    layer, ‖W‖ at step 0, at the end, and the growth factor end / start."""
+    import pandas as pd
+
+    if not rows or rows[0]["step"] != 0:
+        raise ValueError("the rows must start at step 0 (run_with_probe(..., at_start=True))")
+    layers = layers or [k for k in rows[0] if k not in ("step", "epoch", "kind", "loss")]
+    first, last = rows[0], rows[-1]
+    return pd.DataFrame([{"layer": k, "start": first[k], "end": last[k], "growth ×": last[k] / first[k]}
+                         for k in layers])
+
+
+SATURATED = 0.05  # a sigmoid output below 0.05 or above 0.95: its slope is < 19% of the maximum
+
+
+def _act_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The activation modules after conv/linear layers, by layer name (act_conv1 -> conv1)."""
+    return {name[len("act_"):]: m for name, m in model.named_modules()
+            if name.startswith("act_") and isinstance(m, (nn.Sigmoid, nn.ReLU, nn.Tanh))}
+
+
+def layer_health(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, bins: int = 20) -> list[dict]:
+    """Karpathy-style diagnostics of each layer on one batch (on a copy, in training mode):
+
+    * ``saturated``: the fraction of the activation's outputs in the flat tails (sigmoid
+      below 0.05 or above 0.95; ReLU: exactly 0, "dead");
+    * ``hist``: a histogram of the outputs (``bins`` bins on [0, 1] for a sigmoid; counts);
+    * ``grad_data``: std(∂loss/∂W) / std(W) of the layer's weight;
+    * ``update_data``: lr × std(∂loss/∂W) / std(W), the relative size of one plain-SGD step
+      (Karpathy suggests around 1e-3 as a healthy order of magnitude).
+
+    ``x`` float images, ``y`` labels. Returns one dict per layer (input side first)."""
+    m = copy.deepcopy(model).train()
+    acts = _act_modules(m)
+    outs: dict[str, torch.Tensor] = {}
+    handles = [mod.register_forward_hook(lambda mod, inp, out, n=n: outs.__setitem__(n, out.detach()))
+               for n, mod in acts.items()]
+    try:
+        m.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+    finally:
+        for h in handles:
+            h.remove()
+    layers = dict(m.named_modules())
+    rows = []
+    for name, a in outs.items():
+        sig = isinstance(acts[name], nn.Sigmoid)
+        a = a.float().flatten()
+        sat = ((a < SATURATED) | (a > 1 - SATURATED)).float().mean() if sig else (a == 0).float().mean()
+        lo, hi = (0.0, 1.0) if sig else (0.0, max(float(a.max()), 1e-6))
+        hist = torch.histc(a, bins=bins, min=lo, max=hi)
+        w = layers[name].weight
+        gd = float(w.grad.std() / w.detach().std()) if w.grad is not None else float("nan")
+        rows.append({"layer": name, "activation": "sigmoid" if sig else type(acts[name]).__name__.lower(),
+                     "saturated": float(sat), "act_mean": float(a.mean()), "act_std": float(a.std()),
+                     "grad_data": gd, "update_data": lr * gd,
+                     "hist": (hist / hist.sum()).tolist(), "hist_edges": torch.linspace(lo, hi, bins + 1).tolist()})
+    return rows
+
+
+def health_during_training(base: Config, models: dict[str, LeNetSpec | str | dict], data: Dataset | None = None,
+                           probe_batch: int = 256, progress: bool = True):
+    """Train each model (``name -> spec or changes``) with ``base`` and call :func:`layer_health`
+    on a fixed batch of ``probe_batch`` training examples at the start (step 0) and at every
+    snapshot. Returns ``(DataFrame, {name: History})``: one row per (model, step, layer)."""
+    import pandas as pd
+
+    data = _data_for(base, data)
+    xb, yb = to_float(data.train_x[:probe_batch]), data.train_y[:probe_batch]
+    rows, hists = [], {}
+    items = list(models.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc=f"layer health ({data.label})", unit="run")
+    for name, spec in items:
+        changes = spec if isinstance(spec, dict) else {"model": spec}
+        cfg = apply_changes(base, changes).replace(label=name)
+        h, prow = run_with_probe(cfg, lambda model, snap: {"layers": layer_health(model, xb, yb, cfg.lr)},
+                                 data=data, kinds=("step",))
+        hists[name] = h
+        for r in prow:
+            rows += [{"model": name, "step": r["step"], **lay} for lay in r["layers"]]
+    return pd.DataFrame(rows), hists
 
 
 # ----------------------------------------------------------------------------- numeric checks
@@ -437,8 +938,7 @@ def batch_stat_noise(model: nn.Module, data: Dataset, batch_sizes=(2, 4, 8, 16, 
         with torch.no_grad():
             model(to_float(data.train_x[idx.to(data.device)]).to(dev))
         x = captured[0].double()
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        mean, var = channel_stats(x)  # per channel, biased: the one definition (bnviz.norms)
         return mean, var, x.numel() // x.shape[1]
 
     try:
@@ -462,6 +962,63 @@ def batch_stat_noise(model: nn.Module, data: Dataset, batch_sizes=(2, 4, 8, 16, 
         hook.remove()
         model.train(was_training)
     return pd.DataFrame(rows)
+
+
+
+
+def border_ink(data: Dataset, border: int = 2, n: int = 10000) -> dict:
+    """Where the ink is: the share of the total pixel intensity that lies in the outer
+    ``border`` pixels of the 28×28 images (the area ``padding=2`` lets conv1 see fully), against
+    that border's share of the area. Uses the first ``n`` training images."""
+    x = data.train_x[:n].double()
+    total = float(x.sum())
+    inner = float(x[..., border:-border, border:-border].sum())
+    area = 1 - ((28 - 2 * border) / 28) ** 2
+    ink = (total - inner) / total if total > 0 else float("nan")
+    rows_with_ink = float((x[..., :border, :].amax(dim=(1, 2, 3)) > 64).double().mean())
+    return {"border": border, "ink_share": ink, "area_share": area,
+            "images_with_ink_in_top_rows": rows_with_ink}
+
+
+@torch.no_grad()
+def dropout_variance_shift(model: nn.Module, x: torch.Tensor, layer: str = "fc2", repeats: int = 4) -> dict:
+    """The "variance shift" of dropout before a BN layer (Li et al. 2019): the per-channel
+    variance of the input of norm layer ``layer`` with dropout active (as in training) and
+    with dropout off (as in prediction), everything else in eval mode, and the layer's
+    ``running_var`` (what prediction divides by, learned with dropout on). Works on a copy.
+
+    Returns the channel-mean of var(dropout on), var(dropout off), running_var and the ratios
+    ``train_over_eval`` and ``running_over_eval``: a ratio far from 1 means prediction
+    normalises with a variance its inputs no longer have."""
+    m = copy.deepcopy(model).eval()
+    norms = norm_layers(m)
+    if layer not in norms:
+        raise ValueError(f"layer {layer!r} has no norm in this model; layers with a norm: {sorted(norms)}")
+    drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]
+    if not drops:
+        raise ValueError("the model has no dropout layer: there is no variance shift to measure")
+    seen = []
+    hook = norms[layer].register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].detach().double()))
+    try:
+        m(x)
+        _, var_eval = channel_stats(seen.pop())
+        for d in drops:
+            d.train()
+        vs = []
+        for _ in range(repeats):
+            m(x)
+            vs.append(channel_stats(seen.pop())[1])
+        var_train = torch.stack(vs).mean(0)
+    finally:
+        hook.remove()
+    rv = layer_state(norms[layer])["running_var"]
+    out = {"layer": layer, "var_dropout_on": float(var_train.mean()), "var_dropout_off": float(var_eval.mean()),
+           "train_over_eval": float((var_train / var_eval.clamp_min(1e-12)).mean())}
+    if rv is not None:
+        rv = rv.double().to(var_eval.device)
+        out["running_var"] = float(rv.mean())
+        out["running_over_eval"] = float((rv / var_eval.clamp_min(1e-12)).mean())
+    return out
 
 
 # ----------------------------------------------------------------------------- loss landscape
@@ -531,10 +1088,10 @@ def loss_landscape_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 def landscape_during_training(base: Config, models: dict[str, LeNetSpec | str], data: Dataset | None = None,
                               etas_rel=(0.25, 0.5, 1.0, 2.0, 4.0), probe_batch: int = 256,
                               progress: bool = True):
-    """Train each model with ``base`` and, at every snapshot, probe the loss landscape along the
-    gradient on a fixed batch of ``probe_batch`` training examples, with step sizes
+    """Train each model with ``base`` and, at every step snapshot, probe the loss landscape
+    along the gradient on a fixed batch of ``probe_batch`` training examples, with step sizes
     ``etas_rel × lr``. Returns ``(DataFrame, {name: History})``; the frame has one row per
-    (model, snapshot) with ``loss``, ``loss_range``, ``max_grad_change``, ``beta``."""
+    (model, snapshot) with ``loss``, ``grad_norm``, ``loss_range``, ``max_grad_change``, ``beta``."""
     import pandas as pd
 
     data = _data_for(base, data)
@@ -551,17 +1108,14 @@ def landscape_during_training(base: Config, models: dict[str, LeNetSpec | str], 
         etas = [e * cfg.lr for e in etas_rel]
 
         def probe(model, snap):
-            if snap.kind != "step":
-                return {"skip": True}
             p = loss_landscape_probe(model, xb, yb, etas)
-            return {"skip": False, "loss": p.loss, "grad_norm": p.grad_norm, "loss_range": p.loss_range,
+            return {"loss": p.loss, "grad_norm": p.grad_norm, "loss_range": p.loss_range,
                     "max_grad_change": p.max_grad_change, "beta": p.beta}
 
-        h, prow = run_with_probe(cfg, probe, data=data)
+        h, prow = run_with_probe(cfg, probe, data=data, at_start=False, kinds=("step",))
         hists[name] = h
-        rows += [{"model": name, **r} for r in prow if not r["skip"]]
-    df = pd.DataFrame(rows)
-    return (df.drop(columns=["skip", "kind"]) if len(df) else df), hists
+        rows += [{"model": name, **{k: v for k, v in r.items() if k != "kind"}} for r in prow]
+    return pd.DataFrame(rows), hists
 
 
 # ----------------------------------------------------------------------------- deep networks
@@ -579,27 +1133,44 @@ class Rescale(nn.Module):
         return x * self.factor
 
 
+class Residual(nn.Module):
+    """``x + block(x)``: an identity path around ``block`` (a ResNet-style skip connection)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
 def deep_mlp(depth: int = 16, width: int = 64, bn: bool = False, activation: str = "sigmoid",
-             seed: int = 0) -> nn.Sequential:
-    """A plain (no residual) fully connected network on 28×28 images: ``depth`` hidden layers
-    ``fc1..fcN`` of ``width`` units, each Linear → [BatchNorm1d] → activation, then a 10-way
-    output. PyTorch's default initialisation. Norm modules are named ``norm_fcI``."""
+             residual: bool = False, seed: int | None = None) -> nn.Sequential:
+    """A deep fully connected network on 28×28 images: ``depth`` hidden layers ``fc1..fcN`` of
+    ``width`` units, each Linear → [BatchNorm1d] → activation, then a 10-way output. With
+    ``residual`` every hidden layer after the first is wrapped as ``x + layer(x)`` (its
+    modules are then ``fcI.block.0`` etc.). PyTorch's default initialisation, drawn from the
+    global RNG (``seed`` reseeds it first; None keeps the current state, so a trainer's seed
+    decides)."""
     if depth < 1 or width < 2:
         raise ValueError(f"depth must be >= 1 and width >= 2, got depth={depth}, width={width}")
     acts = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
     if activation not in acts:
         raise ValueError(f"activation {activation!r} is not valid; valid: {sorted(acts)}")
-    torch.manual_seed(seed)
+    if seed is not None:
+        torch.manual_seed(seed)
     layers, fan_in = [("flatten", nn.Flatten())], 28 * 28
     for i in range(1, depth + 1):
-        layers.append((f"fc{i}", nn.Linear(fan_in, width)))
-        if bn:
-            layers.append((f"norm_fc{i}", nn.BatchNorm1d(width)))
-        layers.append((f"act_fc{i}", acts[activation]()))
+        if residual and i > 1:
+            block = [nn.Linear(fan_in, width)] + ([nn.BatchNorm1d(width)] if bn else []) + [acts[activation]()]
+            layers.append((f"fc{i}", Residual(nn.Sequential(*block))))
+        else:
+            layers.append((f"fc{i}", nn.Linear(fan_in, width)))
+            if bn:
+                layers.append((f"norm_fc{i}", nn.BatchNorm1d(width)))
+            layers.append((f"act_fc{i}", acts[activation]()))
         fan_in = width
     layers.append(("out", nn.Linear(fan_in, 10)))
-    from collections import OrderedDict
-
     return nn.Sequential(OrderedDict(layers))
 
 
@@ -609,145 +1180,7 @@ def grad_norms_at_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     m = copy.deepcopy(model).train()
     m.zero_grad(set_to_none=True)
     F.cross_entropy(m(x), y).backward()
-    return {n: float(mod.weight.grad.norm()) for n, mod in m.named_modules()
+    return {n.replace(".block.0", ""): float(mod.weight.grad.norm()) for n, mod in m.named_modules()
             if isinstance(mod, (nn.Linear, nn.Conv2d))}
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _runs(results) -> list[tuple[str, History]]:
-    if isinstance(results, History):
-        results = [results]
-    out = []
-    for r in results:
-        if isinstance(r, Run):
-            out.append((r.label, r.history))
-        elif isinstance(r, History):
-            out.append((r.label, r))
-        else:
-            raise TypeError(f"expected a GridResult, Runs or Histories, got {type(r).__name__}")
-    return out
-
-
-def _dataset_label(hists) -> str:
-    labels = sorted({h.dataset_label for h in hists if h.dataset_label})
-    return " / ".join(labels) or "data set unknown"
-
-
-def _title(text: str, dataset_label: str) -> dict:
-    return {"text": f"{text}<br><sup>data: {dataset_label}</sup>"}
-
-
-_METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
-            "gap": "train − test accuracy"}
-
-
-def curves_figure(results, metric: str = "test_acc", x: str = "epoch", title: str | None = None):
-    """One line per run: ``metric`` ('test_acc', 'train_acc', 'loss') against 'epoch' (epoch
-    snapshots) or 'step' (step snapshots; test accuracy exists only per epoch)."""
-    import plotly.graph_objects as go
-
-    if metric not in ("test_acc", "train_acc", "loss"):
-        raise ValueError(f"metric {metric!r} is not valid; valid: 'test_acc', 'train_acc', 'loss'")
-    if x not in ("epoch", "step"):
-        raise ValueError(f"x {x!r} is not valid; valid: 'epoch', 'step'")
-    runs = _runs(results)
-    fig = go.Figure()
-    for label, h in runs:
-        snaps = h.epochs if (x == "epoch" or metric == "test_acc") else h.steps
-        pts = [(getattr(s, x), getattr(s, metric)) for s in snaps if getattr(s, metric) is not None]
-        name = label if h.status == "finished" else f"{label} [{h.status}]"
-        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=name))
-    ds = _dataset_label([h for _, h in runs])
-    fig.update_layout(title=_title(title or f"{_METRICS[metric]} per {x}", ds), xaxis_title=x,
-                      yaxis_title=_METRICS[metric], legend_title_text=ds, template="plotly_white")
-    return fig
-
-
-def bar_figure(results, metrics=("train_acc", "test_acc"), title: str | None = None):
-    """Grouped bars of the final ``metrics`` of each run; diverged runs are marked in the name."""
-    import plotly.graph_objects as go
-
-    runs = _runs(results)
-    bad = [m for m in metrics if m not in _METRICS]
-    if bad:
-        raise ValueError(f"metrics {bad} not valid; valid: {sorted(_METRICS)}")
-    names = [label if h.status == "finished" else f"{label} [{h.status}]" for label, h in runs]
-    fig = go.Figure()
-    for m in metrics:
-        vals = [Run(label, {}, h).row()[m] for label, h in runs]
-        fig.add_trace(go.Bar(x=names, y=vals, name=_METRICS[m],
-                             text=[None if v is None else f"{v:.3f}" for v in vals], textposition="outside"))
-    ds = _dataset_label([h for _, h in runs])
-    fig.update_layout(title=_title(title or "final " + " and ".join(_METRICS[m] for m in metrics), ds),
-                      barmode="group", legend_title_text=ds, template="plotly_white")
-    return fig
-
-
-def lr_sweep_figure(result: GridResult, metric: str = "test_acc", maxima: dict[str, MaxLR] | None = None,
-                    title: str | None = None):
-    """Final ``metric`` against lr (log axis), one line per model, on the same axes. Diverged
-    runs are drawn as ✕ at their last value (or at 0.1 if they have none); ``maxima`` (from
-    :func:`max_lr`) adds a dotted vertical line at each model's maximum lr."""
-    import plotly.graph_objects as go
-
-    table = result.table()
-    fig = go.Figure()
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
-    for i, (model, rows) in enumerate(table.groupby("model", sort=False)):
-        rows = rows.sort_values("lr")
-        color = colors[i % len(colors)]
-        ok = rows[~rows["status"].isin(_FAILED)]
-        fig.add_trace(go.Scatter(x=ok["lr"], y=ok[metric], mode="lines+markers", name=model,
-                                 line={"color": color}))
-        bad = rows[rows["status"].isin(_FAILED)]
-        if len(bad):
-            y = [0.1 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in bad[metric]]
-            fig.add_trace(go.Scatter(x=bad["lr"], y=y, mode="markers", name=f"{model}: diverged",
-                                     marker={"symbol": "x", "size": 12, "color": color}))
-        if maxima and model in maxima and maxima[model].lr is not None:
-            fig.add_vline(x=maxima[model].lr, line_dash="dot", line_color=color,
-                          annotation_text=f"max lr {model}: {maxima[model].lr:g}")
-    fig.update_layout(title=_title(title or f"final {_METRICS.get(metric, metric)} against learning rate",
-                                   result.dataset_label),
-                      xaxis_type="log", xaxis_title="learning rate (log scale)",
-                      yaxis_title=_METRICS.get(metric, metric), legend_title_text=result.dataset_label,
-                      template="plotly_white")
-    return fig
-
-
-def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", dataset_label: str = "",
-                log_x: bool = False, log_y: bool = False):
-    """A plotly-express line chart of a tidy table, titled with the data set."""
-    import plotly.express as px
-
-    if not dataset_label:
-        raise ValueError("dataset_label is required: every chart names its data set")
-    fig = px.line(df, x=x, y=y, color=color, markers=True, log_x=log_x, log_y=log_y)
-    fig.update_layout(title=_title(title, dataset_label), legend_title_text=f"{color or ''} ({dataset_label})",
-                      template="plotly_white")
-    return fig
-
-
-def landscape_figure(df, dataset_label: str):
-    """Two panels from :func:`landscape_during_training`: the loss range along the gradient and
-    the effective β-smoothness, against the training step, one line per model."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    if not dataset_label:
-        raise ValueError("dataset_label is required: every chart names its data set")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss range along the gradient (Lipschitzness)",
-                                                        "gradient change / step (β-smoothness)"))
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for i, (model, rows) in enumerate(df.groupby("model", sort=False)):
-        c = colors[i % len(colors)]
-        fig.add_trace(go.Scatter(x=rows["step"], y=rows["loss_range"], name=model, line={"color": c}), 1, 1)
-        fig.add_trace(go.Scatter(x=rows["step"], y=rows["beta"], name=model, line={"color": c},
-                                 showlegend=False), 1, 2)
-    fig.update_yaxes(type="log")
-    fig.update_xaxes(title_text="training step")
-    fig.update_layout(title=_title("Loss landscape along the gradient, with and without BN", dataset_label),
-                      legend_title_text=dataset_label, template="plotly_white")
-    return fig

@@ -1,4 +1,4 @@
-"""The experiment machinery of chapter 05 (bnviz.experiments) on tiny synthetic runs."""
+"""The experiment machinery of chapters 05-07 (bnviz.experiments, bnviz.figures) on tiny synthetic runs."""
 import math
 
 import pytest
@@ -7,6 +7,7 @@ from torch import nn
 
 from bnviz import Config, build_lenet, make_synthetic, preset
 from bnviz import experiments as ex
+from bnviz import figures as fg
 from bnviz.data import to_float
 
 
@@ -103,13 +104,16 @@ def test_max_lr_is_none_when_nothing_learned():
         ex.max_lr([{"model": "x", "lr": 1.0}])
 
 
-def test_max_lr_accepts_a_sweep_result(data):
-    res = ex.lr_sweep(base(), [0.3, 1.0], {"BN": preset("lenet-bn")}, data=data, progress=False)
+def test_max_lr_accepts_a_sweep_result_and_averages_seeds(data):
+    res = ex.lr_sweep(base(), [0.3, 1.0], {"BN": preset("lenet-bn")}, seeds=(0, 1), data=data, progress=False)
+    assert len(res) == 4 and sorted(r.tags["seed"] for r in res) == [0, 0, 1, 1]
     out = ex.max_lr(res, floor=0.0)
-    accs = {r.tags["lr"]: r.test_acc for r in res}
+    accs = {lr: sum(r.acc for r in res if r.tags["lr"] == lr) / 2 for lr in (0.3, 1.0)}
     best = max(accs.values())
-    assert out["BN"].best_acc == best
+    assert math.isclose(out["BN"].best_acc, best)
     assert out["BN"].lr == max(lr for lr, a in accs.items() if a >= best - 0.05)
+    summary = ex.sweep_summary(res)
+    assert list(summary["n"]) == [2, 2] and (summary["std"] >= 0).all()
 
 
 # ----------------------------------------------------------------------------- numeric checks
@@ -204,9 +208,17 @@ def test_deep_plain_sigmoid_net_has_vanishing_gradients_and_bn_fixes_it(data):
     assert list(plain) == [f"fc{i}" for i in range(1, 11)] + ["out"]
     assert plain["fc1"] / plain["out"] < 1e-4
     assert bn["fc1"] / bn["out"] > 1e-2
-    res = ex.run_grid(base(), {"deep BN": {}}, data=data, progress=False,
+    res = ex.run_grid(base(), {"deep BN": {}, "lenet": {}}, data=data, progress=False,
                       models={"deep BN": lambda: ex.deep_mlp(4, bn=True)})
-    assert res["deep BN"].status == "finished"
+    assert res["deep BN"].status == "finished" and res["lenet"].status == "finished"
+    res_plain = ex.grad_norms_at_init(ex.deep_mlp(10, bn=False, residual=True, seed=0), x, y)
+    assert list(res_plain) == list(plain)
+    assert res_plain["fc1"] / res_plain["out"] > 100 * plain["fc1"] / plain["out"]  # the skip path carries the gradient
+    # Each seed of a comparison gets its own initial weights, also for a custom model.
+    cmp = ex.compare(base(), {"deep": {}}, seeds=(0, 1), data=data, progress=False,
+                     models={"deep": lambda: ex.deep_mlp(3, bn=True)})
+    losses = [r.history.snapshots[0].loss for r in cmp.runs]
+    assert losses[0] != losses[1]
     with pytest.raises(ValueError, match="activation"):
         ex.deep_mlp(3, activation="swish")
 
@@ -214,21 +226,35 @@ def test_deep_plain_sigmoid_net_has_vanishing_gradients_and_bn_fixes_it(data):
 # ----------------------------------------------------------------------------- figures
 
 
-def test_figures_name_the_data_set(data):
-    res = ex.lr_sweep(base(), [0.5, 1.0], {"BN": preset("lenet-bn"), "no BN": preset("lenet")},
-                      data=data, progress=False)
-    figs = [ex.lr_sweep_figure(res, maxima=ex.max_lr(res, floor=0.0)), ex.curves_figure(res),
-            ex.curves_figure(res, metric="loss", x="step"), ex.bar_figure(res),
-            ex.line_figure(res.table(), "lr", "test_acc", color="model", dataset_label=res.dataset_label)]
+def test_figures_name_the_data_set_and_have_readable_axes(data):
+    res = ex.lr_sweep(base(), [0.5, 1.0, 500.0], {"BN": preset("lenet-bn"), "no BN": preset("lenet")},
+                      seeds=(0, 1), data=data, progress=False)
+    noise = ex.batch_stat_noise(build_lenet("lenet-bn"), data, batch_sizes=(2, 8, 32), population=256)
+    cmp = ex.compare(base(), {"BN": {}, "no BN": {"model": "lenet", "lr": 500.0}}, seeds=(0, 1), data=data,
+                     progress=False)
+    figs = [fg.lr_sweep_figure(res, maxima=ex.max_lr(res, floor=0.0)), fg.curves_figure(res),
+            fg.curves_figure(res, metric="loss", x="step"), fg.bar_figure(res), fg.comparison_figure(cmp),
+            fg.line_figure(noise, "batch_size", "mean_noise", dataset_label=res.dataset_label, log_x=True)]
     for f in figs:
         assert "SYNTHETIC" in f.layout.title.text
         assert "SYNTHETIC" in f.layout.legend.title.text
+        assert f.layout.yaxis.title.text and "_" not in f.layout.yaxis.title.text
+        assert f.layout.xaxis.title.text is None or "_" not in f.layout.xaxis.title.text
+    assert figs[-1].layout.xaxis.title.text.startswith("batch size")
+    for f in (figs[0], figs[1], figs[3], figs[4]):  # accuracy axes: fixed range up to 1
+        assert f.layout.yaxis.range[1] >= 1.0 and f.layout.yaxis.range[0] <= 0
+    # The lr 500 run without BN diverged: its marker sits on the 'diverged' row below 0, not at chance.
+    crosses = [t for t in figs[0].data if t.name == "no BN: diverged"]
+    assert crosses and all(y < 0 for y in crosses[0].y)
+    dead = [t for t in figs[4].data if t.name == "all seeds diverged"]
+    assert dead and all(y < 0 for y in dead[0].y)
     assert len(figs[0].data) >= 2  # one line per model on the same axes
-    assert {t.name for t in figs[1].data} == {r.label for r in res}
+    assert {t.name for t in figs[1].data} == {r.label + ("" if r.status == "finished" else f" [{r.status}]")
+                                             for r in res}
     with pytest.raises(ValueError, match="dataset_label"):
-        ex.line_figure(res.table(), "lr", "test_acc")
+        fg.line_figure(res.table(), "lr", "test_acc")
     with pytest.raises(ValueError, match="metric"):
-        ex.curves_figure(res, metric="accuracy")
+        fg.curves_figure(res, metric="accuracy")
 
 
 def test_status_table_reports_divergence(data):
@@ -236,3 +262,163 @@ def test_status_table_reports_divergence(data):
     t = ex.status_table(res)
     row = t.set_index("label").loc["too high"]
     assert row["status"] == "diverged" and "learning rate" in row["message"]
+
+
+# ----------------------------------------------------------------------------- seeds and verdicts
+
+
+def test_seed_stats_known_values():
+    s = ex.seed_stats([0.80, 0.82, 0.84, None, float("nan")])
+    assert s.n == 3 and s.failed == 2
+    assert math.isclose(s.mean, 0.82) and math.isclose(s.std, 0.02)  # sample std (ddof=1)
+    assert (s.min, s.max) == (0.80, 0.84)
+    assert ex.fmt_stats(s) == "0.820 ± 0.020 (0.800–0.840, 3 seeds), 2 diverged"
+    one = ex.seed_stats([0.5])
+    assert one.std == 0.0 and ex.seed_stats([]).n == 0
+
+
+def test_pooled_std_and_verdict_follow_their_definitions():
+    a = ex.seed_stats([0.80, 0.82, 0.84])  # std 0.02
+    b = ex.seed_stats([0.86, 0.90, 0.94])  # std 0.04
+    # pooled: sqrt((2*0.02^2 + 2*0.04^2) / 4) = sqrt(0.001) = 0.0316
+    assert math.isclose(ex.pooled_std(a, b), math.sqrt(0.001))
+    v = ex.verdict(a, b)
+    assert math.isclose(v["delta"], 0.08) and math.isclose(v["noise"], 2 * math.sqrt(0.001))
+    assert v["verdict"] == "better (Δ +0.080)"  # 0.08 > 0.063
+    assert ex.verdict(b, a)["verdict"] == "worse (Δ -0.080)"
+    c = ex.seed_stats([0.83, 0.85, 0.87])  # Δ 0.03 < 2 * 0.02
+    assert ex.verdict(a, c)["verdict"] == "within noise"
+    assert ex.verdict(a, a)["verdict"] == "within noise"  # Δ = 0 with no spread
+    # exactly at the threshold is not "within": |Δ| < 2 s_p is strict
+    d = ex.seed_stats([0.84, 0.86, 0.88])
+    assert ex.verdict(a, d)["verdict"].startswith("better")
+    failed = ex.seed_stats([0.9, None, None])
+    assert ex.verdict(a, failed)["verdict"].endswith("2 of 3 runs diverged")
+    assert "no comparison" in ex.verdict(a, ex.seed_stats([None, None]))["verdict"]
+
+
+def test_compare_runs_every_seed_and_reuses_included_runs(data):
+    floor = ex.compare(base(), {"base": {}}, seeds=(0, 1, 2), data=data, progress=False)
+    assert floor.reference == "base" and len(floor.runs) == 3
+    assert sorted(r.history.config.seed for r in floor.runs) == [0, 1, 2]
+    assert math.isclose(floor.noise_floor, ex.seed_stats(floor.values("base")).std)
+    cmp = ex.compare(base(), {"base": {}, "max pool": {"pool": "max"}}, data=data, include=floor, progress=False)
+    assert cmp.variants == ["base", "max pool"] and len(cmp.runs) == 6
+    assert [r.history for r in cmp.runs_of("base")] == [r.history for r in floor.runs]  # not rerun
+    assert all(r.history.config.model.pool == "max" for r in cmp.runs_of("max pool"))
+    t = cmp.table().set_index("variant")
+    m = cmp.stats("max pool")
+    assert math.isclose(t.loc["max pool", "mean"], m.mean) and t.loc["base", "verdict"] == "(reference)"
+    assert t.loc["max pool", "verdict"] == cmp.contrast("base", "max pool")["verdict"]
+    # The accuracy is the mean of the last 3 epochs, not the final epoch.
+    r = cmp.runs_of("max pool")[0]
+    assert r.acc == r.history.mean_test_acc(3)
+    with pytest.raises(ValueError, match="seeds"):
+        ex.compare(base(), {"x": {}}, seeds=(0, 1), data=data, include=floor, progress=False)
+
+
+def test_same_seed_same_run_so_reuse_is_honest(data):
+    a = ex.run_grid(base(), {"a": {}}, data=data, progress=False)["a"].history
+    b = ex.run_grid(base(), {"b": {}}, data=data, progress=False)["b"].history
+    assert [s.loss for s in a.snapshots] == pytest.approx([s.loss for s in b.snapshots], rel=1e-5)
+
+
+def test_summarize_groups_over_seeds(data):
+    res = ex.batch_size_grid(base(), {"BN": {"norm": "torch"}, "GN": {"norm": "group"}}, (32, 64),
+                             seeds=(0, 1), data=data, progress=False)
+    assert len(res) == 8
+    t = ex.summarize(res, ("norm", "batch_size"))
+    assert len(t) == 4 and (t["n"] + t["diverged"] == 2).all()
+    assert math.isclose(res["BN, bs 32 · seed 0"].history.config.lr, 0.5 * 32 / 64)
+    with pytest.raises(ValueError, match="tag"):
+        ex.summarize(res, ("colour",))
+
+
+def test_answer_table_checks_ids_and_chapters():
+    t = ex.answer_table({"q-max-lr": "BN: 3", "q-lr-compare": "x"}, chapter="05_optimisation.ipynb")
+    assert list(t["id"]) == ["q-max-lr", "q-lr-compare"] and "maximum" in t["question"].iloc[0]
+    with pytest.raises(ValueError, match="unknown"):
+        ex.answer_table({"q-nope": "x"})
+    with pytest.raises(ValueError, match="other chapters"):
+        ex.answer_table({"q-bias": "x"}, chapter="05_optimisation.ipynb")
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def test_run_with_probe_starts_at_step_zero(data):
+    torch.manual_seed(0)
+    cfg = base(label="probe")
+    h, rows = ex.run_with_probe(cfg, lambda model, snap: ex.weight_norms(model), data=data)
+    assert rows[0]["step"] == 0 and rows[0]["kind"] == "start"
+    from bnviz.models import init_weights
+    torch.manual_seed(cfg.seed)
+    fresh = init_weights(build_lenet(cfg.model), cfg.init)
+    assert rows[0]["conv1"] == pytest.approx(float(fresh.conv1.weight.detach().norm()), rel=1e-6)
+    assert rows[-1]["step"] == h.snapshots[-1].step
+    g = ex.weight_norm_growth(rows).set_index("layer")
+    assert list(g.index) == ["conv1", "conv2", "fc1", "fc2"]
+    assert math.isclose(g.loc["fc1", "growth ×"], rows[-1]["fc1"] / rows[0]["fc1"])
+
+    def broken(model, snap):
+        raise RuntimeError("probe bug")
+
+    with pytest.raises(RuntimeError, match="probe bug"):
+        ex.run_with_probe(cfg, broken, data=data)
+
+
+def test_layer_health_measures_saturation_and_ratios(data):
+    torch.manual_seed(0)
+    model = build_lenet("lenet")
+    x, y = to_float(data.train_x[:64]), data.train_y[:64]
+    rows = ex.layer_health(model, x, y, lr=0.5)
+    assert [r["layer"] for r in rows] == ["conv1", "conv2", "fc1", "fc2"]
+    for r in rows:
+        assert 0 <= r["saturated"] <= 1 and math.isclose(sum(r["hist"]), 1.0, rel_tol=1e-5)
+        assert math.isclose(r["update_data"], 0.5 * r["grad_data"])
+    # Saturation by hand for conv1: sigmoid outputs outside [0.05, 0.95].
+    a = torch.sigmoid(model.conv1(x)).flatten()
+    assert math.isclose(rows[0]["saturated"], float(((a < 0.05) | (a > 0.95)).float().mean()), abs_tol=1e-6)
+    # Scaling the weights up by 20 drives the sigmoids into saturation.
+    with torch.no_grad():
+        model.conv1.weight.mul_(20)
+    assert ex.layer_health(model, x, y, lr=0.5)[0]["saturated"] > rows[0]["saturated"]
+    df, hists = ex.health_during_training(base(), {"BN": "lenet-bn"}, data=data, probe_batch=32, progress=False)
+    assert set(df["step"]) >= {0} and set(df["layer"]) == {"conv1", "conv2", "fc1", "fc2"}
+    fg.saturation_figure(df, data.label)
+    fg.ratio_figure(df, data.label)
+
+
+def test_border_ink_and_dropout_variance_shift(data):
+    b = ex.border_ink(data, border=2)
+    assert 0 <= b["ink_share"] <= 1 and math.isclose(b["area_share"], 1 - (24 / 28) ** 2)
+    torch.manual_seed(0)
+    model = build_lenet(preset("lenet-bn", dropout=0.5))
+    x = to_float(data.train_x[:128])
+    model.train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(x)  # running statistics learned with dropout on
+    v = ex.dropout_variance_shift(model, x, layer="fc2")
+    assert v["train_over_eval"] > 1.05  # dropout (scaled by 1/(1-p)) adds variance in training
+    assert v["running_over_eval"] > 1.05
+    with pytest.raises(ValueError, match="no dropout"):
+        ex.dropout_variance_shift(build_lenet("lenet-bn"), x)
+
+
+def test_course_pick_has_a_cpu_size(monkeypatch):
+    from bnviz import course
+
+    monkeypatch.delenv("BNVIZ_FAST", raising=False)
+    monkeypatch.setenv("BNVIZ_SIZES", "cpu")
+    assert course.pick(10, 1) == 10 and course.pick(10, 1, cpu=4) == 4
+    monkeypatch.setenv("BNVIZ_SIZES", "gpu")
+    assert course.pick(10, 1, cpu=4) == 10
+    monkeypatch.setenv("BNVIZ_FAST", "1")
+    assert course.pick(10, 1, cpu=4) == 1 and course.sizes() == "fast"
+    assert ex.default_seeds() == (0, 1)
+    monkeypatch.delenv("BNVIZ_FAST")
+    assert ex.default_seeds(cuda=True) == (0, 1, 2, 3, 4) and ex.default_seeds(cuda=False) == (0, 1, 2)
+    monkeypatch.setenv("BNVIZ_SIZES", "tpu")
+    with pytest.raises(ValueError, match="BNVIZ_SIZES"):
+        course.sizes()

@@ -1,0 +1,307 @@
+"""Static figures of the experiment chapters (plotly), from :mod:`bnviz.experiments` results.
+
+Rules every figure here follows: its title names the data set (SYNTHETIC on the stand-in);
+axes have readable titles (never raw column names); accuracy axes run from 0 to 1; a run
+that diverged has no accuracy and is drawn on a separate "diverged" marker row below the
+axis, never at a made-up accuracy (which would sit on the chance line).
+"""
+from __future__ import annotations
+
+import math
+
+from .experiments import ACCURACY, Comparison, GridResult, MaxLR, Run, summarize, sweep_summary
+from .history import History
+
+__all__ = ["READABLE", "readable", "curves_figure", "bar_figure", "comparison_figure", "lr_sweep_figure",
+           "line_figure", "landscape_figure", "saturation_figure", "ratio_figure"]
+
+_FAILED = ("diverged", "error")
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+
+# Axis and legend titles for the columns the chapters plot.
+READABLE = {
+    "test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
+    "gap": "train − test accuracy", "acc": "test accuracy (mean of last 3 epochs)",
+    "mean": "test accuracy (mean of last 3 epochs)", "lr": "learning rate", "batch_size": "batch size",
+    "mean_noise": "noise of the batch mean (std over batches ÷ population std)",
+    "var_noise": "noise of the batch variance (std over batches ÷ population variance)",
+    "iid_mean_noise": "1/√m (independent values)", "step": "training step", "epoch": "epoch",
+    "layer": "layer", "grad_norm": "‖∂loss/∂W‖", "norm": "normalisation", "model": "model",
+    "network": "network", "weight_norm": "‖W‖", "update_data": "update ÷ data (lr·std(∇W)/std(W))",
+    "saturated": "fraction of saturated sigmoid outputs", "lr_label": "learning rate",
+}
+
+
+def readable(name: str) -> str:
+    """The axis title for a column name (the name itself, with _ as spaces, if unknown)."""
+    return READABLE.get(name, name.replace("_", " "))
+
+
+def _runs(results) -> list[tuple[str, History]]:
+    if isinstance(results, History):
+        results = [results]
+    if isinstance(results, Comparison):
+        results = results.runs
+    out = []
+    for r in results:
+        if isinstance(r, Run):
+            out.append((r.label, r.history))
+        elif isinstance(r, History):
+            out.append((r.label, r))
+        else:
+            raise TypeError(f"expected a GridResult, Runs or Histories, got {type(r).__name__}")
+    return out
+
+
+def _dataset_label(hists) -> str:
+    labels = sorted({h.dataset_label for h in hists if h.dataset_label})
+    return " / ".join(labels) or "data set unknown"
+
+
+def _title(text: str, dataset_label: str) -> dict:
+    return {"text": f"{text}<br><sup>data: {dataset_label}</sup>"}
+
+
+_METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
+            "gap": "train − test accuracy", "acc": "test accuracy (mean of last 3 epochs)"}
+_ACC_RANGE = [0, 1]
+
+
+def curves_figure(results, metric: str = "test_acc", x: str = "epoch", title: str | None = None):
+    """One line per run: ``metric`` ('test_acc', 'train_acc', 'loss') against 'epoch' (epoch
+    snapshots) or 'step' (step snapshots; test accuracy exists only per epoch). Accuracy
+    axes run from 0 to 1."""
+    import plotly.graph_objects as go
+
+    if metric not in ("test_acc", "train_acc", "loss"):
+        raise ValueError(f"metric {metric!r} is not valid; valid: 'test_acc', 'train_acc', 'loss'")
+    if x not in ("epoch", "step"):
+        raise ValueError(f"x {x!r} is not valid; valid: 'epoch', 'step'")
+    runs = _runs(results)
+    fig = go.Figure()
+    for label, h in runs:
+        snaps = h.epochs if (x == "epoch" or metric == "test_acc") else h.steps
+        pts = [(getattr(s, x), getattr(s, metric)) for s in snaps if getattr(s, metric) is not None]
+        name = label if h.status == "finished" else f"{label} [{h.status}]"
+        fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=name))
+    ds = _dataset_label([h for _, h in runs])
+    fig.update_layout(title=_title(title or f"{_METRICS[metric]} per {x}", ds), xaxis_title=readable(x),
+                      yaxis_title=_METRICS[metric], legend_title_text=ds, template="plotly_white")
+    if metric != "loss":
+        fig.update_yaxes(range=_ACC_RANGE)
+    return fig
+
+
+def bar_figure(results, metrics=("train_acc", "test_acc"), title: str | None = None):
+    """Grouped bars of the final ``metrics`` of each run (y axis 0–1, titled); runs that
+    diverged are named as such and get no bar."""
+    import plotly.graph_objects as go
+
+    runs = _runs(results)
+    bad = [m for m in metrics if m not in _METRICS or m == "loss"]
+    if bad:
+        raise ValueError(f"metrics {bad} not valid; valid: {sorted(set(_METRICS) - {'loss'})}")
+    names = [label if h.status == "finished" else f"{label} [{h.status}]" for label, h in runs]
+    fig = go.Figure()
+    for m in metrics:
+        vals = [Run(label, {}, h).row()[m] for label, h in runs]
+        fig.add_trace(go.Bar(x=names, y=vals, name=_METRICS[m],
+                             text=[None if v is None else f"{v:.3f}" for v in vals], textposition="outside"))
+    ds = _dataset_label([h for _, h in runs])
+    low = -0.2 if "gap" in metrics else 0
+    fig.update_layout(title=_title(title or "final " + " and ".join(_METRICS[m] for m in metrics), ds),
+                      barmode="group", legend_title_text=ds, template="plotly_white",
+                      yaxis_title="accuracy" if "gap" not in metrics else "accuracy / gap")
+    fig.update_yaxes(range=[low, 1.05])
+    return fig
+
+
+def comparison_figure(cmp: Comparison, title: str | None = None, chance: float = 0.1):
+    """One bar per variant: the mean over seeds of :data:`bnviz.experiments.ACCURACY`, an error
+    bar of ± one seed std, and each seed's value as a dot (so min–max shows). The y axis runs
+    from 0 to 1; the verdict against the reference is written under each bar; a variant whose
+    runs all diverged gets a ✕ on the 'diverged' row below the axis."""
+    import plotly.graph_objects as go
+
+    table = cmp.table()
+    fig = go.Figure()
+    names = [f"{v}<br><i>{'reference' if v == cmp.reference else verdict}</i>"
+             for v, verdict in zip(table["variant"], table["verdict"])]
+    fig.add_trace(go.Bar(x=names, y=table["mean"], name="mean over seeds",
+                         error_y={"type": "data", "array": table["std"].fillna(0), "visible": True},
+                         text=[None if math.isnan(m) else f"{m:.3f}" for m in table["mean"]],
+                         textposition="inside", marker_color="#9ecae1"))
+    xs, ys = [], []
+    for name, v in zip(names, table["variant"]):
+        for a in cmp.values(v):
+            if a is not None:
+                xs.append(name)
+                ys.append(a)
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="one seed", marker={"color": "#08306b", "size": 7}))
+    dead = [n for n, m in zip(names, table["mean"]) if math.isnan(m)]
+    if dead:
+        fig.add_trace(go.Scatter(x=dead, y=[-0.08] * len(dead), mode="markers", name="all seeds diverged",
+                                 marker={"symbol": "x", "size": 12, "color": "#d62728"}))
+    fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
+                  annotation_position="bottom right")
+    fig.update_layout(title=_title(title or "accuracy over seeds (bar: mean ± std; dots: seeds)", cmp.dataset_label),
+                      yaxis_title="test accuracy, mean of last 3 epochs", legend_title_text=cmp.dataset_label,
+                      template="plotly_white", bargap=0.4)
+    fig.update_yaxes(range=[-0.15 if dead else 0, 1], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    return fig
+
+
+def lr_sweep_figure(result: GridResult, maxima: dict[str, MaxLR] | None = None, title: str | None = None,
+                    chance: float = 0.1):
+    """Accuracy (:data:`bnviz.experiments.ACCURACY`, mean over seeds, error bars ± std) against
+    lr (log axis), one line per model, on the same axes (0–1). An lr where a run diverged is
+    marked with ✕ on a separate row labelled 'diverged' below the axis (with how many seeds
+    diverged); ``maxima`` (from :func:`~bnviz.experiments.max_lr`) adds a dotted vertical line at
+    each model's maximum lr."""
+    import plotly.graph_objects as go
+
+    table = sweep_summary(result)
+    fig = go.Figure()
+    row_y = -0.1
+    any_bad = False
+    for i, (model, rows) in enumerate(table.groupby("model", sort=False)):
+        rows = rows.sort_values("lr")
+        color = COLORS[i % len(COLORS)]
+        ok = rows[rows["n"] > 0]
+        fig.add_trace(go.Scatter(x=ok["lr"], y=ok["mean"], mode="lines+markers", name=model,
+                                 line={"color": color},
+                                 error_y={"type": "data", "array": ok["std"].fillna(0), "visible": True}))
+        bad = rows[rows["diverged"] > 0]
+        if len(bad):
+            any_bad = True
+            fig.add_trace(go.Scatter(x=bad["lr"], y=[row_y - 0.04 * i] * len(bad), mode="markers+text",
+                                     name=f"{model}: diverged", marker={"symbol": "x", "size": 11, "color": color},
+                                     text=[f"{d}/{d + n}" for d, n in zip(bad["diverged"], bad["n"])],
+                                     textposition="middle right", textfont={"size": 9, "color": color}))
+        if maxima and model in maxima and maxima[model].lr is not None:
+            fig.add_vline(x=maxima[model].lr, line_dash="dot", line_color=color,
+                          annotation_text=f"max lr {model}: {maxima[model].lr:g}")
+    fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
+                  annotation_position="top left")
+    if any_bad:
+        fig.add_annotation(xref="paper", x=0, y=row_y, text="diverged ✕ (seeds):", showarrow=False,
+                           xanchor="right", font={"size": 10})
+    fig.update_layout(title=_title(title or "accuracy against learning rate (mean ± std over seeds)",
+                                   result.dataset_label),
+                      xaxis_type="log", xaxis_title="learning rate (log scale)",
+                      yaxis_title="test accuracy, mean of last 3 epochs", legend_title_text=result.dataset_label,
+                      template="plotly_white", margin={"l": 140})
+    fig.update_yaxes(range=[-0.25 if any_bad else 0, 1], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    return fig
+
+
+def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", dataset_label: str = "",
+                log_x: bool = False, log_y: bool = False, x_title: str | None = None, y_title: str | None = None,
+                error_y: str | None = None):
+    """A line chart of a tidy table, titled with the data set, with readable axis and legend
+    titles (:data:`READABLE`, or ``x_title``/``y_title``); ``error_y`` names a column of error
+    bar sizes (e.g. 'std')."""
+    import plotly.express as px
+
+    if not dataset_label:
+        raise ValueError("dataset_label is required: every chart names its data set")
+    labels = {c: readable(c) for c in (x, y, color) if c}
+    if x_title:
+        labels[x] = x_title
+    if y_title:
+        labels[y] = y_title
+    fig = px.line(df, x=x, y=y, color=color, markers=True, log_x=log_x, log_y=log_y, labels=labels,
+                  error_y=error_y)
+    fig.update_layout(title=_title(title, dataset_label),
+                      legend_title_text=f"{labels.get(color, '') if color else ''} ({dataset_label})",
+                      xaxis_title=labels[x] + (" (log scale)" if log_x else ""),
+                      yaxis_title=labels[y] + (" (log scale)" if log_y else ""), template="plotly_white")
+    return fig
+
+
+def landscape_figure(df, dataset_label: str):
+    """Two panels from :func:`~bnviz.experiments.landscape_during_training`: the loss range along
+    the gradient and the effective β-smoothness, against the training step, one line per model."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not dataset_label:
+        raise ValueError("dataset_label is required: every chart names its data set")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss range along the gradient (Lipschitzness)",
+                                                        "gradient change / step (β-smoothness)"))
+    for i, (model, rows) in enumerate(df.groupby("model", sort=False)):
+        c = COLORS[i % len(COLORS)]
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows["loss_range"], name=model, line={"color": c}), 1, 1)
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows["beta"], name=model, line={"color": c},
+                                 showlegend=False), 1, 2)
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text="max − min of the loss (log scale)", row=1, col=1)
+    fig.update_yaxes(title_text="‖Δ∇L‖ / ‖η∇L‖ (log scale)", row=1, col=2)
+    fig.update_xaxes(title_text="training step")
+    fig.update_layout(title=_title("Loss landscape along the gradient, with and without BN", dataset_label),
+                      legend_title_text=dataset_label, template="plotly_white")
+    return fig
+
+
+def saturation_figure(df, dataset_label: str, steps: tuple[str, str] = ("start", "end")):
+    """Karpathy-style histograms of each layer's sigmoid outputs (from
+    :func:`~bnviz.experiments.health_during_training`): one row per model, one column per
+    layer; the first probe (step 0) and the last are overlaid. The title of each panel gives
+    the saturated fraction (outputs below 0.05 or above 0.95) at the end."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not dataset_label:
+        raise ValueError("dataset_label is required: every chart names its data set")
+    models = list(dict.fromkeys(df["model"]))
+    layers = list(dict.fromkeys(df["layer"]))
+    titles = []
+    for m in models:
+        for lay in layers:
+            d = df[(df.model == m) & (df.layer == lay)]
+            titles.append(f"{m}: {lay}<br>saturated {d.iloc[0]['saturated']:.0%} → {d.iloc[-1]['saturated']:.0%}")
+    fig = make_subplots(rows=len(models), cols=len(layers), subplot_titles=titles, shared_yaxes=True,
+                        vertical_spacing=0.2)
+    for r, m in enumerate(models, 1):
+        for c, lay in enumerate(layers, 1):
+            d = df[(df.model == m) & (df.layer == lay)]
+            for which, row, color in (("step 0", d.iloc[0], "#aaaaaa"), (f"step {d.iloc[-1]['step']}", d.iloc[-1], "#d62728")):
+                edges = row["hist_edges"]
+                mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+                fig.add_trace(go.Bar(x=mids, y=row["hist"], name=which, marker_color=color, opacity=0.6,
+                                     showlegend=(r == 1 and c == 1)), r, c)
+    fig.update_layout(barmode="overlay", template="plotly_white", height=300 * len(models) + 120,
+                      title=_title("Sigmoid outputs per layer: at step 0 (grey) and at the end (red)", dataset_label),
+                      legend_title_text=dataset_label)
+    fig.update_xaxes(title_text="sigmoid output", range=[0, 1])
+    fig.update_yaxes(title_text="share of outputs", col=1)
+    for ann in fig.layout.annotations:
+        ann.font.size = 10
+    return fig
+
+
+def ratio_figure(df, dataset_label: str, y: str = "update_data"):
+    """log10 of the update-to-data ratio (or ``y='grad_data'``) of each layer against the
+    training step, one panel per model, one line per layer (from
+    :func:`~bnviz.experiments.health_during_training`); a dotted line at 1e-3."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    if not dataset_label:
+        raise ValueError("dataset_label is required: every chart names its data set")
+    models = list(dict.fromkeys(df["model"]))
+    fig = make_subplots(rows=1, cols=len(models), subplot_titles=models, shared_yaxes=True)
+    for c, m in enumerate(models, 1):
+        d = df[df.model == m]
+        for i, (lay, rows) in enumerate(d.groupby("layer", sort=False)):
+            vals = [math.log10(v) if v > 0 else None for v in rows[y]]
+            fig.add_trace(go.Scatter(x=rows["step"], y=vals, name=lay, line={"color": COLORS[i % len(COLORS)]},
+                                     showlegend=(c == 1)), 1, c)
+        fig.add_hline(y=-3, line_dash="dot", line_color="gray", col=c, row=1)
+    what = "lr·std(∇W) / std(W)" if y == "update_data" else "std(∇W) / std(W)"
+    fig.update_yaxes(title_text=f"log10 {what}", col=1)
+    fig.update_xaxes(title_text="training step")
+    fig.update_layout(title=_title(f"{'Update' if y == 'update_data' else 'Gradient'}-to-data ratio per layer "
+                                   "(dotted: 1e-3)", dataset_label),
+                      legend_title_text=f"layer ({dataset_label})", template="plotly_white")
+    return fig
