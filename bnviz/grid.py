@@ -1,0 +1,441 @@
+"""Train K runs at once on one device: ``train_grid(configs) -> [History]``.
+
+A grid (several seeds, learning rates, inits...) of LeNets is K small, independent training
+runs. Here the K models' parameters and buffers are stacked (``torch.func.stack_module_state``)
+and one ``torch.vmap``'d ``functional_call`` runs all of them: vmap turns each convolution into
+one grouped convolution and each linear layer into one batched matmul, so K models cost about
+one kernel launch per op. Each model still gets its own batch, gathered from its own
+permutation (an index tensor of shape (K, B)); the loss is the sum of the K mean losses (the
+models share nothing, so each one's gradients are exactly its own); plain SGD uses a
+per-model lr (and weight decay) vector.
+
+Conventions:
+
+* **Same numbers as solo.** Each History equals ``Trainer(cfg, data).fit()`` with
+  ``fast='eager'`` up to float rounding (a grouped convolution sums in another order than a
+  single one): same seeding (``torch.manual_seed(seed)`` before building the model, a
+  ``torch.Generator(device).manual_seed(seed)`` for the batch order), the same batches and
+  drop rule, the same snapshots (kinds, steps, epochs, examples), losses, accuracies, test
+  accuracies, per-layer γ/β/running statistics and batch_mean/batch_var (the statistics of
+  each norm layer's input in the last training batch, recorded at every step as the trainer
+  does), status and message (a diverged run gets ``diagnose``'s message and
+  is frozen, lr 0, while the others go on; a run that ends at chance gets the same note).
+* **Grouping.** Runs share one vmap when :func:`group_key` agrees: model spec, batch size,
+  epochs, drop_last, data set and sizes, device, snapshot_every, bn_momentum, eps and whether
+  the step is captured. lr, seed, weight_decay, init, divergence_factor and label may differ.
+* **Where.** By default groups are vmapped on CUDA only (``train_grid(vectorize=...)``): on a
+  CPU the vmapped grid was measured slower than the same runs one after another.
+* **Solo runs.** What vmap cannot reproduce runs alone with the normal
+  :class:`~bnviz.train.Trainer`, one after another (:func:`solo_reason` says why): dropout
+  (vmap draws other random masks), the d2l-book norm (its moving statistics are plain
+  attributes, not stackable buffers), ``nn.BatchNorm`` with ``bn_momentum=None`` (it reads
+  ``num_batches_tracked`` on the host), and a group of one.
+* **Times.** ``train_time_s``/``wall_time_s``/``setup_time_s`` and each snapshot's ``time_s``
+  are the group's (K runs trained in that time); ``examples_per_s`` counts one run's examples.
+* **CUDA.** The vmapped step is captured as one CUDA graph per batch size
+  (:class:`bnviz.fastpath.CapturedStep`) unless every config says ``fast='eager'``; on any
+  failure the group goes on eagerly with a note in each History's ``message``. The grid never
+  compiles. Metric sums stay on the device: one host copy per snapshot for the whole group.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state
+
+from . import fastpath
+from .callbacks import BATCH_ONE, CancelFit, Divergence, diagnose
+from .config import Config, resolve_dataset
+from .data import Dataset, resolve_device, to_float
+from .history import History, LayerStats, Snapshot
+from .models import build_lenet, init_weights, norm_layers
+from .stats import num_channels
+from .train import Trainer, _cached_dataset
+
+__all__ = ["train_grid", "group_key", "solo_reason"]
+
+DROP_NOTE = "The last batch of each epoch (1 example) is dropped: BN cannot normalise a batch of one."
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def solo_reason(config: Config) -> str | None:
+    """Why ``config`` cannot share a vmapped group (None: it can)."""
+    m = config.model
+    if m.dropout:
+        return f"dropout {m.dropout:g}: vmap would draw other random masks than the solo run"
+    if m.uses_norm and m.norm == "d2l":
+        return "the d2l-book norm keeps its moving statistics as plain attributes (not stackable buffers)"
+    if m.uses_norm and m.norm == "torch" and config.bn_momentum is None:
+        return "nn.BatchNorm with bn_momentum=None reads num_batches_tracked on the host"
+    return None
+
+
+def _captures(config: Config, device: torch.device) -> bool:
+    return device.type == "cuda" and config.fast != "eager"
+
+
+def group_key(config: Config, device: torch.device) -> tuple:
+    """Runs with equal keys (on the same data) train in one vmapped group."""
+    c = config
+    return (c.model, c.batch_size, c.epochs, c.drop_last, resolve_dataset(c.dataset), c.train_size,
+            c.test_size, str(device), c.snapshot_every, c.bn_momentum, c.eps, _captures(c, device))
+
+
+def _check(configs, data, progress) -> list[Config]:
+    valid = "a non-empty list of bnviz Config objects, e.g. [Config(lr=0.1), Config(lr=1.0)]"
+    if isinstance(configs, (str, bytes, Config)) or not hasattr(configs, "__iter__"):
+        raise ValueError(f"configs={configs!r} is not valid; valid: {valid}")
+    configs = list(configs)
+    if not configs:
+        raise ValueError(f"configs is empty; valid: {valid}")
+    for i, c in enumerate(configs):
+        if not isinstance(c, Config):
+            raise ValueError(f"configs[{i}] is a {type(c).__name__} ({c!r}); valid: {valid}")
+        if c.epochs is None:
+            raise ValueError(f"configs[{i}].epochs=None (until stopped) is not valid in a grid; "
+                             "valid: a positive integer")
+        spec = c.model
+        if c.batch_size == 1 and spec.is_batch_norm and any(n.startswith("fc") for n in spec.norm_layers):
+            raise ValueError(f"configs[{i}]: " + BATCH_ONE.format(bs=1))
+    if data is not None and not isinstance(data, Dataset):
+        raise ValueError(f"data must be a bnviz Dataset or None, got {type(data).__name__}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress={progress!r} is not valid; valid: True or False")
+    return configs
+
+
+def train_grid(configs: list[Config], data: Dataset | None = None, progress: bool = True,
+               vectorize: bool | None = None) -> list[History]:
+    """Train every config and return their Histories in the order of ``configs``.
+
+    Runs that agree on :func:`group_key` train at once (one vmapped model, see the module
+    docstring); the others (:func:`solo_reason`, or alone in their group) train one after
+    another with :class:`~bnviz.train.Trainer`. ``data``: one data set for every run (else each
+    config's own, as ``Trainer`` loads it). ``progress``: one tqdm bar over all runs' epochs.
+    ``vectorize``: True: vmap groups on any device; False: every run alone; None (default):
+    vmap on CUDA only (on the 2-core CPU of benchmarks/grid_speed.py the vmapped grid was
+    measured at about 0.6x the speed of the same runs one after another: a CPU is busy computing,
+    not launching kernels, and vmap's grouped ops cost more per model there).
+    Raises ValueError for bad input (before anything trains) and whatever a run raises.
+    """
+    configs = _check(configs, data, progress)
+    if not (vectorize is None or isinstance(vectorize, bool)):
+        raise ValueError(f"vectorize={vectorize!r} is not valid; valid: None (vmap on CUDA only), True, False")
+    devices = [data.device if data is not None else resolve_device(c.device) for c in configs]
+    groups: dict[tuple, list[int]] = {}
+    for i, (c, dev) in enumerate(zip(configs, devices)):
+        vmap = vectorize if vectorize is not None else dev.type == "cuda"
+        key = ("solo", i) if solo_reason(c) or not vmap else group_key(c, dev)
+        groups.setdefault(key, []).append(i)
+    bar = _Bar(sum(c.epochs for c in configs), len(configs)) if progress else None
+    results: list[History | None] = [None] * len(configs)
+    try:
+        for members in groups.values():
+            cfgs = [configs[i] for i in members]
+            if len(members) == 1:
+                hists = [Trainer(cfgs[0], data=data, callbacks=[bar] if bar else []).fit()]
+            else:
+                ds = data if data is not None else _cached_dataset(cfgs[0], devices[members[0]])
+                hists = _Group(cfgs, ds, bar).fit()
+            for i, h in zip(members, hists):
+                results[i] = h
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+class _Bar:
+    """One tqdm bar over the epochs of all runs (a group's epoch counts K); also a Trainer
+    callback for the solo runs."""
+
+    def __init__(self, total: int, runs: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=f"grid of {runs} runs", unit="epoch", leave=True)
+
+    def on_snapshot(self, trainer, s) -> None:
+        if s.kind == "epoch":
+            self.update(1, s.test_acc)
+
+    def update(self, n: int, test_acc: float | None = None) -> None:
+        self.bar.update(n)
+        if test_acc is not None:
+            self.bar.set_postfix(test=f"{test_acc:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ----------------------------------------------------------------------------- one group
+
+
+class _Group:
+    """K runs with one :func:`group_key`, trained as one vmapped model. ``fit()`` mirrors
+    ``Trainer.fit``; ``step(idx)`` mirrors ``Trainer.step`` for all K models at once."""
+
+    def __init__(self, configs: list[Config], data: Dataset, bar: _Bar | None):
+        self.configs, self.data, self.bar = configs, data, bar
+        self.cfg, self.K, self.device = configs[0], len(configs), data.device
+        self.histories = [History(config=c) for c in configs]
+        self.active = [True] * self.K
+        self.captured: fastpath.CapturedStep | None = None
+        self.step_count = self.epoch = self.examples = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        """K models built exactly as ``Trainer._build_model`` builds each, then stacked."""
+        models = []
+        for c in self.configs:
+            torch.manual_seed(c.seed)
+            model = init_weights(build_lenet(c.model), c.init).to(self.device)
+            for m in norm_layers(model).values():
+                if hasattr(m, "momentum"):
+                    m.momentum = c.bn_momentum
+                if hasattr(m, "eps"):
+                    m.eps = c.eps
+            models.append(model)
+        self.params, self.buffers = stack_module_state(models)
+        self.plist = list(self.params.values())
+        self.skeleton = copy.deepcopy(models[0]).to("meta").train()
+        self.norm_paths = {short: f"norm_{short}" for short in norm_layers(self.skeleton)}
+        self.channels = {s: num_channels(self.skeleton.get_submodule(p)) for s, p in self.norm_paths.items()}
+        self._recorded: dict[str, tuple] = {}
+        for short, path in self.norm_paths.items():
+            self.skeleton.get_submodule(path).register_forward_pre_hook(self._record_hook(short))
+        dev, K = self.device, self.K
+        self.batch_stats = {s: (torch.zeros(K, c, device=dev), torch.zeros(K, c, device=dev))
+                            for s, c in self.channels.items()}
+        self.lr = torch.tensor([float(c.lr) for c in self.configs], device=dev)
+        self.wd = torch.tensor([float(c.weight_decay) for c in self.configs], device=dev)
+        self.any_wd = any(c.weight_decay for c in self.configs)
+        self.gens = [torch.Generator(device=dev).manual_seed(c.seed) for c in self.configs]
+        self.sums = torch.zeros(6, K, device=dev)  # loss, correct, n: since snapshot | epoch; per run
+        self.train_fn = torch.vmap(self._loss)
+        self.predict_fn = torch.vmap(self._predict, in_dims=(0, 0, None))
+
+    def _record_hook(self, short: str):
+        def hook(module, inputs):  # as BatchStatsRecorder: input statistics of the norm layer
+            if module.training:
+                x = inputs[0].detach()
+                var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
+                self._recorded[short] = (mean, var)
+        return hook
+
+    def _setup(self) -> None:
+        cfg, n = self.cfg, len(self.data.train_x)
+        self._build()
+        self.drop = cfg.drop_last or (cfg.batch_size > 1 and n % cfg.batch_size == 1)
+        notes = [DROP_NOTE] if self.drop and not cfg.drop_last else []
+        if any(c.fast in ("compile", "graph+compile") for c in self.configs):
+            notes.append("train_grid does not compile: the grid's step runs vmapped, captured on CUDA.")
+        if _captures(cfg, self.device):
+            notes.append(self._capture())
+        for h in self.histories:
+            h.dataset_label, h.device = self.data.label, str(self.device)
+            h.message = _join(h.message, *notes)
+
+    def _capture(self) -> str:
+        """Capture the step per batch size (state restored); on failure go on eagerly."""
+        sizes = [min(self.cfg.batch_size, len(self.data.train_x))]
+        rest = len(self.data.train_x) % self.cfg.batch_size
+        if rest and len(self.data.train_x) > self.cfg.batch_size and not self.drop:
+            sizes.append(rest)
+        sample = torch.arange(max(sizes), device=self.device)[:, None].expand(-1, self.K).contiguous()
+        saved = [t.detach().clone() for t in self._state()]
+        try:
+            self.captured = fastpath.CapturedStep(self.step, self._state, self.device)
+            self.captured.capture(sizes, sample)
+            return ""
+        except Exception as err:
+            with torch.no_grad():
+                for t, v in zip(self._state(), saved):
+                    t.copy_(v)
+            self.captured = None
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            return f"The grid's CUDA graph failed ({type(err).__name__}: {reason}); the grid runs eagerly."
+
+    def _state(self) -> list[torch.Tensor]:
+        return self.plist + list(self.buffers.values()) + [self.sums] + \
+            [t for pair in self.batch_stats.values() for t in pair]
+
+    # ------------------------------------------------------------------ the step
+    def _loss(self, params, buffers, x, y):
+        """One model's mean cross-entropy, correct count and recorded batch statistics (vmapped)."""
+        self._recorded = {}
+        out = functional_call(self.skeleton, (params, buffers), (x,))
+        stats = tuple(t for s in self.norm_paths for t in self._recorded[s])
+        return (F.cross_entropy(out, y), (out.detach().argmax(1) == y).sum()) + stats
+
+    def _predict(self, params, buffers, x):
+        return functional_call(self.skeleton, (params, buffers), (x,))
+
+    def step(self, idx_t: torch.Tensor) -> None:
+        """One SGD step of all K models; ``idx_t`` (B, K): column k is model k's batch
+        (transposed so that ``len(idx_t)`` is the batch size, as CapturedStep keys its graphs)."""
+        idx = idx_t.t()
+        x, y = to_float(self.data.train_x[idx]), self.data.train_y[idx]
+        n = idx.shape[1]
+        loss, correct, *stats = self.train_fn(self.params, self.buffers, x, y)
+        grads = torch.autograd.grad(loss.sum(), self.plist)
+        with torch.no_grad():
+            for p, g in zip(self.plist, grads):
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                if self.any_wd:  # as torch.optim.SGD: g + wd * p only where wd != 0
+                    g = torch.where(self.wd.view(shape) != 0, g + self.wd.view(shape) * p, g)
+                p.sub_(self.lr.view(shape) * g)
+            ld = loss.detach() * n
+            self.sums.view(2, 3, self.K).add_(torch.stack([ld, correct.float(), torch.full_like(ld, n)]))
+            for (mean_buf, var_buf), mean, var in zip(self.batch_stats.values(), stats[0::2], stats[1::2]):
+                mean_buf.copy_(mean)
+                var_buf.copy_(var)
+
+    @torch.no_grad()
+    def _evaluate(self) -> torch.Tensor:
+        """Test accuracy of each model in eval mode (running statistics): (K,) on the device."""
+        x, y = self.data.test_x, self.data.test_y
+        chunk = max(1, 10000 // self.K)
+        correct = torch.zeros(self.K, dtype=torch.long, device=self.device)
+        self.skeleton.eval()
+        for s in range(0, len(x), chunk):
+            out = self.predict_fn(self.params, self.buffers, to_float(x[s:s + chunk]))
+            correct += (out.argmax(-1) == y[s:s + chunk]).sum(1)
+        self.skeleton.train()
+        return correct.float() / max(len(x), 1)
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> list[History]:
+        t0 = time.perf_counter()
+        for h in self.histories:
+            h.status = "running"
+        try:
+            self._setup()
+            setup = time.perf_counter() - t0
+            self._loop()
+        except Exception as err:
+            for h in self.histories:
+                if h.status == "running":
+                    h.status, h.message = "error", _join(f"{type(err).__name__}: {err}", h.message)
+            raise
+        finally:
+            for h in self.histories:
+                h.wall_time_s = time.perf_counter() - t0
+        for h, c in zip(self.histories, self.configs):
+            h.setup_time_s, h.train_time_s = setup, self._train_time
+            if h.status != "running":
+                continue
+            h.status = "finished"
+            acc = h.final_train_acc
+            if acc is not None and acc < 0.15 and self.step_count >= 50:
+                h.message = _join(diagnose(f"Training finished but the training accuracy is {acc:.3f}, "
+                                           "about chance (0.1): the network did not learn.", c, stuck=True),
+                                  h.message)
+        return self.histories
+
+    def _loop(self) -> None:
+        cfg, n = self.cfg, len(self.data.train_x)
+        self.divergence = [Divergence(c.divergence_factor) for c in self.configs]
+        self._t0 = self._t_mark = time.perf_counter()
+        self._ex_mark, self._train_time, self._since_snapshot = 0, 0.0, 0
+        stop = n - n % cfg.batch_size if self.drop else n
+        for self.epoch in range(1, cfg.epochs + 1):
+            orders = torch.stack([torch.randperm(n, device=self.device, generator=g) for g in self.gens])
+            for start in range(0, stop, cfg.batch_size):
+                idx_t = orders[:, start:start + cfg.batch_size].t()
+                due = (self.step_count + 1) % cfg.snapshot_every == 0
+                (self.captured or self.step)(idx_t)
+                self.step_count += 1
+                self.examples += idx_t.shape[0]
+                self._since_snapshot += 1
+                if due:
+                    self._snapshot("step")
+            if self._since_snapshot:
+                self._snapshot("step")
+            self._snapshot("epoch")
+            if self.bar is not None:
+                self.bar.update(self.K)
+            if not any(self.active):
+                break
+
+    # ------------------------------------------------------------------ snapshots
+    def _snapshot(self, kind: str) -> None:
+        """Read every run's sums, test accuracy and layer statistics in one host copy."""
+        t_eval = time.perf_counter()
+        cols = [self.sums.t()]  # (K, 6)
+        if kind == "epoch":
+            cols.append(self._evaluate()[:, None])
+        layers = {s: self._layer_state(s) for s in self.norm_paths}
+        for st in layers.values():
+            cols.extend(t.float().reshape(self.K, -1) for t in st.values() if t is not None)
+        rows = torch.cat(cols, dim=1).tolist()  # the one host copy
+        now = time.perf_counter()
+        if kind == "step":
+            self.sums[:3].zero_()
+            self._since_snapshot = 0
+            dt = now - self._t_mark
+            rate = (self.examples - self._ex_mark) / dt if dt > 0 else 0.0
+            self._train_time += dt
+            self._t_mark, self._ex_mark = now, self.examples
+        else:
+            self.sums[3:].zero_()
+            self._t_mark += time.perf_counter() - t_eval  # evaluation is not training time
+        for k, row in enumerate(rows):
+            if self.active[k]:
+                self._add_snapshot(k, kind, row, layers, now, rate if kind == "step" else None)
+
+    def _layer_state(self, short: str) -> dict[str, torch.Tensor | None]:
+        """Stacked (K, C) per-channel tensors, as :func:`bnviz.stats.layer_state` per model."""
+        path, c = self.norm_paths[short], self.channels[short]
+        per_channel = lambda t: None if t is None else t.detach().reshape(self.K, c, -1).mean(2)  # noqa: E731
+        st = {"gamma": per_channel(self.params.get(f"{path}.weight")),
+              "beta": per_channel(self.params.get(f"{path}.bias")),
+              "running_mean": per_channel(self.buffers.get(f"{path}.running_mean")),
+              "running_var": per_channel(self.buffers.get(f"{path}.running_var"))}
+        st["batch_mean"], st["batch_var"] = self.batch_stats[short]
+        return st
+
+    def _add_snapshot(self, k: int, kind: str, row: list[float], layers: dict, now: float,
+                      rate: float | None) -> None:
+        h, c = self.histories[k], self.configs[k]
+        loss_sum, correct, n = row[3:6] if kind == "epoch" else row[0:3]
+        pos, test_acc = (7, row[6]) if kind == "epoch" else (6, None)
+        stats = {}
+        for name, st in layers.items():
+            vals = {}
+            for key, t in st.items():
+                width = t.numel() // self.K if t is not None else 0
+                vals[key], pos = row[pos:pos + width], pos + width
+            stats[name] = LayerStats(**vals)
+        if rate is None:
+            rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
+        s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
+                     time_s=now - self._t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
+                     test_acc=test_acc, examples_per_s=rate, lr=c.lr, bn_momentum=c.bn_momentum,
+                     eps=c.eps, batch_size=c.batch_size, layers=stats)
+        h.snapshots.append(s)
+        try:
+            self.divergence[k].on_snapshot(_Current(c), s)
+        except CancelFit as end:  # freeze the run: lr 0, no more snapshots
+            h.status, h.message = end.status, _join(end.message, h.message)
+            self.active[k] = False
+            self.lr[k] = 0.0
+            self.wd[k] = 0.0
+
+
+class _Current:
+    """What :class:`~bnviz.callbacks.Divergence` asks of a trainer: the config in use."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def current_config(self) -> Config:
+        return self.config
+
+
+def _join(*texts: str) -> str:
+    return " ".join(t.strip() for t in texts if t and t.strip())
