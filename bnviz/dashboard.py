@@ -242,8 +242,8 @@ class Lab:
             length = "until you press Stop" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
             self.say(f"Run {trainer.history.run_id} started ({length}, pace: {self._pace_text(cfg.epochs)}): "
                      f"{cfg.describe()}.", "info")
-            self.draw(force=True)
             trainer.start()
+            self.draw(force=True)  # the new run's (empty) slot and its status line
             return trainer.history
 
     def _stop_and_join(self) -> bool:

@@ -128,7 +128,7 @@ class LabControls:
                                         description="BN momentum", readout_format=".2f",
                                         continuous_update=False, disabled=mom is None, **kw)
         self.w_cumulative = W.Checkbox(value=mom is None, description="cumulative (momentum=None)",
-                                       indent=False, layout=W.Layout(width="208px", margin="0 0 0 122px"))
+                                       indent=False, layout=W.Layout(width="auto", margin="0 0 0 122px"))
         self.w_eps = W.FloatLogSlider(value=s["eps"], base=10, min=-8, max=0, step=0.25,
                                       description="BN eps", readout_format=".1e",
                                       continuous_update=False, **kw)
@@ -145,7 +145,7 @@ class LabControls:
         self.w_epochs = W.IntSlider(value=3 if until else s["epochs"], min=1, max=MAX_EPOCHS, description="epochs",
                                     continuous_update=False, disabled=until, **kw)
         self.w_until = W.Checkbox(value=until, description="until stopped (Stop ends it)", indent=False,
-                                  layout=W.Layout(width="208px", margin="0 0 0 122px"))
+                                  layout=W.Layout(width="auto", margin="0 0 0 122px"))
         self.w_device = W.Dropdown(options=devices(s["device"]), value=s["device"], description="device", **kw)
         # a plain integer box: a bad seed (negative, too large) gets a message instead of a silent clamp
         self.w_seed = W.IntText(value=s["seed"], description="seed", **kw)

@@ -44,13 +44,26 @@ def run_threads():
 
 
 @pytest.fixture
-def lab():
-    lab = Lab(**SMALL)
-    yield lab
-    if lab.trainer is not None:
-        lab.trainer.stop()
-        lab.wait(60)
-        assert not lab.running
+def make_lab():
+    """``make_lab(**settings)``: a Lab whose run is stopped at teardown, also when a test fails."""
+    labs = []
+
+    def make(watchable_s=None, **changes):
+        extra = {} if watchable_s is None else {"watchable_s": watchable_s}
+        labs.append(Lab(**{**SMALL, **changes}, **extra))
+        return labs[-1]
+
+    yield make
+    for lab in labs:
+        if lab.trainer is not None:
+            lab.trainer.stop()
+            lab.wait(60)
+            assert not lab.running
+
+
+@pytest.fixture
+def lab(make_lab):
+    return make_lab()
 
 
 def current_traces(lab):
@@ -297,7 +310,7 @@ def test_bad_text_input_gets_a_message_and_the_lab_keeps_working(lab, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_watchable_pace_stretches_a_short_run(lab):
+def test_watchable_pace_stretches_a_short_run(lab, make_lab):
     """At the watchable pace a run lasts about ``watchable_s`` however fast the device is (the host
     pauses before steps); as fast as possible it does not pause."""
     fast = lab.run_clicked()
@@ -305,7 +318,7 @@ def test_watchable_pace_stretches_a_short_run(lab):
     assert fast.status == "finished" and lab.pacer.slept_s == 0
     # 4 steps of 128 examples, 512 examples per 8 s: the 4th step starts 6 s after the 1st (a step
     # takes well under a second even on a busy 2-core CPU, so the pauses make most of it)
-    paced_lab = Lab(**{**SMALL, "pace": "watchable", "batch_size": 128}, watchable_s=8.0)
+    paced_lab = make_lab(pace="watchable", batch_size=128, watchable_s=8.0)
     assert paced_lab.w_pace.value == "watchable"
     t0 = time.perf_counter()
     h = paced_lab.run_clicked()
@@ -315,7 +328,8 @@ def test_watchable_pace_stretches_a_short_run(lab):
     assert len(h.steps) == 4
     assert wall >= 5.9 and h.wall_time_s >= 5.9, (wall, h.wall_time_s)
     assert paced_lab.pacer.slept_s >= 2.0, paced_lab.pacer.slept_s  # the pauses made the difference
-    assert wall < 8.0 * 1.5 + 3.0, f"the watchable pace took {wall:.1f} s for an 8-s run"
+    trained = h.wall_time_s - h.setup_time_s  # (on CUDA the setup compiles and captures the step)
+    assert trained < 8.0 * 1.5 + 3.0, f"the watchable pace took {trained:.1f} s for an 8-s run"
 
 
 def test_pacer_rate_and_until_stopped_rate():
@@ -331,21 +345,21 @@ def test_pacer_rate_and_until_stopped_rate():
     assert Pacer("watchable", 20.0).rate(Fake) == 60000 * 2 / 20.0  # until stopped: 2 epochs per 20 s
 
 
-def test_stop_interrupts_a_watchable_pause():
-    lab = Lab(**{**SMALL, "pace": "watchable"}, watchable_s=80.0)  # 10 s between steps
+def test_stop_interrupts_a_watchable_pause(make_lab):
+    lab = make_lab(pace="watchable", watchable_s=80.0)  # 10 s between steps
     h = lab.run_clicked()
     until(lambda: len(h.steps) >= 1, what="the first snapshot")
     time.sleep(0.3)  # well inside the pause before step 2
     t0 = time.perf_counter()
     lab.stop_clicked()
     lab.wait(30)
-    assert time.perf_counter() - t0 < 3.0  # not the rest of a 10-s pause
+    assert time.perf_counter() - t0 < 5.0  # not the rest of a 10-s pause
     assert h.status == "stopped" and "Stopped by the user" in h.message
     assert lab.message_level == "warning" and "Stopped by the user" in lab.message_text
 
 
-def test_pace_can_change_during_a_run():
-    lab = Lab(**{**SMALL, "pace": "watchable", "epochs": 2}, watchable_s=120.0)
+def test_pace_can_change_during_a_run(make_lab):
+    lab = make_lab(pace="watchable", epochs=2, watchable_s=120.0)
     h = lab.run_clicked()
     until(lambda: len(h.steps) >= 1, what="the first snapshot")
     assert "watchable pace" in lab.status_text
