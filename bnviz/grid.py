@@ -24,7 +24,9 @@ Conventions:
   epochs, drop_last, data set and sizes, device, snapshot_every, bn_momentum, eps and whether
   the step is captured. lr, seed, weight_decay, init, divergence_factor and label may differ.
 * **Where.** By default groups are vmapped on CUDA only (``train_grid(vectorize=...)``): on a
-  CPU the vmapped grid was measured slower than the same runs one after another.
+  CPU the vmapped grid was measured slower (0.59x) than the same runs one after another, so
+  there the runs train as solo Trainers in parallel threads, one per core (:func:`_solo_runs`),
+  with exactly the solo numbers.
 * **Solo runs.** What vmap cannot reproduce runs alone with the normal
   :class:`~bnviz.train.Trainer`, one after another (:func:`solo_reason` says why): dropout
   (vmap draws other random masks), the d2l-book norm (its moving statistics are plain
@@ -53,11 +55,10 @@ from .data import Dataset, resolve_device, to_float
 from .history import History, LayerStats, Snapshot
 from .models import build_lenet, init_weights, norm_layers
 from .stats import num_channels
-from .train import Trainer, _cached_dataset
+from .train import _BUILD_LOCK, DROP_NOTE, Trainer, cached_dataset
 
 __all__ = ["train_grid", "group_key", "solo_reason"]
 
-DROP_NOTE = "The last batch of each epoch (1 example) is dropped: BN cannot normalise a batch of one."
 
 
 # ----------------------------------------------------------------------------- planning
@@ -120,7 +121,8 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
     ``vectorize``: True: vmap groups on any device; False: every run alone; None (default):
     vmap on CUDA only (on the 2-core CPU of benchmarks/grid_speed.py the vmapped grid was
     measured at about 0.6x the speed of the same runs one after another: a CPU is busy computing,
-    not launching kernels, and vmap's grouped ops cost more per model there).
+    not launching kernels, and vmap's grouped ops cost more per model there). Runs that train
+    alone on a CPU train in parallel threads, one per core.
     Raises ValueError for bad input (before anything trains) and whatever a run raises.
     """
     configs = _check(configs, data, progress)
@@ -134,20 +136,52 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
         groups.setdefault(key, []).append(i)
     bar = _Bar(sum(c.epochs for c in configs), len(configs)) if progress else None
     results: list[History | None] = [None] * len(configs)
+    solo = [members[0] for members in groups.values() if len(members) == 1]
     try:
+        for i, h in _solo_runs([configs[i] for i in solo], [devices[i] for i in solo], data, bar):
+            results[solo[i]] = h
         for members in groups.values():
-            cfgs = [configs[i] for i in members]
-            if len(members) == 1:
-                hists = [Trainer(cfgs[0], data=data, callbacks=[bar] if bar else []).fit()]
-            else:
-                ds = data if data is not None else _cached_dataset(cfgs[0], devices[members[0]])
-                hists = _Group(cfgs, ds, bar).fit()
-            for i, h in zip(members, hists):
-                results[i] = h
+            if len(members) > 1:
+                cfgs = [configs[i] for i in members]
+                ds = data if data is not None else cached_dataset(cfgs[0], devices[members[0]])
+                for i, h in zip(members, _Group(cfgs, ds, bar).fit()):
+                    results[i] = h
     finally:
         if bar is not None:
             bar.close()
     return results
+
+
+def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset | None, bar):
+    """Yield ``(index, History)`` of runs that train alone. On a multi-core CPU they train in
+    parallel threads, one per core, each with ``cores // threads`` torch threads: a LeNet step
+    does not keep two cores busy by itself, two runs side by side do (measured by
+    benchmarks/grid_speed.py). The numbers are the solo runs' exactly: every run is its own
+    Trainer (models are built one at a time under the trainer's seeding lock). Dropout draws
+    from torch's global RNG during training, so a dropout run trains alone, in this thread."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    callbacks = [bar] if bar else []
+    cores = os.cpu_count() or 1
+    parallel = [i for i, (c, d) in enumerate(zip(configs, devices)) if d.type == "cpu" and not c.model.dropout]
+    if cores < 2 or len(parallel) < 2:
+        parallel = []
+    for i, c in enumerate(configs):
+        if i not in parallel:
+            yield i, Trainer(c, data=data, callbacks=callbacks).fit()
+    if not parallel:
+        return
+    workers = min(cores, len(parallel))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores // workers))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnviz-grid") as pool:
+            futures = {i: pool.submit(Trainer(configs[i], data=data, callbacks=callbacks).fit) for i in parallel}
+            for i, f in futures.items():
+                yield i, f.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Bar:
@@ -192,8 +226,10 @@ class _Group:
         """K models built exactly as ``Trainer._build_model`` builds each, then stacked."""
         models = []
         for c in self.configs:
-            torch.manual_seed(c.seed)
-            model = init_weights(build_lenet(c.model), c.init).to(self.device)
+            with _BUILD_LOCK:
+                torch.manual_seed(c.seed)
+                model = init_weights(build_lenet(c.model), c.init)
+            model = model.to(self.device)
             for m in norm_layers(model).values():
                 if hasattr(m, "momentum"):
                     m.momentum = c.bn_momentum

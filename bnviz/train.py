@@ -62,9 +62,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10
 
 
 _DATA_CACHE: dict = {}
+_DATA_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()  # seeding + building use torch's global RNG: one build at a time
+DROP_NOTE = "The last batch of each epoch (1 example) is dropped: BN cannot normalise a batch of one."
 
 
-def _cached_dataset(config: Config, device: torch.device) -> Dataset:
+def cached_dataset(config: Config, device: torch.device) -> Dataset:
+    """The data set of ``config`` on ``device``; the last one loaded stays resident (one at a
+    time), so runs on the same data share it."""
+    with _DATA_LOCK:
+        return _load_cached(config, device)
+
+
+def _load_cached(config: Config, device: torch.device) -> Dataset:
     name = resolve_dataset(config.dataset)
     key = (name, str(device), config.train_size, config.test_size)
     if key not in _DATA_CACHE:
@@ -247,7 +257,7 @@ class Trainer:
         self.device = self.data.device if self.data is not None else resolve_device(cfg.device)
         self._check_batch_size(cfg.batch_size)
         if self.data is None:
-            self.data = _cached_dataset(cfg, self.device)
+            self.data = cached_dataset(cfg, self.device)
         h.dataset_label, h.device = self.data.label, str(self.device)
         self.model = self._build_model()
         self.norms = norm_layers(self.model)
@@ -258,8 +268,7 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
         if self._drop_last(cfg.batch_size) and not cfg.drop_last:
-            h.message = _join(h.message, "The last batch of each epoch (1 example) is dropped: BN "
-                                         "cannot normalise a batch of one.")
+            h.message = _join(h.message, DROP_NOTE)
         compile_, capture, note = fastpath.plan(cfg.fast, self.model, self.device)
         h.message = _join(h.message, note)
         self._call("on_fit_start")
@@ -269,9 +278,10 @@ class Trainer:
 
     def _build_model(self) -> nn.Module:
         cfg = self.config
-        torch.manual_seed(cfg.seed)
         if self._model is None:
-            model = init_weights(build_lenet(cfg.model), cfg.init)
+            with _BUILD_LOCK:  # trainers in other threads (the lab, a grid) seed the same RNG
+                torch.manual_seed(cfg.seed)
+                model = init_weights(build_lenet(cfg.model), cfg.init)
         else:
             model = self._model
         model = model.to(self.device)
