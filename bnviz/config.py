@@ -280,6 +280,8 @@ class LiveParams:
         self._lock = threading.Lock()
         self._pending: dict = {}
         self.values = {"lr": lr, "bn_momentum": bn_momentum, "eps": eps, "batch_size": batch_size}
+        # Checks that depend on the model (set by the Trainer: batch size 1 with BN in an fc layer)
+        self.model_checks: dict = {}
 
     @classmethod
     def from_config(cls, config: Config) -> "LiveParams":
@@ -290,6 +292,8 @@ class LiveParams:
             if name not in self.NAMES:
                 raise ValueError(f"{name!r} cannot be changed during a run; live parameters: {self.NAMES}")
             CHECKS[name](value)
+            if name in self.model_checks:
+                self.model_checks[name](value)
         with self._lock:
             self._pending.update(changes)
 

@@ -48,7 +48,6 @@ from pathlib import Path
 
 import ipywidgets as W
 
-from .callbacks import BATCH_ONE
 from .config import Config, check
 from .history import History, load_histories, save_histories
 from .lab_charts import EARLIER_SLOTS, LabCharts, LiveFigure, fmt_value
@@ -98,7 +97,7 @@ class Pacer:
         wait = anchor[0] + (trainer.examples - anchor[1]) / self.rate(trainer) - now
         if wait > 0:
             self.slept_s += wait
-            if trainer.stop_signal.event.wait(wait):  # Stop pressed during the pause
+            if trainer.wait_for_stop(wait):  # Stop pressed during the pause
                 trainer.stop_signal.before_step(trainer)  # raises the engine's CancelFit('stopped')
 
 
@@ -348,19 +347,16 @@ class Lab:
         if not self.running:
             return  # applies to the next Run through config()
         t = self.trainer
-        spec = t.config.model
-        if name == "batch_size" and value == 1 and spec.is_batch_norm and any(
-                n.startswith("fc") for n in spec.norm_layers):
-            self.say("Batch size 1 was not applied to the running run. " + BATCH_ONE.format(bs=1), "error")
-            return
         try:
-            t.live.set(**{name: value})
+            t.live.set(**{name: value})  # also refuses batch size 1 with BN in an fc layer
         except ValueError as err:
-            self.say(f"Not applied: {err}", "error")
+            prefix = (f"Batch size {value} was not applied to the running run. " if name == "batch_size"
+                      else "Not applied: ")
+            self.say(f"{prefix}{err}", "error")
             return
         when = "from the next epoch" if name == "batch_size" else "from the next step"
         extra = ""
-        if name in ("bn_momentum", "eps") and not spec.is_batch_norm:
+        if name in ("bn_momentum", "eps") and not t.config.model.is_batch_norm:
             extra = " (this model has no batch norm: " + (
                 "momentum has no effect)" if name == "bn_momentum" else "eps only enters Layer/GroupNorm)")
         self.say(f"{LIVE_NAMES[name]} set to {fmt_value(value)} {when} of run {t.history.run_id}{extra}; "

@@ -100,6 +100,7 @@ class Trainer:
             raise ValueError(f"config must be a bnviz Config, got {type(config).__name__}")
         self.config, self.data, self._model = config, data, model
         self.live = live or LiveParams.from_config(config)
+        self.live.model_checks["batch_size"] = self.check_batch_size  # refused at the slider
         self.history = History(config=config)
         self.stop_signal = StopSignal()
         self.recorder = BatchStatsRecorder()
@@ -117,6 +118,10 @@ class Trainer:
     # ------------------------------------------------------------------ control (any thread)
     def stop(self) -> None:
         self.stop_signal.stop()
+
+    def wait_for_stop(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` seconds, waking at once if ``stop()`` is called (True then)."""
+        return self.stop_signal.event.wait(timeout)
 
     @property
     def status(self) -> str:
@@ -255,7 +260,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg, h = self.config, self.history
         self.device = self.data.device if self.data is not None else resolve_device(cfg.device)
-        self._check_batch_size(cfg.batch_size)
+        self.check_batch_size(cfg.batch_size)
         if self.data is None:
             self.data = cached_dataset(cfg, self.device)
         h.dataset_label, h.device = self.data.label, str(self.device)
@@ -292,7 +297,9 @@ class Trainer:
                 m.eps = cfg.eps
         return model
 
-    def _check_batch_size(self, batch_size: int) -> None:
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ValueError (with the explanation) for batch size 1 when a fully connected
+        layer of this run's model has BN: its batch variance would be undefined."""
         spec = self.config.model
         if (batch_size == 1 and self._model is None and spec.is_batch_norm
                 and any(name.startswith("fc") for name in spec.norm_layers)):
@@ -345,7 +352,7 @@ class Trainer:
         """Apply a live change now (called by :class:`~bnviz.callbacks.LiveUpdates`)."""
         check(name, value)
         if name == "batch_size":
-            self._check_batch_size(value)
+            self.check_batch_size(value)
             if self.captured is not None:
                 self.captured.capture(self._batch_sizes(value), torch.arange(value, device=self.device))
             return

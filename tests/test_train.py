@@ -1,6 +1,7 @@
 """The trainer: seeding, live parameters from another thread, stop, divergence, history I/O."""
 import math
 import re
+import threading
 import time
 
 import pytest
@@ -242,11 +243,14 @@ def test_batch_size_one_with_bn_raises_before_training_with_the_explanation(tiny
 
 
 def test_a_background_run_keeps_its_error_in_the_history(tiny_data):
-    t = Trainer(cfg(batch_size=8), data=tiny_data)
-    t.live.set(batch_size=1)  # applied at the first epoch: an error inside the running job
-    t.start()
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(10, 10))  # expects 10 inputs
+    t = Trainer(cfg(batch_size=8), data=tiny_data, model=wrong)
+    t.start()  # the error happens inside the running job: kept, not raised into the caller
     h = t.join(60)
-    assert h.status == "error" and "Batch size 1" in h.message
+    assert h.status == "error" and "RuntimeError" in h.message and "cannot be multiplied" in h.message
+    bad = Trainer(cfg(batch_size=1), data=tiny_data)
+    bad.start()
+    assert bad.join(60).status == "error" and "Batch size 1" in bad.history.message
 
 
 def test_until_stopped_runs_past_any_epoch_count_until_stop(tiny_data):
@@ -346,3 +350,22 @@ def test_start_twice_is_refused(tiny_data):
     with pytest.raises(RuntimeError, match="already been started"):
         t.start()
     t.join(30)
+
+
+def test_live_batch_size_one_is_refused_at_the_slider_for_bn_in_fc_layers(tiny_data):
+    """The model-dependent check runs in the caller's thread: nothing is queued, the run goes on."""
+    t = Trainer(cfg(), data=tiny_data)
+    with pytest.raises(ValueError, match="Batch size 1 with batch normalization in a fully connected"):
+        t.live.set(batch_size=1)
+    assert not t.live.has_pending
+    conv_only = Trainer(cfg(model=preset("lenet-bn", norm_layers=("conv1", "conv2"))), data=tiny_data)
+    conv_only.live.set(batch_size=1)  # conv BN with one image is instance normalisation: allowed
+    assert conv_only.live.has_pending
+
+
+def test_wait_for_stop_wakes_at_stop(tiny_data):
+    t = Trainer(cfg(), data=tiny_data)
+    assert t.wait_for_stop(0.01) is False
+    threading.Timer(0.05, t.stop).start()
+    start = time.perf_counter()
+    assert t.wait_for_stop(10) is True and time.perf_counter() - start < 5
