@@ -137,7 +137,7 @@ class Trainer:
 
     def _fit_quietly(self) -> None:
         try:
-            self.run()
+            self.fit()
         except Exception:  # already recorded in self.history (status 'error', message)
             pass
 
