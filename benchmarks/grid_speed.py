@@ -102,7 +102,8 @@ def main() -> None:
         order = [("grid", run_grid), ("sequential", run_sequential)]
         for name, fn in order if r % 2 == 0 else order[::-1]:
             wall, cpu, hists = timed(fn)
-            # a vmapped group shares one train time; parallel solo runs overlap: take the longest
+            # a vmapped group shares one train time; parallel solo runs overlap (their sum
+            # counts seconds on several cores at once): the longest run is printed
             train = max(h.train_time_s for h in hists) if name == "grid" else sum(h.train_time_s for h in hists)
             for i, v in enumerate((wall, cpu, train)):
                 total[name][i] += v
@@ -113,9 +114,10 @@ def main() -> None:
             if notes:
                 print("   notes:", " | ".join(sorted(notes))[:400])
     (gw, gc, gt), (sw, sc, st) = total["grid"], total["sequential"]
-    print(f"total over {repeats} round(s): grid {gw:.2f} s wall ({gt:.2f} s training, {gc:.2f} s CPU); "
+    print(f"total over {repeats} round(s): grid {gw:.2f} s wall ({gt:.2f} s longest training, {gc:.2f} s CPU); "
           f"sequential {sw:.2f} s wall ({st:.2f} s training, {sc:.2f} s CPU)")
-    print(f"training-only ratio: {st / gt:.2f}; CPU-time ratio: {sc / gc:.2f}")
+    print(f"CPU-time ratio: {sc / gc:.2f} (sequential CPU seconds / grid CPU seconds: how much less "
+          f"work the grid did; the wall-clock ratio below also counts idle cores)")
     print(f"ratio grid/sequential: {sw / gw:.2f}")
 
 
