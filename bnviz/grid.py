@@ -55,7 +55,7 @@ from .data import Dataset, resolve_device, to_float
 from .history import History, LayerStats, Snapshot
 from .models import build_lenet, init_weights, norm_layers
 from .stats import num_channels
-from .train import _BUILD_LOCK, DROP_NOTE, Trainer, cached_dataset
+from .train import _BUILD_LOCK, DROP_NOTE, Clock, Trainer, cached_dataset
 
 __all__ = ["train_grid", "group_key", "solo_reason"]
 
@@ -362,7 +362,7 @@ class _Group:
             for h in self.histories:
                 h.wall_time_s = time.perf_counter() - t0
         for h, c in zip(self.histories, self.configs):
-            h.setup_time_s, h.train_time_s = setup, self._train_time
+            h.setup_time_s, h.train_time_s = setup, self.clock.train_time
             if h.status != "running":
                 continue
             h.status = "finished"
@@ -376,8 +376,8 @@ class _Group:
     def _loop(self) -> None:
         cfg, n = self.cfg, len(self.data.train_x)
         self.divergence = [Divergence(c.divergence_factor) for c in self.configs]
-        self._t0 = self._t_mark = time.perf_counter()
-        self._ex_mark, self._train_time, self._since_snapshot = 0, 0.0, 0
+        self.clock = Clock()
+        self._since_snapshot = 0
         stop = n - n % cfg.batch_size if self.drop else n
         for self.epoch in range(1, cfg.epochs + 1):
             orders = torch.stack([torch.randperm(n, device=self.device, generator=g) for g in self.gens])
@@ -413,13 +413,10 @@ class _Group:
         if kind == "step":
             self.sums[:3].zero_()
             self._since_snapshot = 0
-            dt = now - self._t_mark
-            rate = (self.examples - self._ex_mark) / dt if dt > 0 else 0.0
-            self._train_time += dt
-            self._t_mark, self._ex_mark = now, self.examples
+            rate = self.clock.lap(self.examples, now)
         else:
             self.sums[3:].zero_()
-            self._t_mark += time.perf_counter() - t_eval  # evaluation is not training time
+            self.clock.exclude(time.perf_counter() - t_eval)  # evaluation is not training time
         for k, row in enumerate(rows):
             if self.active[k]:
                 self._add_snapshot(k, kind, row, layers, now, rate if kind == "step" else None)
@@ -450,7 +447,7 @@ class _Group:
         if rate is None:
             rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self._t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
+                     time_s=now - self.clock.t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
                      test_acc=test_acc, examples_per_s=rate, lr=c.lr, bn_momentum=c.bn_momentum,
                      eps=c.eps, batch_size=c.batch_size, layers=stats)
         h.snapshots.append(s)

@@ -84,6 +84,25 @@ def _load_cached(config: Config, device: torch.device) -> Dataset:
     return _DATA_CACHE[key]
 
 
+class Clock:
+    """Training time between snapshots: ``lap(examples)`` at a step snapshot returns the
+    examples/s since the previous one; ``exclude(seconds)`` takes evaluation time out."""
+
+    def __init__(self):
+        self.t0 = self.mark = time.perf_counter()
+        self.examples_mark, self.train_time = 0, 0.0
+
+    def lap(self, examples: int, now: float) -> float:
+        dt = now - self.mark
+        rate = (examples - self.examples_mark) / dt if dt > 0 else 0.0
+        self.train_time += dt
+        self.mark, self.examples_mark = now, examples
+        return rate
+
+    def exclude(self, seconds: float) -> None:
+        self.mark += seconds
+
+
 class Trainer:
     """Train the LeNet of ``config`` (or ``model``) on ``data`` (loaded from the config if None).
 
@@ -182,8 +201,8 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg = self.config
-        self._t0 = self._t_mark = time.perf_counter()
-        self._ex_mark, self._train_time, self._since_snapshot, self._epoch_examples = 0, 0.0, 0, 0
+        self.clock = Clock()
+        self._since_snapshot, self._epoch_examples = 0, 0
         self.model.train()
         for self.epoch in range(1, cfg.epochs + 1) if cfg.epochs else itertools.count(1):
             self._call("before_epoch")
@@ -412,21 +431,18 @@ class Trainer:
         if kind == "step":
             self.sums[:3].zero_()
             self._since_snapshot = 0
-            dt = now - self._t_mark
-            rate = (self.examples - self._ex_mark) / dt if dt > 0 else 0.0
-            self._train_time += dt
-            self._t_mark, self._ex_mark = now, self.examples
+            rate = self.clock.lap(self.examples, now)
         else:
             self.sums[3:].zero_()
             rate = self.history.snapshots[-1].examples_per_s if self.history.snapshots else 0.0
-            self._t_mark += time.perf_counter() - t_eval  # evaluation is not training time
+            self.clock.exclude(time.perf_counter() - t_eval)  # evaluation is not training time
         v = self.live.values
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self._t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
+                     time_s=now - self.clock.t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
                      test_acc=test_acc, examples_per_s=rate, lr=v["lr"], bn_momentum=v["bn_momentum"],
                      eps=v["eps"], batch_size=v["batch_size"], layers=stats)
         self.history.snapshots.append(s)
-        self.history.train_time_s = self._train_time
+        self.history.train_time_s = self.clock.train_time
         self._call("on_snapshot", s)
         return s
 

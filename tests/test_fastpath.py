@@ -123,12 +123,8 @@ def test_the_d2l_layer_and_cumulative_torch_bn_are_never_captured():
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 
-@pytest.mark.parametrize("norm", ["torch", "scratch"])
-def test_no_host_sync_per_step(norm, monkeypatch):
-    """Every Python-level read of a tensor's value (.item(), float(t), bool(t), .tolist(), .cpu(),
-    ...) is counted during a run: there may be one per snapshot, none per step. (On CUDA each
-    such read waits for the GPU; a per-step one would cap the speed at the launch latency.)"""
-    data = make_synthetic(1200, 300, seed=3)  # 4 full batches + 176: 5 steps per epoch
+def count_host_reads(monkeypatch) -> dict:
+    """Count every Python-level read of a tensor's value until ``monkeypatch.undo()``."""
     reads = {"n": 0}
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -138,6 +134,16 @@ def test_no_host_sync_per_step(norm, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("norm", ["torch", "scratch"])
+def test_no_host_sync_per_step(norm, monkeypatch):
+    """Every Python-level read of a tensor's value (.item(), float(t), bool(t), .tolist(), .cpu(),
+    ...) is counted during a run: there may be one per snapshot, none per step. (On CUDA each
+    such read waits for the GPU; a per-step one would cap the speed at the launch latency.)"""
+    data = make_synthetic(1200, 300, seed=3)  # 4 full batches + 176: 5 steps per epoch
+    reads = count_host_reads(monkeypatch)
     h = Trainer(cfg(norm, epochs=2, snapshot_every=1000), data=data).fit()
     monkeypatch.undo()
     assert h.status == "finished", h.message
@@ -272,15 +278,7 @@ def test_captured_live_lr_change_takes_effect_at_the_next_step():
 @needs_cuda
 def test_captured_run_has_no_host_sync_per_step(monkeypatch):
     data = _cuda_data()
-    reads = {"n": 0}
-    for name in HOST_READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=original, **k):
-            reads["n"] += 1
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = count_host_reads(monkeypatch)
     tr = Trainer(cfg(epochs=3, snapshot_every=1000, device="cuda", fast="graph"), data=data)
     h = tr.fit()
     monkeypatch.undo()
