@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from torch import nn
 from .callbacks import Probe
 from .config import Config
 from .data import Dataset, load_dataset, resolve_device, to_float
+from .grid import train_grid
 from .history import History
 from .models import LeNetSpec, build_lenet, norm_layers, preset
 from .norms import channel_stats
@@ -52,10 +54,11 @@ __all__ = [
     "weight_norm_growth", "layer_health", "health_during_training", "bias_check",
     "scale_invariance_check", "batch_stat_noise", "border_ink", "dropout_variance_shift",
     "LandscapeProbe", "loss_landscape_probe", "landscape_during_training", "deep_mlp",
-    "grad_norms_at_init", "Rescale", "Residual", "answer_table", "fmt_stats",
+    "grad_norms_at_init", "Rescale", "Residual", "caution", "CHANCE_LIMIT", "answer_table", "fmt_stats",
 ]
 
 ACCURACY = "mean test accuracy of the last 3 epochs (History.mean_test_acc(3), eval mode)"
+CHANCE_LIMIT = 0.15  # a run below this accuracy (chance is 0.1) has not started learning
 NOISE_K = 2.0  # a difference is "within noise" when |Δ| < NOISE_K × pooled seed std
 
 _CONFIG_FIELDS = {f.name for f in fields(Config)}
@@ -192,15 +195,6 @@ def _tag(value):
 # ----------------------------------------------------------------------------- training many runs
 
 
-def _grid_runner():
-    """bnviz.grid.train_grid, or None while that module does not exist yet."""
-    try:
-        from .grid import train_grid
-    except ImportError:  # TEMPORARY: until bnviz/grid.py is committed (remove this fallback then)
-        return None
-    return train_grid
-
-
 def train_configs(configs: Sequence[Config], data: Dataset | None = None, progress: bool = True,
                   models: dict[int, nn.Module | Callable[[], nn.Module]] | None = None,
                   desc: str = "runs") -> list[History]:
@@ -221,13 +215,9 @@ def train_configs(configs: Sequence[Config], data: Dataset | None = None, progre
             continue
         sub = _data_for(cfg, data)
         groups.setdefault((len(sub.train_x), len(sub.test_x)), []).append(i)
-    train_grid = _grid_runner()
     for (n_tr, n_te), idx in groups.items():
         sub = _data_for(configs[idx[0]], data)
-        if train_grid is not None:
-            hists = train_grid([configs[i] for i in idx], data=sub, progress=progress)
-        else:  # TEMPORARY sequential fallback until bnviz/grid.py is committed
-            hists = _sequential([configs[i] for i in idx], sub, progress, desc)
+        hists = train_grid([configs[i] for i in idx], data=sub, progress=progress)
         for i, h in zip(idx, hists):
             out[i] = h
     for i, model in models.items():
@@ -246,25 +236,6 @@ def _fit(cfg: Config, data: Dataset, model: nn.Module | None = None, callbacks=(
         if trainer.history.status != "error":
             raise
         return trainer.history
-
-
-def _sequential(configs: list[Config], data: Dataset, progress: bool, desc: str) -> list[History]:
-    """TEMPORARY: one run after another (used only while bnviz.grid does not exist)."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(configs), desc=f"{desc} ({data.label})", unit="run")
-    out = []
-    try:
-        for cfg in configs:
-            out.append(_fit(cfg, data))
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
 
 
 def run_grid(base: Config, variants: dict[str, dict], data: Dataset | None = None,
@@ -500,6 +471,10 @@ class Comparison:
             return f"{b} vs {a}: {c['verdict']}"
         return f"{b} vs {a}: Δ {c['delta']:+.3f} (2·pooled std {c['noise']:.3f}) → {c['verdict']}"
 
+    def caution(self, limit: float = CHANCE_LIMIT) -> str:
+        """See :func:`caution`: the variants that never left chance."""
+        return caution(self, "variant", limit)
+
     def __add__(self, other: "Comparison") -> "Comparison":
         if tuple(self.seeds) != tuple(other.seeds):
             raise ValueError(f"cannot merge comparisons with different seeds: {self.seeds} and {other.seeds}")
@@ -543,6 +518,28 @@ def _merge(include: Comparison, new: Comparison, variants: dict, reference: str 
                                                    else new.runs_of(v))],
                       include.dataset_label or new.dataset_label)
     return Comparison(reference or next(iter(variants)), order, new.seeds, runs)
+
+
+def caution(result: "GridResult | Comparison", by: str = "variant", limit: float = CHANCE_LIMIT) -> str:
+    """A warning naming the groups (runs with the same tag ``by``; a Comparison's variants)
+    in which **no** run reached ``limit`` (default 0.15, chance is 0.1): networks that did not
+    start learning in the steps they had. A verdict against such a group means "learned vs did
+    not start", not "better at the end". Empty string if there are none."""
+    runs = result.runs if isinstance(result, Comparison) else result
+    groups: dict = OrderedDict()
+    for r in runs:
+        groups.setdefault(r.tags.get(by), []).append(r)
+    stuck = [k for k, rs in groups.items() if all(r.acc is None or r.acc < limit for r in rs)
+             and any(r.acc is not None for r in rs)]
+    if not stuck:
+        return ""
+    steps = max((r.history.snapshots[-1].step for r in runs if r.history.snapshots), default=0)
+    return (f"CAUTION: {', '.join(map(str, stuck))} stayed at chance (accuracy below {limit} in every run) "
+            f"after {steps} steps: it had not started learning (a sigmoid network without BN first sits on "
+            f"the loss plateau at ln 10 = 2.30; on this stand-in the plain LeNet needs about 250 steps of "
+            f"batch 256 at lr 0.9 to leave it, as on Fashion-MNIST). A verdict against it means "
+            f"'learned vs did not start yet', not 'better after full training': rerun with the GPU sizes "
+            f"(BNVIZ_SIZES=gpu) to see the end of training.")
 
 
 def summarize(result: GridResult, by: Sequence[str]):
@@ -1148,8 +1145,9 @@ def deep_mlp(depth: int = 16, width: int = 64, bn: bool = False, activation: str
              residual: bool = False, seed: int | None = None) -> nn.Sequential:
     """A deep fully connected network on 28×28 images: ``depth`` hidden layers ``fc1..fcN`` of
     ``width`` units, each Linear → [BatchNorm1d] → activation, then a 10-way output. With
-    ``residual`` every hidden layer after the first is wrapped as ``x + layer(x)`` (its
-    modules are then ``fcI.block.0`` etc.). PyTorch's default initialisation, drawn from the
+    ``residual`` every hidden layer after the first is a pre-activation residual block
+    (He et al. 2016): ``x + Linear(act([BN](x)))`` (modules ``fcI.block.N``), so the sum of the
+    blocks' outputs, not of the sigmoids' positive outputs, builds up along the depth. PyTorch's default initialisation, drawn from the
     global RNG (``seed`` reseeds it first; None keeps the current state, so a trainer's seed
     decides)."""
     if depth < 1 or width < 2:
@@ -1161,8 +1159,8 @@ def deep_mlp(depth: int = 16, width: int = 64, bn: bool = False, activation: str
         torch.manual_seed(seed)
     layers, fan_in = [("flatten", nn.Flatten())], 28 * 28
     for i in range(1, depth + 1):
-        if residual and i > 1:
-            block = [nn.Linear(fan_in, width)] + ([nn.BatchNorm1d(width)] if bn else []) + [acts[activation]()]
+        if residual and i > 1:  # pre-activation (He et al. 2016): x + W·act(BN(x))
+            block = ([nn.BatchNorm1d(width)] if bn else []) + [acts[activation](), nn.Linear(fan_in, width)]
             layers.append((f"fc{i}", Residual(nn.Sequential(*block))))
         else:
             layers.append((f"fc{i}", nn.Linear(fan_in, width)))
@@ -1180,7 +1178,7 @@ def grad_norms_at_init(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> di
     m = copy.deepcopy(model).train()
     m.zero_grad(set_to_none=True)
     F.cross_entropy(m(x), y).backward()
-    return {n.replace(".block.0", ""): float(mod.weight.grad.norm()) for n, mod in m.named_modules()
+    return {re.sub(r"\.block\.\d+$", "", n): float(mod.weight.grad.norm()) for n, mod in m.named_modules()
             if isinstance(mod, (nn.Linear, nn.Conv2d))}
 
 

@@ -323,6 +323,23 @@ def test_same_seed_same_run_so_reuse_is_honest(data):
     assert [s.loss for s in a.snapshots] == pytest.approx([s.loss for s in b.snapshots], rel=1e-5)
 
 
+def test_caution_names_variants_that_never_left_chance(data):
+    cmp = ex.compare(base(), {"BN": {}, "tiny lr": {"lr": 1e-6, "norm": "none"}}, seeds=(0, 1), data=data,
+                     progress=False)
+    named = 0
+    for limit in (0.0, max(cmp.values("tiny lr")) + 1e-6, 1.01):
+        expected = [v for v in cmp.variants if max(cmp.values(v)) < limit]  # every run below the limit
+        text = cmp.caution(limit=limit)
+        assert ex.caution(cmp.runs, by="variant", limit=limit) == text
+        if expected:
+            named += 1
+            assert text.startswith(f"CAUTION: {', '.join(expected)} stayed at chance") and "steps" in text
+        else:
+            assert text == ""
+    assert named == 2  # "tiny lr" at the middle limit, both at 1.01
+    assert cmp.caution(limit=0.0) == ""
+
+
 def test_summarize_groups_over_seeds(data):
     res = ex.batch_size_grid(base(), {"BN": {"norm": "torch"}, "GN": {"norm": "group"}}, (32, 64),
                              seeds=(0, 1), data=data, progress=False)
