@@ -96,10 +96,11 @@ def diagnose(start: str, config, stuck: bool = False) -> str:
     chance (``stuck=True``), from its settings (a :class:`~bnviz.config.Config`)."""
     m, causes = config.model, []
     if stuck and m.activation == "sigmoid" and not m.uses_norm:
+        init = ("PyTorch's default init (init='pytorch') starts it with tiny signals: try init='d2l' "
+                "(xavier, as d2l's train_ch6), " if config.init == "pytorch" else "")
         causes.append("a sigmoid network without normalisation can sit on the loss plateau at "
-                      "ln(10) = 2.303 for a while: check the weight init (init='d2l', xavier, as "
-                      "d2l's train_ch6; PyTorch's default init starts it with tiny signals), train "
-                      "longer, or add batch norm")
+                      f"ln(10) = 2.303 for a while: {init}train longer, use a larger batch, or add "
+                      "batch norm")
     elif stuck and config.init == "pytorch":
         causes.append("PyTorch's default init (init='pytorch') gives small starting signals; "
                       "try init='d2l' (xavier, as d2l's train_ch6)")

@@ -100,8 +100,9 @@ def environment_report() -> dict:
     else:
         dataset = choice
     if dev.type == "cpu":
-        notes.append("No GPU: everything runs, just slower (a LeNet-BN epoch over 60,000 images takes "
-                     "seconds on a GPU, several seconds to a minute on a CPU). "
+        notes.append("No GPU: everything runs, just slower. On the 2-core CPU this course was built on, "
+                     "a LeNet-BN epoch over 60,000 images took about 4 s on an idle machine and minutes on a "
+                     "busy one (benchmarks/RESULTS.md); your CPU differs. "
                      "In Colab: Runtime > Change runtime type > GPU.")
     if fast_mode():
         notes.append("FAST MODE (BNVIZ_FAST=1): small data and few steps; numbers are rough.")

@@ -369,3 +369,13 @@ def test_wait_for_stop_wakes_at_stop(tiny_data):
     threading.Timer(0.05, t.stop).start()
     start = time.perf_counter()
     assert t.wait_for_stop(10) is True and time.perf_counter() - start < 5
+
+
+def test_the_not_learning_diagnosis_names_init_only_when_it_is_the_suspect():
+    from bnviz.callbacks import diagnose
+
+    plain = cfg(model=preset("lenet"), lr=0.9)
+    with_pytorch_init = diagnose("Stuck.", plain.replace(init="pytorch"), stuck=True)
+    assert "init='pytorch'" in with_pytorch_init and "try init='d2l'" in with_pytorch_init
+    with_d2l_init = diagnose("Stuck.", plain, stuck=True)
+    assert "init=" not in with_d2l_init and "plateau" in with_d2l_init and "batch norm" in with_d2l_init

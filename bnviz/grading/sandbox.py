@@ -164,6 +164,10 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
             cmd += ["--ro-bind", link, link]
     for path in ETC_FILES:
         cmd += ["--ro-bind-try", path, path]
+    # The private /tmp first: a Python or venv that lives under /tmp (a checkout in /tmp, as CI
+    # may use) is bound on top of it below; the other way round the tmpfs would hide it.
+    size = str(limits.tmpfs_bytes)
+    cmd += ["--size", size, "--tmpfs", "/tmp"]
     roots = _python_roots()
     for root in roots:
         cmd += ["--ro-bind", root, root]
@@ -171,10 +175,8 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
         m = str(mask)
         if any(m == r or m.startswith(r.rstrip("/") + "/") for r in roots + ["/usr"]) and os.path.isdir(m):
             cmd += ["--tmpfs", m]
-    size = str(limits.tmpfs_bytes)
     cmd += ["--ro-bind", str(worker_root), WORKER_ROOT, "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/scratch", "--chdir", "/scratch",
-            "--clearenv"]
+            "--size", size, "--tmpfs", "/scratch", "--chdir", "/scratch", "--clearenv"]
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     return cmd + ["--", sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"]
