@@ -164,13 +164,18 @@ BATCH_ONE = (
 
 class BatchStatsRecorder:
     """The per-channel mean and biased variance of each norm layer's input, written into static
-    device buffers by forward pre-hooks at every training step (inside a captured graph too: a
-    per-step switch would be baked into the graph), so a snapshot reads the last training
-    batch's statistics without an extra forward. Cost: one ``var_mean`` per norm layer."""
+    device buffers by forward pre-hooks during training steps, so a snapshot reads the last
+    training batch's statistics without an extra forward. Cost: one ``var_mean`` per norm layer.
+
+    ``enabled``: the trainer sets it before each step. An eager step records only when a
+    snapshot follows it (the last step of an epoch, or a ``snapshot_every`` step); a compiled or
+    captured step always records (a per-step switch would be baked into the graph). After a stop
+    in the middle of an epoch the snapshot shows the last recorded batch."""
 
     def __init__(self):
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles = []
+        self.enabled = True
 
     def on_fit_start(self, trainer) -> None:
         from .stats import num_channels
@@ -185,7 +190,7 @@ class BatchStatsRecorder:
         mean_buf, var_buf = self.buffers[name]
 
         def fn(module, inputs):
-            if module.training:
+            if module.training and self.enabled:
                 x = inputs[0].detach()
                 var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
                 mean_buf.copy_(mean)
