@@ -470,7 +470,9 @@ def test_figure_whose_browser_model_stops_answering_is_rebuilt():
     try:
         h = lab.run_clicked()
         lab.wait(120)
-        until(lambda: lab.fig_params is not params, timeout=30, what="the deaf γ/β figure to be rebuilt")
+        # the rebuild swaps the figure in, then closes the old widget: wait for both steps
+        until(lambda: lab.fig_params is not params and params.comm is None, timeout=30,
+              what="the deaf γ/β figure to be rebuilt and the old one closed")
     finally:
         answering.set()
         t.join(5)
