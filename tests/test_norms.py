@@ -1,5 +1,7 @@
 """bnviz.norms against PyTorch's own BatchNorm: outputs, gradients, buffers, conventions."""
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,8 @@ def random_affine_pair(shape, dtype, **kwargs):
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
 def test_matches_torch_train_then_eval(dtype, shape, momentum, affine, track):
-    torch.manual_seed(hash((shape, momentum, affine, track)) % 2**31)
+    # a seed that is the same in every process (hash() of a tuple holding None is not, on 3.11)
+    torch.manual_seed(zlib.crc32(repr((shape, momentum, affine, track)).encode()))
     ref, ours = random_affine_pair(shape, dtype, momentum=momentum, affine=affine, track_running_stats=track)
     tol = TOL[dtype]
     for step in range(12):  # many steps in training mode, with shifting statistics
@@ -45,8 +48,12 @@ def test_matches_torch_train_then_eval(dtype, shape, momentum, affine, track):
         y.backward(g)
         torch.testing.assert_close(x2.grad, x.grad, **tol)
         if affine:
-            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol)
-            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **tol)
+            # γ/β grads accumulate over the 12 steps, each a float32 sum over N·H·W values: the
+            # summation order differs from PyTorch's kernel (worst seen over 200 seeds: 1.6e-5 above
+            # rtol·|grad|), so float32 gets atol 5e-5 here; float64 keeps 1e-10
+            ptol = {**tol, "atol": 5e-5} if dtype == torch.float32 else tol
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **ptol)
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **ptol)
     if track:
         torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol)
         torch.testing.assert_close(ours.running_var, ref.running_var, **tol)
