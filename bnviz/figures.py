@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .experiments import ACCURACY, Comparison, GridResult, MaxLR, Run, summarize, sweep_summary
+from .experiments import Comparison, GridResult, MaxLR, Run, sweep_summary
 from .history import History
 
 __all__ = ["READABLE", "readable", "curves_figure", "bar_figure", "comparison_figure", "lr_sweep_figure",
