@@ -10,16 +10,18 @@ Conventions:
   ``dropout``, ...) change its model; ``model`` replaces the spec (a spec or a preset name).
 * Several runs train through :func:`bnviz.grid.train_grid` (K runs at once, each equal to the
   same run alone).
-* **The accuracy a comparison uses** (:data:`ACCURACY`): the mean test accuracy of the last 3
-  epochs (``History.mean_test_acc(3)``; fewer if the run has fewer epochs). One epoch's value
-  swings with the moving averages' lag and with the last steps' noise; the mean of three is
-  steadier. A run that diverged (or failed) has no accuracy: it is counted, not averaged.
-* **Seeds and verdicts** (:func:`compare`): each variant runs with every seed (the seed sets
-  the initial weights and the batch order). A variant is summarised by the mean, the sample
-  standard deviation (``ddof=1``) and the min–max of its accuracy over the seeds. Against the
-  reference, Δ = mean(variant) − mean(reference); the noise is the **pooled seed std**
-  ``s_p = sqrt(((n₁−1)s₁² + (n₂−1)s₂²) / (n₁+n₂−2))``; the verdict is "within noise" when
-  |Δ| < 2·s_p, else "better" / "worse" with Δ.
+* **The accuracy a comparison uses** (:data:`ACCURACY`): the test accuracy with BN statistics
+  **recomputed** on 2,000 training images at each epoch end (PreciseBN, :mod:`bnviz.precise`;
+  the eval-mode accuracy for networks without BN), averaged over the last 3 epochs (fewer if
+  the run has fewer epochs). The moving averages' lag (14 points in chapter 04) is then no part
+  of the comparison; ``Run.acc_ema`` keeps the eval-mode number on the moving averages. A run
+  that diverged (or failed) has no accuracy: it is counted, not averaged.
+* **Seeds and verdicts** (:func:`compare`, :mod:`bnviz.verdicts`): each variant runs with every
+  seed (the seed sets the initial weights and the batch order). A variant is summarised by the
+  mean, the sample standard deviation (``ddof=1``) and the min–max of its accuracy over the
+  seeds. Against the reference, the per-seed differences give Δ and a 95% t-interval; the
+  verdict is "better"/"worse" when the interval excludes 0, else "within noise"; the threshold
+  printed is the half-width applied. Each compared cell carries its measured CAUTION causes.
 * Every figure and table names its data set (``History.dataset_label``); on the synthetic
   stand-in that label says SYNTHETIC, because its numbers are not Fashion-MNIST results.
 """
@@ -43,8 +45,11 @@ from .grid import train_grid
 from .history import History
 from .models import LeNetSpec, build_lenet, norm_layers, preset
 from .norms import channel_stats
+from .precise import PRECISE_BN_IMAGES, PreciseBNEval
 from .stats import layer_state
 from .train import Trainer
+from .verdicts import (ALPHA, CHANCE_LIMIT, Paired, SeedStats, cell_causes, fmt_stats, holm, multiplicity_note,
+                       paired, pooled_std, seed_stats, verdict)
 
 __all__ = [
     "ACCURACY", "NOISE_K", "Run", "GridResult", "SeedStats", "Comparison", "apply_changes",
@@ -55,11 +60,14 @@ __all__ = [
     "scale_invariance_check", "batch_stat_noise", "border_ink", "dropout_variance_shift",
     "LandscapeProbe", "loss_landscape_probe", "landscape_during_training", "deep_mlp",
     "grad_norms_at_init", "Rescale", "Residual", "caution", "CHANCE_LIMIT", "answer_table", "fmt_stats",
+    "ALPHA", "PRECISE_BN_IMAGES", "Paired", "paired", "holm", "multiplicity_note", "cell_causes", "cells",
+    "tune_lr", "fixed_steps", "ema_vs_precise",
 ]
 
-ACCURACY = "mean test accuracy of the last 3 epochs (History.mean_test_acc(3), eval mode)"
-CHANCE_LIMIT = 0.15  # a run below this accuracy (chance is 0.1) has not started learning
-NOISE_K = 2.0  # a difference is "within noise" when |Δ| < NOISE_K × pooled seed std
+ACCURACY = ("test accuracy with BN statistics recomputed on 2,000 training images (PreciseBN; eval mode "
+            "for nets without BN), mean of the last 3 epochs")
+ACCURACY_EMA = "test accuracy in eval mode on the moving averages (EMA), mean of the last 3 epochs"
+NOISE_K = 2.0  # the pre-issue-15 rule (|Δ| < 2 × pooled std); verdicts now use the paired t-interval
 
 _CONFIG_FIELDS = {f.name for f in fields(Config)}
 _SPEC_FIELDS = {f.name for f in fields(LeNetSpec)}
@@ -69,12 +77,19 @@ _FAILED = ("diverged", "error")
 # ----------------------------------------------------------------------------- results
 
 
-def run_accuracy(h: History, last: int = 3) -> float | None:
-    """The accuracy comparisons use (:data:`ACCURACY`): the mean test accuracy of the last
-    ``last`` epochs, or None for a run that diverged or failed."""
+def run_accuracy(h: History, last: int = 3, statistics: str = "precise") -> float | None:
+    """The accuracy comparisons use (:data:`ACCURACY`): the mean over the last ``last`` epochs of
+    the test accuracy with recomputed BN statistics (``Snapshot.precise_test_acc``; the eval-mode
+    accuracy where it was not measured: nets without BN), or with ``statistics='ema'`` of the
+    eval-mode accuracy on the moving averages. None for a run that diverged or failed."""
+    if statistics not in ("precise", "ema"):
+        raise ValueError(f"statistics={statistics!r} is not valid; valid: 'precise' (recomputed), 'ema'")
     if h.status in _FAILED:
         return None
-    acc = h.mean_test_acc(last)
+    accs = [(s.precise_test_acc if statistics == "precise" and s.precise_test_acc is not None else s.test_acc)
+            for s in h.epochs]
+    accs = [a for a in accs if a is not None][-last:]
+    acc = sum(accs) / len(accs) if accs else None
     return None if acc is None or not math.isfinite(acc) else float(acc)
 
 
@@ -98,8 +113,19 @@ class Run:
 
     @property
     def acc(self) -> float | None:
-        """The accuracy comparisons use: :func:`run_accuracy` (None if the run failed)."""
+        """The accuracy comparisons use: :func:`run_accuracy` (PreciseBN; None if the run failed)."""
         return run_accuracy(self.history)
+
+    @property
+    def acc_ema(self) -> float | None:
+        """The same mean of the last 3 epochs, in eval mode on the moving averages."""
+        return run_accuracy(self.history, statistics="ema")
+
+    @property
+    def test_acc_precise(self) -> float | None:
+        """The final epoch's test accuracy with recomputed BN statistics (None if not measured)."""
+        e = self.history.epochs
+        return e[-1].precise_test_acc if e else None
 
     @property
     def train_acc(self) -> float | None:
@@ -119,7 +145,8 @@ class Run:
     def row(self) -> dict:
         h = self.history
         return {"label": self.label, **self.tags, "status": self.status, "loss": self.loss,
-                "train_acc": self.train_acc, "test_acc": self.test_acc, "acc": self.acc, "gap": self.gap,
+                "train_acc": self.train_acc, "test_acc": self.test_acc, "test_acc_precise": self.test_acc_precise,
+                "acc": self.acc, "acc_ema": self.acc_ema, "gap": self.gap,
                 "steps": h.snapshots[-1].step if h.snapshots else 0,
                 "time_s": round(h.wall_time_s, 2)}
 
@@ -197,11 +224,12 @@ def _tag(value):
 
 def train_configs(configs: Sequence[Config], data: Dataset | None = None, progress: bool = True,
                   models: dict[int, nn.Module | Callable[[], nn.Module]] | None = None,
-                  desc: str = "runs") -> list[History]:
+                  desc: str = "runs", precise_bn: int | None = PRECISE_BN_IMAGES) -> list[History]:
     """Train every config and return their Histories in order. Configs that use the same
     slice of ``data`` train together through :func:`bnviz.grid.train_grid` (K runs at once,
     each equal to the same run alone); ``models[i]`` (a module or a function making one) trains
-    config ``i`` with that model instead, alone."""
+    config ``i`` with that model instead, alone. ``precise_bn``: evaluate BN runs at each epoch
+    end with statistics recomputed on that many training images (:mod:`bnviz.precise`; None: off)."""
     configs = list(configs)
     if not configs:
         raise ValueError("configs is empty: give at least one Config")
@@ -217,13 +245,14 @@ def train_configs(configs: Sequence[Config], data: Dataset | None = None, progre
         groups.setdefault((len(sub.train_x), len(sub.test_x)), []).append(i)
     for (n_tr, n_te), idx in groups.items():
         sub = _data_for(configs[idx[0]], data)
-        hists = train_grid([configs[i] for i in idx], data=sub, progress=progress)
+        hists = train_grid([configs[i] for i in idx], data=sub, progress=progress, precise_bn=precise_bn or None)
         for i, h in zip(idx, hists):
             out[i] = h
     for i, model in models.items():
         if callable(model) and not isinstance(model, nn.Module):
             model = model()
-        out[i] = _fit(configs[i], _data_for(configs[i], data), model=model)
+        out[i] = _fit(configs[i], _data_for(configs[i], data), model=model,
+                      callbacks=(PreciseBNEval(precise_bn),) if precise_bn else ())
     return out  # type: ignore[return-value]
 
 
@@ -241,14 +270,14 @@ def _fit(cfg: Config, data: Dataset, model: nn.Module | None = None, callbacks=(
 def run_grid(base: Config, variants: dict[str, dict], data: Dataset | None = None,
              progress: bool = True, tags: dict[str, dict] | None = None,
              models: dict[str, nn.Module | Callable[[], nn.Module]] | None = None,
-             desc: str = "runs") -> GridResult:
+             desc: str = "runs", precise_bn: int | None = PRECISE_BN_IMAGES) -> GridResult:
     """Train one run per variant (``label -> changes``, see :func:`apply_changes`), all on the
     same data set (loaded once from ``base`` if ``data`` is None), through the grid runner,
     and return a GridResult.
 
     ``tags[label]`` overrides what the table shows for a run (default: its changes).
     ``models[label]`` gives a ready-made model (or a function making one) instead of the
-    LeNet of the config, e.g. :func:`deep_mlp`.
+    LeNet of the config, e.g. :func:`deep_mlp`. ``precise_bn``: see :func:`train_configs`.
     """
     if not variants:
         raise ValueError("variants is empty: give at least one label -> changes")
@@ -257,7 +286,7 @@ def run_grid(base: Config, variants: dict[str, dict], data: Dataset | None = Non
     if data is None:
         data = _data_for(base, None)
     by_index = {labels.index(k): v for k, v in (models or {}).items()}
-    hists = train_configs(configs, data=data, progress=progress, models=by_index, desc=desc)
+    hists = train_configs(configs, data=data, progress=progress, models=by_index, desc=desc, precise_bn=precise_bn)
     result = GridResult(dataset_label=data.label)
     for label, h in zip(labels, hists):
         shown = (tags or {}).get(label, {k: _tag(v) for k, v in variants[label].items()})
@@ -286,7 +315,8 @@ def _seeds(seeds) -> tuple[int, ...]:
 
 def seed_grid(base: Config, variants: dict[str, dict], seeds=None, data: Dataset | None = None,
               progress: bool = True, tags: dict[str, dict] | None = None,
-              models: dict[str, Callable[[], nn.Module]] | None = None, desc: str = "runs") -> GridResult:
+              models: dict[str, Callable[[], nn.Module]] | None = None, desc: str = "runs",
+              precise_bn: int | None = PRECISE_BN_IMAGES) -> GridResult:
     """Every variant with every seed, in one grid. Run labels are ``'<variant> · seed <s>'``;
     tags get ``variant`` and ``seed`` (plus ``tags[variant]``, default: the changes)."""
     seeds = _seeds(seeds)
@@ -300,7 +330,7 @@ def seed_grid(base: Config, variants: dict[str, dict], seeds=None, data: Dataset
             if models and name in models:
                 run_models[label] = _seeded(models[name], s)
     return run_grid(base, runs, data=data, progress=progress, tags=run_tags, models=run_models or None,
-                    desc=desc)
+                    desc=desc, precise_bn=precise_bn)
 
 
 def _seeded(make: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]:
@@ -311,146 +341,88 @@ def _seeded(make: Callable[[], nn.Module], seed: int) -> Callable[[], nn.Module]
     return fn
 
 
-# ----------------------------------------------------------------------------- seed statistics
-
-
-@dataclass
-class SeedStats:
-    """The spread of one accuracy over seeds. ``std`` is the sample standard deviation
-    (``ddof=1``; 0 with one value); ``failed`` counts runs without an accuracy (diverged)."""
-
-    values: list[float]
-    failed: int = 0
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / self.n if self.n else float("nan")
-
-    @property
-    def std(self) -> float:
-        if self.n < 2:
-            return 0.0 if self.n == 1 else float("nan")
-        m = self.mean
-        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
-
-    @property
-    def min(self) -> float:
-        return min(self.values) if self.values else float("nan")
-
-    @property
-    def max(self) -> float:
-        return max(self.values) if self.values else float("nan")
-
-    def __str__(self) -> str:
-        return fmt_stats(self)
-
-
-def fmt_stats(s: SeedStats) -> str:
-    """'0.812 ± 0.011 (0.800–0.824, 3 seeds)', with the failed runs named."""
-    if s.n == 0:
-        return f"no accuracy ({s.failed} run(s) diverged)"
-    text = f"{s.mean:.3f} ± {s.std:.3f} ({s.min:.3f}–{s.max:.3f}, {s.n} seed{'s' if s.n != 1 else ''})"
-    if s.failed:
-        text += f", {s.failed} diverged"
-    return text
-
-
-def seed_stats(values: Iterable[float | None]) -> SeedStats:
-    """Mean, sample std, min and max of accuracies over seeds; None / NaN values (runs that
-    diverged) are counted in ``failed``."""
-    ok, failed = [], 0
-    for v in values:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            failed += 1
-        else:
-            ok.append(float(v))
-    return SeedStats(ok, failed)
-
-
-def pooled_std(*groups: SeedStats) -> float:
-    """The pooled sample standard deviation of groups: ``sqrt(Σ(nᵢ−1)sᵢ² / Σ(nᵢ−1))`` (groups
-    with fewer than 2 values add nothing); 0 when no group has 2 values."""
-    dof = sum(g.n - 1 for g in groups if g.n >= 2)
-    if dof == 0:
-        return 0.0
-    return math.sqrt(sum((g.n - 1) * g.std ** 2 for g in groups if g.n >= 2) / dof)
-
-
-def verdict(reference: SeedStats, other: SeedStats, k: float = NOISE_K) -> dict:
-    """``other`` against ``reference``: ``delta`` = mean difference, ``noise`` = k × pooled
-    seed std, ``verdict`` = 'within noise' if |Δ| < noise (or Δ = 0), else 'better (Δ +x)' /
-    'worse (Δ −x)'; runs without an accuracy are named."""
-    if other.n == 0 or reference.n == 0:
-        who = "this variant" if other.n == 0 else "the reference"
-        return {"delta": float("nan"), "noise": float("nan"),
-                "verdict": f"no comparison: every run of {who} diverged"}
-    delta = other.mean - reference.mean
-    noise = k * pooled_std(reference, other)
-    if delta == 0 or abs(delta) < noise:
-        text = "within noise"
-    else:
-        text = f"{'better' if delta > 0 else 'worse'} (Δ {delta:+.3f})"
-    if other.failed:
-        text += f"; {other.failed} of {other.n + other.failed} runs diverged"
-    return {"delta": delta, "noise": noise, "verdict": text}
+# ----------------------------------------------------------------------------- comparisons
 
 
 @dataclass
 class Comparison:
-    """Variants run with several seeds (from :func:`compare`). ``stats(v)`` is a
-    :class:`SeedStats` of :data:`ACCURACY`; ``table()`` has one row per variant with mean,
-    std, min, max, Δ against the reference, the noise threshold (2 × pooled std) and the
-    verdict; ``contrast(a, b)`` compares any two variants (b against a)."""
+    """Variants run with the same seeds (from :func:`compare`). ``stats(v)`` is a
+    :class:`SeedStats` of :data:`ACCURACY` in seed order, with the variant's caution causes;
+    ``contrast(a, b)`` compares b against a seed by seed (:func:`bnviz.verdicts.verdict`);
+    ``table()`` has one row per variant: mean, std, min, max, Δ against the reference, the
+    threshold applied (the 95% t-interval's half-width), the interval, p, the verdict and the
+    caution. ``statistics='ema'`` (in ``stats``, ``table``) uses the moving-average accuracy."""
 
     reference: str
     variants: list[str]
     seeds: tuple[int, ...]
     runs: GridResult
     metric: str = ACCURACY
+    full_size: dict[str, float] = field(default_factory=dict)
 
     @property
     def dataset_label(self) -> str:
         return self.runs.dataset_label
 
     def runs_of(self, variant: str) -> list[Run]:
+        """The variant's runs, in the order of ``seeds``."""
         if variant not in self.variants:
             raise KeyError(f"no variant {variant!r}; variants: {self.variants}")
-        return [r for r in self.runs if r.tags.get("variant") == variant]
+        runs = [r for r in self.runs if r.tags.get("variant") == variant]
+        order = {s: i for i, s in enumerate(self.seeds)}
+        return sorted(runs, key=lambda r: order.get(r.tags.get("seed"), len(order)))
 
-    def values(self, variant: str) -> list[float | None]:
-        return [r.acc for r in self.runs_of(variant)]
+    def values(self, variant: str, statistics: str = "precise") -> list[float | None]:
+        return [run_accuracy(r.history, statistics=statistics) for r in self.runs_of(variant)]
 
-    def stats(self, variant: str) -> SeedStats:
-        return seed_stats(self.values(variant))
+    def stats(self, variant: str, statistics: str = "precise") -> SeedStats:
+        s = seed_stats(self.values(variant, statistics))
+        s.causes = self.causes(variant)
+        return s
 
-    def contrast(self, a: str, b: str) -> dict:
-        """``b`` against ``a``: delta, noise and verdict (see :func:`verdict`)."""
-        return verdict(self.stats(a), self.stats(b))
+    def causes(self, variant: str) -> list[str]:
+        """The measured CAUTION causes of this variant (:func:`bnviz.verdicts.cell_causes`)."""
+        return cell_causes(self.runs_of(variant), self.full_size.get(variant))
+
+    def contrast(self, a: str, b: str, statistics: str = "precise") -> dict:
+        """``b`` against ``a``, seed by seed (see :func:`bnviz.verdicts.verdict`)."""
+        return verdict(self.stats(a, statistics), self.stats(b, statistics), names=(a, b))
+
+    def threshold(self, a: str, b: str) -> float:
+        """The threshold applied to ``b`` vs ``a``: the half-width of the 95% t-interval."""
+        return self.contrast(a, b)["noise"]
 
     @property
     def noise_floor(self) -> float:
-        """The seed-to-seed sample std of the reference."""
+        """The seed-to-seed sample std of the reference (a description of the noise; the
+        threshold of a verdict is :meth:`threshold`)."""
         return self.stats(self.reference).std
 
-    def table(self, reference: str | None = None):
+    @property
+    def n_comparisons(self) -> int:
+        return len(self.variants) - 1
+
+    def pvalues(self, reference: str | None = None) -> list[float]:
+        ref = reference or self.reference
+        return [self.contrast(ref, v)["p"] for v in self.variants if v != ref]
+
+    def table(self, reference: str | None = None, statistics: str = "precise"):
         import pandas as pd
 
         ref = reference or self.reference
         rows = []
         for v in self.variants:
-            s = self.stats(v)
+            s = self.stats(v, statistics)
             row = {"variant": v, "seeds": s.n + s.failed, "mean": s.mean, "std": s.std, "min": s.min,
                    "max": s.max, "diverged": s.failed}
             if v == ref:
-                row.update({"Δ": 0.0, "2·pooled std": 2 * s.std if s.n > 1 else float("nan"),
-                            "verdict": "(reference)"})
+                row.update({"Δ": 0.0, "threshold": float("nan"), "CI low": float("nan"), "CI high": float("nan"),
+                            "p": float("nan"), "verdict": "(reference)"})
             else:
-                c = self.contrast(ref, v)
-                row.update({"Δ": c["delta"], "2·pooled std": c["noise"], "verdict": c["verdict"]})
+                c = self.contrast(ref, v, statistics)
+                row.update({"Δ": c["delta"], "threshold": c["noise"], "CI low": c["ci"][0], "CI high": c["ci"][1],
+                            "p": c["p"], "verdict": c["verdict"].split(" — CAUTION")[0]})
+            row["caution"] = "; ".join(s.causes)
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -465,14 +437,16 @@ class Comparison:
             print(f"  {v:<{width}}  {fmt_stats(s)}  → {tail}")
 
     def say(self, a: str, b: str) -> str:
-        """'b vs a: Δ +0.012 (2·pooled std 0.020) → within noise', from the numbers."""
+        """'b vs a: Δ +0.012 ± 0.022 (95% t-interval over 3 paired seeds) → within noise (...)', from
+        the numbers; the CAUTION of either cell is part of the verdict text."""
         c = self.contrast(a, b)
-        if math.isnan(c["delta"]):
+        if c["n_pairs"] < 2 or math.isnan(c["noise"]):
             return f"{b} vs {a}: {c['verdict']}"
-        return f"{b} vs {a}: Δ {c['delta']:+.3f} (2·pooled std {c['noise']:.3f}) → {c['verdict']}"
+        return (f"{b} vs {a}: Δ {c['delta']:+.3f} ± {c['noise']:.3f} (threshold: 95% t-interval over "
+                f"{c['n_pairs']} {'paired ' if c['test'] == 'paired' else ''}seeds) → {c['verdict']}")
 
     def caution(self, limit: float = CHANCE_LIMIT) -> str:
-        """See :func:`caution`: the variants that never left chance."""
+        """See :func:`caution`: one line per variant with a measured cause."""
         return caution(self, "variant", limit)
 
     def __add__(self, other: "Comparison") -> "Comparison":
@@ -482,18 +456,21 @@ class Comparison:
         if both:
             raise ValueError(f"variants {sorted(both)} are in both comparisons")
         return Comparison(self.reference, self.variants + other.variants, self.seeds, self.runs + other.runs,
-                          self.metric)
+                          self.metric, {**self.full_size, **other.full_size})
 
 
 def compare(base: Config, variants: dict[str, dict], seeds=None, data: Dataset | None = None,
             reference: str | None = None, include: Comparison | None = None,
             models: dict[str, Callable[[], nn.Module]] | None = None, progress: bool = True,
-            desc: str = "comparison") -> Comparison:
+            desc: str = "comparison", precise_bn: int | None = PRECISE_BN_IMAGES,
+            full_size: dict[str, float] | None = None) -> Comparison:
     """Run every variant with every seed (:func:`seed_grid`) and return a :class:`Comparison`.
 
     ``reference``: the variant the others are compared with (default: the first; it may be in
     ``include``). ``include``: a Comparison run earlier with the same seeds whose variants are
     reused, not rerun (e.g. the chapter's base run). ``seeds``: default :func:`default_seeds`.
+    ``precise_bn``: see :func:`train_configs`. ``full_size``: ``{variant: accuracy at full
+    size}``, if known, for the "far below its full-size accuracy" caution.
     """
     seeds = _seeds(seeds) if include is None or seeds is not None else tuple(include.seeds)
     if include is not None and tuple(include.seeds) != seeds:
@@ -501,9 +478,9 @@ def compare(base: Config, variants: dict[str, dict], seeds=None, data: Dataset |
     new = {k: v for k, v in variants.items() if include is None or k not in include.variants}
     if not new and include is None:
         raise ValueError("variants is empty: give at least one label -> changes")
-    runs = seed_grid(base, new, seeds, data=data, progress=progress, models=models, desc=desc) if new \
-        else GridResult(dataset_label=include.dataset_label)
-    cmp = Comparison(reference or next(iter(variants)), list(new), seeds, runs)
+    runs = seed_grid(base, new, seeds, data=data, progress=progress, models=models, desc=desc,
+                     precise_bn=precise_bn) if new else GridResult(dataset_label=include.dataset_label)
+    cmp = Comparison(reference or next(iter(variants)), list(new), seeds, runs, full_size=dict(full_size or {}))
     if include is not None:
         cmp = _merge(include, cmp, variants, reference)
     if cmp.reference not in cmp.variants:
@@ -517,35 +494,60 @@ def _merge(include: Comparison, new: Comparison, variants: dict, reference: str 
     runs = GridResult([r for v in order for r in (include.runs_of(v) if v in include.variants
                                                    else new.runs_of(v))],
                       include.dataset_label or new.dataset_label)
-    return Comparison(reference or next(iter(variants)), order, new.seeds, runs)
+    return Comparison(reference or next(iter(variants)), order, new.seeds, runs,
+                      full_size={**include.full_size, **new.full_size})
 
 
-def caution(result: "GridResult | Comparison", by: str = "variant", limit: float = CHANCE_LIMIT) -> str:
-    """A warning naming the groups (runs with the same tag ``by``; a Comparison's variants)
-    in which **no** run reached ``limit`` (default 0.15, chance is 0.1): networks that did not
-    start learning in the steps they had. A verdict against such a group means "learned vs did
-    not start", not "better at the end". Empty string if there are none."""
+def _cell_key(tags: dict) -> tuple:
+    """A cell is the runs that differ only by seed: every tag but ``seed`` (and, when a
+    ``variant`` tag exists, that tag alone)."""
+    if "variant" in tags:
+        return (("variant", tags["variant"]),)
+    return tuple((k, v) for k, v in tags.items() if k != "seed")
+
+
+def cells(result: "GridResult | Comparison") -> "OrderedDict[tuple, list[Run]]":
+    """The runs of ``result`` grouped by cell (runs that differ only by seed), in order; the key
+    is a tuple of (tag, value) pairs."""
     runs = result.runs if isinstance(result, Comparison) else result
-    groups: dict = OrderedDict()
+    out: OrderedDict = OrderedDict()
     for r in runs:
-        groups.setdefault(r.tags.get(by), []).append(r)
-    stuck = [k for k, rs in groups.items() if all(r.acc is None or r.acc < limit for r in rs)
-             and any(r.acc is not None for r in rs)]
-    if not stuck:
+        out.setdefault(_cell_key(r.tags), []).append(r)
+    return out
+
+
+def _cell_name(key: tuple) -> str:
+    return ", ".join(str(v) if k in ("variant", "model", "norm") else f"{k} {v}" for k, v in key)
+
+
+def caution(result: "GridResult | Comparison", by: str = "variant", limit: float = CHANCE_LIMIT,
+            full_size: dict | None = None) -> str:
+    """One line per compared **cell** (runs that differ only by seed: a variant, a (model, lr),
+    a (norm, batch size)) that has a measured cause (:func:`bnviz.verdicts.cell_causes`):
+    'CAUTION: LeNet, no BN, lr 0.1: never left chance (best seed 0.113 < 0.15)'. Empty string if
+    no cell has one. ``by`` is kept for old calls: cells are always per (all tags but seed).
+    ``full_size``: ``{cell name: full-size accuracy}`` (a Comparison uses its own)."""
+    if isinstance(result, Comparison):
+        full_size = {**result.full_size, **(full_size or {})}
+    lines = []
+    for key, runs in cells(result).items():
+        name = _cell_name(key)
+        causes = cell_causes(runs, (full_size or {}).get(name), limit)
+        if causes:
+            lines.append(f"CAUTION: {name}: {'; '.join(causes)}")
+    if not lines:
         return ""
-    steps = max((r.history.snapshots[-1].step for r in runs if r.history.snapshots), default=0)
-    return (f"CAUTION: {', '.join(map(str, stuck))} stayed at chance (accuracy below {limit} in every run) "
-            f"after {steps} steps: it had not started learning (a sigmoid network without BN first sits on "
-            f"the loss plateau at ln 10 = 2.30; on this stand-in the plain LeNet needs about 250 steps of "
-            f"batch 256 at lr 0.9 to leave it, as on Fashion-MNIST). A verdict against it means "
-            f"'learned vs did not start yet', not 'better after full training': rerun with the GPU sizes "
-            f"(BNVIZ_SIZES=gpu) to see the end of training.")
+    steps = max((r.history.snapshots[-1].step for r in (result.runs if isinstance(result, Comparison) else result)
+                 if r.history.snapshots), default=0)
+    return "\n".join(lines) + (f"\n(after up to {steps} steps: a verdict involving a flagged cell compares what the "
+                               "runs reached in this budget, not what the settings reach after full training)")
 
 
 def summarize(result: GridResult, by: Sequence[str]):
     """One row per combination of the tags ``by`` (over the seeds): ``n`` (runs with an
-    accuracy), ``mean``, ``std`` (sample), ``min``, ``max`` of :data:`ACCURACY`, ``diverged``
-    (runs that failed) and ``status`` ('diverged' if any run of the group failed)."""
+    accuracy), ``mean``, ``std`` (sample), ``min``, ``max`` of :data:`ACCURACY`, ``acc_ema`` (the
+    mean of :data:`ACCURACY_EMA`), ``diverged`` (runs that failed), ``status`` ('diverged' if any
+    run of the group failed) and ``caution`` (the group's measured causes, '' if none)."""
     import pandas as pd
 
     groups: dict[tuple, list[Run]] = OrderedDict()
@@ -557,9 +559,24 @@ def summarize(result: GridResult, by: Sequence[str]):
     rows = []
     for key, runs in groups.items():
         s = seed_stats(r.acc for r in runs)
+        ema = seed_stats(r.acc_ema for r in runs)
         rows.append({**dict(zip(by, key)), "n": s.n, "mean": s.mean, "std": s.std, "min": s.min,
-                     "max": s.max, "diverged": s.failed,
-                     "status": "diverged" if s.failed else "finished"})
+                     "max": s.max, "acc_ema": ema.mean, "diverged": s.failed,
+                     "status": "diverged" if s.failed else "finished", "caution": "; ".join(cell_causes(runs))})
+    return pd.DataFrame(rows)
+
+
+def ema_vs_precise(result: "GridResult | Comparison"):
+    """Per cell: the mean over seeds of :data:`ACCURACY` (recomputed statistics) and of
+    :data:`ACCURACY_EMA` (moving averages), and ``ema_cost`` = precise − EMA: what the moving
+    averages' lag costs at the end of these runs."""
+    import pandas as pd
+
+    rows = []
+    for key, runs in cells(result).items():
+        p, e = seed_stats(r.acc for r in runs), seed_stats(r.acc_ema for r in runs)
+        rows.append({"cell": _cell_name(key), "precise": p.mean, "ema": e.mean, "ema_cost": p.mean - e.mean,
+                     "precise_std": p.std, "ema_std": e.std})
     return pd.DataFrame(rows)
 
 
@@ -567,9 +584,11 @@ def summarize(result: GridResult, by: Sequence[str]):
 
 
 def lr_sweep(base: Config, lrs: Iterable[float], models: dict[str, LeNetSpec | str], seeds=(0,),
-             data: Dataset | None = None, progress: bool = True) -> GridResult:
+             data: Dataset | None = None, progress: bool = True,
+             precise_bn: int | None = PRECISE_BN_IMAGES) -> GridResult:
     """One run per (model, lr, seed), all in one grid: the table has columns ``model`` (the name
-    given), ``lr`` and ``seed``. :func:`sweep_summary` gives the spread over seeds."""
+    given), ``lr`` and ``seed``. :func:`sweep_summary` gives the spread over seeds; each
+    (model, lr) is a cell of :func:`caution`."""
     lrs = [float(lr) for lr in lrs]
     if not lrs or not models:
         raise ValueError("lr_sweep needs at least one learning rate and one model")
@@ -581,7 +600,7 @@ def lr_sweep(base: Config, lrs: Iterable[float], models: dict[str, LeNetSpec | s
                 label = f"{name}, lr {lr:g}" + (f" · seed {s}" if len(seeds) > 1 else "")
                 variants[label] = {"model": spec, "lr": lr, "seed": s}
                 tags[label] = {"model": name, "lr": lr, "seed": s}
-    return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="lr sweep")
+    return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="lr sweep", precise_bn=precise_bn)
 
 
 def sweep_summary(result: GridResult):
@@ -647,28 +666,98 @@ def max_lr(results, tolerance: float = 0.05, floor: float = 0.2) -> dict[str, Ma
     return out
 
 
+def fixed_steps(steps: int, batch_size: int, n_train: int) -> tuple[int, int]:
+    """``(examples, epochs)`` so that a run of batch ``batch_size`` takes exactly ``steps`` full
+    steps: ``epochs`` passes over the first ``examples`` = steps·B/epochs training examples, with
+    ``epochs`` the smallest divisor of ``steps`` for which that fits in ``n_train``."""
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps={steps!r} is not valid; valid: a positive integer")
+    for epochs in range(1, steps + 1):
+        if steps % epochs == 0 and steps // epochs * batch_size <= n_train:
+            return steps // epochs * batch_size, epochs
+    raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
+
+
+def _lr_for(lrs, name, bs, default):
+    if lrs is None:
+        return default
+    if (name, bs) in lrs:
+        return float(lrs[(name, bs)])
+    if name in lrs:
+        return float(lrs[name])
+    raise ValueError(f"lrs has no learning rate for norm {name!r} at batch size {bs}; give "
+                     f"{{'{name}': lr}} or {{('{name}', {bs}): lr}}")
+
+
 def batch_size_grid(base: Config, norms: dict[str, dict], batch_sizes: Iterable[int],
                     scale_lr: bool = True, seeds=(0,), data: Dataset | None = None,
-                    progress: bool = True) -> GridResult:
-    """One run per (norm, batch size, seed), the same number of epochs (so the same examples)
-    each, in one grid.
+                    progress: bool = True, steps: int | None = None, lrs: dict | None = None,
+                    precise_bn: int | None = PRECISE_BN_IMAGES) -> GridResult:
+    """One run per (norm, batch size, seed), in one grid.
 
     ``norms``: name -> model changes, e.g. ``{'BN': {'norm': 'torch'}, 'GroupNorm': {'norm':
-    'group'}}``. With ``scale_lr`` the lr follows the linear scaling rule
-    ``lr = base.lr * batch_size / base.batch_size`` (Goyal et al. 2017), so that an epoch moves
-    the weights about as far whatever the batch size. Table columns: ``norm``, ``batch_size``,
-    ``lr``, ``seed``; :func:`summarize` with ``by=('norm', 'batch_size')`` gives the spreads.
+    'group'}}``. Without ``steps`` every run takes ``base.epochs`` epochs (the same examples);
+    with ``steps`` every run takes exactly that many full steps (:func:`fixed_steps`: batch B
+    sees steps·B examples). The lr: ``lrs`` ({norm: lr} or {(norm, batch size): lr}, e.g. from
+    :func:`tune_lr`), else with ``scale_lr`` the linear scaling rule ``lr = base.lr *
+    batch_size / base.batch_size`` (Goyal et al. 2017), else ``base.lr``. Table columns: ``norm``,
+    ``batch_size``, ``lr``, ``seed`` (and ``steps``); :func:`summarize` with ``by=('norm',
+    'batch_size')`` gives the spreads, :func:`caution` the cells' causes.
     """
     seeds = _seeds(seeds)
+    batch_sizes = [int(b) for b in batch_sizes]
+    data = _data_for(base, data)
     variants, tags = {}, {}
     for name, changes in norms.items():
         for bs in batch_sizes:
-            lr = base.lr * bs / base.batch_size if scale_lr else base.lr
+            default = base.lr * bs / base.batch_size if scale_lr else base.lr
+            lr = _lr_for(lrs, name, bs, default)
+            size = {}
+            if steps is not None:
+                n, epochs = fixed_steps(steps, bs, len(data.train_x))
+                size = {"train_size": n, "epochs": epochs}
             for s in seeds:
                 label = f"{name}, bs {bs}" + (f" · seed {s}" if len(seeds) > 1 else "")
-                variants[label] = {**changes, "batch_size": int(bs), "lr": lr, "seed": s}
-                tags[label] = {"norm": name, "batch_size": int(bs), "lr": lr, "seed": s}
-    return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="batch sizes")
+                variants[label] = {**changes, "batch_size": bs, "lr": lr, "seed": s, **size}
+                tags[label] = {"norm": name, "batch_size": bs, "lr": lr, "seed": s,
+                               **({"steps": steps} if steps is not None else {})}
+    return run_grid(base, variants, data=data, progress=progress, tags=tags, desc="batch sizes",
+                    precise_bn=precise_bn)
+
+
+def tune_lr(base: Config, norms: dict[str, dict], batch_sizes: Iterable[int], steps: int | None = None,
+            factors=(1 / 3, 1.0, 3.0), seed: int = 100, data: Dataset | None = None, progress: bool = True,
+            precise_bn: int | None = PRECISE_BN_IMAGES):
+    """A small lr sweep per (norm, batch size): lr = base.lr·√(B / base.batch_size)·f for each
+    factor f (square-root scaling as the centre), one run each with ``seed``, a seed the
+    comparison should not use (picking the best lr on the same seeds would favour their luck).
+    ``steps`` as in :func:`batch_size_grid`. Returns ``(best, table)``: ``best[(norm, B)]`` is the
+    lr with the highest :data:`ACCURACY` among runs that did not diverge (the centre lr if none
+    finished); ``table`` a DataFrame (norm, batch_size, lr, acc, status)."""
+    import pandas as pd
+
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not factors or min(factors) <= 0:
+        raise ValueError(f"factors={factors!r} is not valid; valid: positive multipliers, e.g. (1/3, 1, 3)")
+    data = _data_for(base, data)
+    variants, tags = {}, {}
+    for name, changes in norms.items():
+        for b in batch_sizes:
+            size = dict(zip(("train_size", "epochs"), fixed_steps(steps, b, len(data.train_x)))) if steps else {}
+            for f in factors:
+                lr = base.lr * math.sqrt(b / base.batch_size) * f
+                label = f"{name}, bs {b}, lr {lr:.4g}"
+                variants[label] = {**changes, "batch_size": b, "lr": lr, "seed": seed, **size}
+                tags[label] = {"norm": name, "batch_size": b, "lr": lr, "seed": seed}
+    grid = run_grid(base, variants, data=data, progress=progress, tags=tags, desc="lr tuning", precise_bn=precise_bn)
+    table = pd.DataFrame([{**{k: r.tags[k] for k in ("norm", "batch_size", "lr")}, "acc": r.acc, "status": r.status}
+                          for r in grid])
+    best = {}
+    for (name, b), g in table.groupby(["norm", "batch_size"], sort=False):
+        ok = g[g["acc"].notna()]
+        centre = base.lr * math.sqrt(b / base.batch_size)
+        best[(name, int(b))] = float(ok.loc[ok["acc"].astype(float).idxmax(), "lr"]) if len(ok) else centre
+    return best, table
 
 
 def status_table(results):

@@ -54,7 +54,8 @@ from .config import Config, resolve_dataset
 from .data import Dataset, resolve_device, to_float
 from .history import History, LayerStats, Snapshot
 from .models import build_lenet, init_weights, norm_layers
-from .stats import num_channels
+from .precise import PRECISE_BN_BATCH, SATURATED, PreciseBNEval
+from .stats import bn_layers, num_channels
 from .train import _BUILD_LOCK, DROP_NOTE, Clock, Trainer, cached_dataset
 
 __all__ = ["train_grid", "group_key", "solo_reason"]
@@ -111,7 +112,7 @@ def _check(configs, data, progress) -> list[Config]:
 
 
 def train_grid(configs: list[Config], data: Dataset | None = None, progress: bool = True,
-               vectorize: bool | None = None) -> list[History]:
+               vectorize: bool | None = None, precise_bn: int | None = None) -> list[History]:
     """Train every config and return their Histories in the order of ``configs``.
 
     Runs that agree on :func:`group_key` train at once (one vmapped model, see the module
@@ -123,9 +124,16 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
     measured at about 0.6x the speed of the same runs one after another: a CPU is busy computing,
     not launching kernels, and vmap's grouped ops cost more per model there). Runs that train
     alone on a CPU train in parallel threads, one per core.
+    ``precise_bn``: N (e.g. 2000) also evaluates every BN run at each epoch end with its BN
+    statistics recomputed on the first N training images (:mod:`bnviz.precise`, PreciseBN):
+    ``Snapshot.precise_test_acc`` (and ``Snapshot.saturated`` for sigmoid nets); None: off.
     Raises ValueError for bad input (before anything trains) and whatever a run raises.
     """
     configs = _check(configs, data, progress)
+    if precise_bn is not None and (not isinstance(precise_bn, int) or isinstance(precise_bn, bool)
+                                   or precise_bn < 1):
+        raise ValueError(f"precise_bn={precise_bn!r} is not valid; valid: None (off) or a positive number "
+                         "of training images, e.g. 2000")
     if not (vectorize is None or isinstance(vectorize, bool)):
         raise ValueError(f"vectorize={vectorize!r} is not valid; valid: None (vmap on CUDA only), True, False")
     devices = [data.device if data is not None else resolve_device(c.device) for c in configs]
@@ -138,13 +146,14 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
     results: list[History | None] = [None] * len(configs)
     solo = [members[0] for members in groups.values() if len(members) == 1]
     try:
-        for i, h in _solo_runs([configs[i] for i in solo], [devices[i] for i in solo], data, bar):
+        for i, h in _solo_runs([configs[i] for i in solo], [devices[i] for i in solo], data, bar,
+                               precise_bn):
             results[solo[i]] = h
         for members in groups.values():
             if len(members) > 1:
                 cfgs = [configs[i] for i in members]
                 ds = data if data is not None else cached_dataset(cfgs[0], devices[members[0]])
-                for i, h in zip(members, _Group(cfgs, ds, bar).fit()):
+                for i, h in zip(members, _Group(cfgs, ds, bar, precise_bn).fit()):
                     results[i] = h
     finally:
         if bar is not None:
@@ -152,7 +161,8 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
     return results
 
 
-def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset | None, bar):
+def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset | None, bar,
+               precise_bn: int | None = None):
     """Yield ``(index, History)`` of runs that train alone. On a multi-core CPU they train in
     parallel threads, one per core, each with ``cores // threads`` torch threads: a LeNet step
     does not keep two cores busy by itself, two runs side by side do (measured by
@@ -162,7 +172,7 @@ def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    callbacks = [bar] if bar else []
+    callbacks = ([bar] if bar else []) + ([PreciseBNEval(precise_bn)] if precise_bn else [])
     cores = os.cpu_count() or 1
     parallel = [i for i, (c, d) in enumerate(zip(configs, devices)) if d.type == "cpu" and not c.model.dropout]
     if cores < 2 or len(parallel) < 2:
@@ -213,8 +223,8 @@ class _Group:
     """K runs with one :func:`group_key`, trained as one vmapped model. ``fit()`` mirrors
     ``Trainer.fit``; ``step(idx)`` mirrors ``Trainer.step`` for all K models at once."""
 
-    def __init__(self, configs: list[Config], data: Dataset, bar: _Bar | None):
-        self.configs, self.data, self.bar = configs, data, bar
+    def __init__(self, configs: list[Config], data: Dataset, bar: _Bar | None, precise_bn: int | None = None):
+        self.configs, self.data, self.bar, self.precise = configs, data, bar, precise_bn
         self.cfg, self.K, self.device = configs[0], len(configs), data.device
         self.histories = [History(config=c) for c in configs]
         self.active = [True] * self.K
@@ -332,17 +342,61 @@ class _Group:
                 var_buf.copy_(var)
 
     @torch.no_grad()
-    def _evaluate(self) -> torch.Tensor:
-        """Test accuracy of each model in eval mode (running statistics): (K,) on the device."""
+    def _evaluate(self, buffers: dict | None = None) -> torch.Tensor:
+        """Test accuracy of each model in eval mode (running statistics, or ``buffers``): (K,) on the device."""
         x, y = self.data.test_x, self.data.test_y
+        buffers = self.buffers if buffers is None else buffers
         chunk = max(1, 10000 // self.K)
         correct = torch.zeros(self.K, dtype=torch.long, device=self.device)
         self.skeleton.eval()
         for s in range(0, len(x), chunk):
-            out = self.predict_fn(self.params, self.buffers, to_float(x[s:s + chunk]))
+            out = self.predict_fn(self.params, buffers, to_float(x[s:s + chunk]))
             correct += (out.argmax(-1) == y[s:s + chunk]).sum(1)
         self.skeleton.train()
         return correct.float() / max(len(x), 1)
+
+    @torch.no_grad()
+    def _evaluate_precise(self) -> torch.Tensor:
+        """(K, 2): test accuracy with BN statistics recomputed on the first ``self.precise`` training
+        images (NaN without BN) and the saturated share of sigmoid outputs (NaN without sigmoids),
+        as :class:`bnviz.precise.PreciseBNEval` does per run: an equal-weight average of the batch
+        statistics (momentum 1/t at the t-th batch, the cumulative average of
+        ``recompute_bn_stats``) into copies of the buffers."""
+        x = self.data.train_x[:self.precise]
+        bns = list(bn_layers(self.skeleton).values())
+        buffers = {k: v.clone() for k, v in self.buffers.items()}
+        nan = torch.full((self.K,), float("nan"), device=self.device)
+        acc = nan
+        if bns:
+            momenta = [m.momentum for m in bns]
+            try:
+                for t, s in enumerate(range(0, len(x), PRECISE_BN_BATCH), 1):
+                    for m in bns:
+                        m.momentum = 1.0 / t
+                    self.predict_fn(self.params, buffers, to_float(x[s:s + PRECISE_BN_BATCH]))
+            finally:
+                for m, mom in zip(bns, momenta):
+                    m.momentum = mom
+            acc = self._evaluate(buffers)
+        sigs = [m for m in self.skeleton.modules() if isinstance(m, torch.nn.Sigmoid)]
+        if not sigs:
+            return torch.stack([acc, nan], 1)
+        seen = []
+        handles = [m.register_forward_hook(lambda mod, i, out: seen.append(
+            (((out < SATURATED) | (out > 1 - SATURATED)).sum(), out.numel()))) for m in sigs]
+
+        def share(params, bufs, xb):
+            seen.clear()
+            self._predict(params, bufs, xb)
+            return sum(c for c, _ in seen).float() / sum(n for _, n in seen)
+        try:
+            self.skeleton.eval()
+            sat = torch.vmap(share, in_dims=(0, 0, None))(self.params, buffers, to_float(x[:PRECISE_BN_BATCH]))
+        finally:
+            self.skeleton.train()
+            for h in handles:
+                h.remove()
+        return torch.stack([acc, sat], 1)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> list[History]:
@@ -405,6 +459,8 @@ class _Group:
         cols = [self.sums.t()]  # (K, 6)
         if kind == "epoch":
             cols.append(self._evaluate()[:, None])
+            if self.precise:
+                cols.append(self._evaluate_precise())
         layers = {s: self._layer_state(s) for s in self.norm_paths}
         for st in layers.values():
             cols.extend(t.float().reshape(self.K, -1) for t in st.values() if t is not None)
@@ -437,6 +493,10 @@ class _Group:
         h, c = self.histories[k], self.configs[k]
         loss_sum, correct, n = row[3:6] if kind == "epoch" else row[0:3]
         pos, test_acc = (7, row[6]) if kind == "epoch" else (6, None)
+        precise = saturated = None
+        if kind == "epoch" and self.precise:
+            precise, saturated = (None if v != v else v for v in row[7:9])  # NaN: not measured
+            pos = 9
         stats = {}
         for name, st in layers.items():
             vals = {}
@@ -449,7 +509,8 @@ class _Group:
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
                      time_s=now - self.clock.t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
                      test_acc=test_acc, examples_per_s=rate, lr=c.lr, bn_momentum=c.bn_momentum,
-                     eps=c.eps, batch_size=c.batch_size, layers=stats)
+                     eps=c.eps, batch_size=c.batch_size, layers=stats, precise_test_acc=precise,
+                     saturated=saturated)
         h.snapshots.append(s)
         try:
             self.divergence[k].on_snapshot(_Current(c), s)

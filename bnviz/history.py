@@ -59,6 +59,9 @@ class Snapshot:
     eps: float
     batch_size: int
     layers: dict[str, LayerStats] = field(default_factory=dict)
+    # Epoch snapshots of runs trained with recomputed statistics (bnviz.precise; else None):
+    precise_test_acc: float | None = None  # test accuracy, BN statistics recomputed (PreciseBN)
+    saturated: float | None = None  # share of sigmoid outputs < 0.05 or > 0.95 (same images)
 
 
 @dataclass

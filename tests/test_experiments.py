@@ -280,21 +280,19 @@ def test_seed_stats_known_values():
 def test_pooled_std_and_verdict_follow_their_definitions():
     a = ex.seed_stats([0.80, 0.82, 0.84])  # std 0.02
     b = ex.seed_stats([0.86, 0.90, 0.94])  # std 0.04
-    # pooled: sqrt((2*0.02^2 + 2*0.04^2) / 4) = sqrt(0.001) = 0.0316
+    # pooled: sqrt((2*0.02^2 + 2*0.04^2) / 4) = sqrt(0.001) = 0.0316 (kept, no longer the rule)
     assert math.isclose(ex.pooled_std(a, b), math.sqrt(0.001))
+    # paired: d = (0.06, 0.08, 0.10), mean 0.08, sd 0.02, threshold t(0.975, 2) * 0.02 / sqrt(3)
     v = ex.verdict(a, b)
-    assert math.isclose(v["delta"], 0.08) and math.isclose(v["noise"], 2 * math.sqrt(0.001))
-    assert v["verdict"] == "better (Δ +0.080)"  # 0.08 > 0.063
-    assert ex.verdict(b, a)["verdict"] == "worse (Δ -0.080)"
-    c = ex.seed_stats([0.83, 0.85, 0.87])  # Δ 0.03 < 2 * 0.02
-    assert ex.verdict(a, c)["verdict"] == "within noise"
-    assert ex.verdict(a, a)["verdict"] == "within noise"  # Δ = 0 with no spread
-    # exactly at the threshold is not "within": |Δ| < 2 s_p is strict
-    d = ex.seed_stats([0.84, 0.86, 0.88])
-    assert ex.verdict(a, d)["verdict"].startswith("better")
+    assert math.isclose(v["delta"], 0.08) and math.isclose(v["noise"], 4.302652729749464 * 0.02 / math.sqrt(3))
+    assert v["verdict"].startswith("better (Δ +0.080, 95% CI +0.030 to +0.130)")
+    assert ex.verdict(b, a)["verdict"].startswith("worse (Δ -0.080")
+    c = ex.seed_stats([0.83, 0.81, 0.87])  # d = (0.03, -0.01, 0.03): the interval holds 0
+    assert ex.verdict(a, c)["verdict"].startswith("within noise")
+    assert ex.verdict(a, a)["verdict"].startswith("within noise")  # Δ = 0 with no spread
     failed = ex.seed_stats([0.9, None, None])
-    assert ex.verdict(a, failed)["verdict"].endswith("2 of 3 runs diverged")
-    assert "no comparison" in ex.verdict(a, ex.seed_stats([None, None]))["verdict"]
+    assert "diverged seeds (2 of 3)" in ex.verdict(a, failed)["verdict"]
+    assert "no comparison" in ex.verdict(a, ex.seed_stats([None, None, None]))["verdict"]
 
 
 def test_compare_runs_every_seed_and_reuses_included_runs(data):
@@ -310,9 +308,12 @@ def test_compare_runs_every_seed_and_reuses_included_runs(data):
     m = cmp.stats("max pool")
     assert math.isclose(t.loc["max pool", "mean"], m.mean) and t.loc["base", "verdict"] == "(reference)"
     assert t.loc["max pool", "verdict"] == cmp.contrast("base", "max pool")["verdict"]
-    # The accuracy is the mean of the last 3 epochs, not the final epoch.
+    # The accuracy is the mean of the last 3 epochs with recomputed statistics; acc_ema the eval-mode one.
     r = cmp.runs_of("max pool")[0]
-    assert r.acc == r.history.mean_test_acc(3)
+    precise = [e.precise_test_acc for e in r.history.epochs][-3:]
+    assert None not in precise and r.acc == pytest.approx(sum(precise) / len(precise))
+    assert r.acc_ema == r.history.mean_test_acc(3)
+    assert cmp.threshold("base", "max pool") == t.loc["max pool", "threshold"]
     with pytest.raises(ValueError, match="seeds"):
         ex.compare(base(), {"x": {}}, seeds=(0, 1), data=data, include=floor, progress=False)
 
@@ -323,21 +324,37 @@ def test_same_seed_same_run_so_reuse_is_honest(data):
     assert [s.loss for s in a.snapshots] == pytest.approx([s.loss for s in b.snapshots], rel=1e-5)
 
 
-def test_caution_names_variants_that_never_left_chance(data):
+def test_caution_names_each_cell_with_its_measured_cause(data):
     cmp = ex.compare(base(), {"BN": {}, "tiny lr": {"lr": 1e-6, "norm": "none"}}, seeds=(0, 1), data=data,
                      progress=False)
-    named = 0
-    for limit in (0.0, max(cmp.values("tiny lr")) + 1e-6, 1.01):
-        expected = [v for v in cmp.variants if max(cmp.values(v)) < limit]  # every run below the limit
-        text = cmp.caution(limit=limit)
-        assert ex.caution(cmp.runs, by="variant", limit=limit) == text
-        if expected:
-            named += 1
-            assert text.startswith(f"CAUTION: {', '.join(expected)} stayed at chance") and "steps" in text
-        else:
-            assert text == ""
-    assert named == 2  # "tiny lr" at the middle limit, both at 1.01
-    assert cmp.caution(limit=0.0) == ""
+    best = max(cmp.values("tiny lr"))
+    text = cmp.caution()
+    assert f"CAUTION: tiny lr: never left chance (best seed {best:.3f} < 0.15)" in text
+    assert ex.caution(cmp.runs, by="variant") == text
+    assert cmp.causes("tiny lr") == [f"never left chance (best seed {best:.3f} < 0.15)"]
+    assert "CAUTION: tiny lr: never left chance" in cmp.contrast("tiny lr", "BN")["verdict"]
+    assert cmp.table().set_index("variant").loc["tiny lr", "caution"].startswith("never left chance")
+    assert cmp.caution(limit=0.0) == "" or "never left chance" not in cmp.caution(limit=0.0)
+
+
+def test_fixed_steps_batch_grid_gives_every_batch_size_the_same_steps(data):
+    assert ex.fixed_steps(8, 2, 256) == (16, 1) and ex.fixed_steps(8, 64, 256) == (256, 2)
+    assert ex.fixed_steps(8, 256, 256) == (256, 8)
+    with pytest.raises(ValueError, match="larger than"):
+        ex.fixed_steps(8, 512, 256)
+    res = ex.batch_size_grid(base(), {"BN": {"norm": "torch"}, "GN": {"norm": "group"}}, (2, 64), seeds=(0,),
+                             data=data, steps=8, lrs={"BN": 0.1, ("GN", 2): 0.05, ("GN", 64): 0.2}, progress=False)
+    for r in res:
+        steps = [s for s in r.history.snapshots if s.kind == "step"]
+        assert steps[-1].step == 8 and steps[-1].examples == 8 * r.tags["batch_size"]
+        assert r.history.config.lr == {("BN", 2): 0.1, ("BN", 64): 0.1, ("GN", 2): 0.05, ("GN", 64): 0.2}[
+            (r.tags["norm"], r.tags["batch_size"])]
+        assert r.tags["steps"] == 8
+    with pytest.raises(ValueError, match="no learning rate"):
+        ex.batch_size_grid(base(), {"BN": {}}, (2,), data=data, steps=8, lrs={"GN": 0.1}, progress=False)
+    best, table = ex.tune_lr(base(), {"BN": {}}, (2,), steps=4, factors=(0.5, 1.0), data=data, progress=False)
+    assert list(table["lr"]) == pytest.approx([0.5 * math.sqrt(2 / 64) * f for f in (0.5, 1.0)])
+    assert best[("BN", 2)] == table.loc[table["acc"].astype(float).idxmax(), "lr"]
 
 
 def test_summarize_groups_over_seeds(data):

@@ -1,0 +1,316 @@
+"""Seed statistics, paired verdicts and per-cell cautions: how chapters 05-07 decide "better",
+"worse" or "within noise", and when a verdict needs a CAUTION. Used by :mod:`bnviz.experiments`.
+
+Conventions:
+
+* A **cell** is a set of runs that differ only by their seed (a variant of a comparison, a
+  (model, lr) of an lr sweep, a (norm, batch size) of a batch-size grid). Every cell of an
+  experiment runs on the **same seeds** (the seed sets the initial weights and the batch order),
+  so two cells are compared seed by seed.
+* **Paired verdict** (:func:`paired`): dᵢ = acc(other, seed i) − acc(reference, seed i) over the
+  seeds where both runs finished; Δ = mean(d), s_d = std(d) (ddof 1), and the 95% t-interval
+  Δ ± t₀.₉₇₅,ₙ₋₁·s_d/√n. The **threshold** is that half-width; "better"/"worse" when |Δ| exceeds
+  it (the interval excludes 0: a paired t-test at 5%), else "within noise". One rule for 3
+  seeds (t = 4.30) and 5 (t = 2.78). A stuck arm's std of ≈ 0 cannot shrink the threshold: s_d is
+  then the other arm's std.
+* **Many comparisons** (:func:`holm`, :func:`multiplicity_note`): each verdict is a 5% test; a
+  chapter that makes 45 of them expects about 2 false "better/worse" when nothing differs.
+* **Causes** (:func:`cell_causes`): each is measured, never fixed text: never left chance; not
+  converged (still improving, or far below a given full-size accuracy); diverged seeds; saturation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+__all__ = ["ALPHA", "CHANCE_LIMIT", "STILL_IMPROVING", "FAR_BELOW", "SATURATION_LIMIT", "SeedStats",
+           "fmt_stats", "seed_stats", "pooled_std", "Paired", "paired", "welch", "holm", "multiplicity_note",
+           "cell_causes", "improvement", "verdict"]
+
+ALPHA = 0.05  # each verdict is a two-sided test at 5%: the 95% t-interval of the paired difference
+CHANCE_LIMIT = 0.15  # a cell whose best seed stays below this (chance is 0.1) never left chance
+STILL_IMPROVING = 0.02  # training accuracy gained over the last quarter of the steps: not converged
+FAR_BELOW = 0.05  # this far below its full-size accuracy: not converged
+SATURATION_LIMIT = 0.5  # over half the sigmoid outputs in the flat tails at the end: saturated
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+@dataclass
+class SeedStats:
+    """The spread of one accuracy over seeds. ``values``: the finished runs' accuracies;
+    ``std`` is the sample standard deviation (``ddof=1``; 0 with one value); ``failed`` counts
+    runs without an accuracy (diverged). ``raw``: the accuracies in seed order with None for a
+    failed run (what pairing uses); ``causes``: the cell's caution causes (:func:`cell_causes`)."""
+
+    values: list[float]
+    failed: int = 0
+    raw: list[float | None] | None = None
+    causes: list[str] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / self.n if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return 0.0 if self.n == 1 else float("nan")
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (self.n - 1))
+
+    @property
+    def min(self) -> float:
+        return min(self.values) if self.values else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.values) if self.values else float("nan")
+
+    def __str__(self) -> str:
+        return fmt_stats(self)
+
+
+def fmt_stats(s: SeedStats) -> str:
+    """'0.812 ± 0.011 (0.800–0.824, 3 seeds)', with the failed runs named."""
+    if s.n == 0:
+        return f"no accuracy ({s.failed} run(s) diverged)"
+    text = f"{s.mean:.3f} ± {s.std:.3f} ({s.min:.3f}–{s.max:.3f}, {s.n} seed{'s' if s.n != 1 else ''})"
+    if s.failed:
+        text += f", {s.failed} diverged"
+    return text
+
+
+def _is_run(x) -> bool:
+    return hasattr(x, "history") and hasattr(x, "acc")
+
+
+def seed_stats(values: Iterable, full_size: float | None = None) -> SeedStats:
+    """Mean, sample std, min and max of accuracies over seeds, in seed order. ``values``: floats
+    (None / NaN for runs that diverged, counted in ``failed``) or :class:`~bnviz.experiments.Run`
+    objects (then ``causes`` has every measured cause; floats give only "never left chance" and
+    "diverged seeds"). ``full_size``: the cell's full-size accuracy, if known."""
+    items = list(values)
+    runs = [x for x in items if _is_run(x)]
+    raw = [x.acc if _is_run(x) else x for x in items]
+    raw = [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in raw]
+    ok = [v for v in raw if v is not None]
+    s = SeedStats(ok, len(raw) - len(ok), raw)
+    s.causes = cell_causes(runs, full_size) if runs and len(runs) == len(items) else _value_causes(s)
+    return s
+
+
+def pooled_std(*groups: SeedStats) -> float:
+    """The pooled sample standard deviation of groups: ``sqrt(Σ(nᵢ−1)sᵢ² / Σ(nᵢ−1))`` (groups
+    with fewer than 2 values add nothing); 0 when no group has 2 values. (Not the verdict rule
+    since issue 15: see :func:`paired`.)"""
+    dof = sum(g.n - 1 for g in groups if g.n >= 2)
+    if dof == 0:
+        return 0.0
+    return math.sqrt(sum((g.n - 1) * g.std ** 2 for g in groups if g.n >= 2) / dof)
+
+
+# ----------------------------------------------------------------------------- causes
+
+
+def _value_causes(s: SeedStats, limit: float = CHANCE_LIMIT) -> list[str]:
+    causes = []
+    if s.n and s.max < limit:
+        causes.append(f"never left chance (best seed {s.max:.3f} < {limit})")
+    if s.failed:
+        causes.append(f"diverged seeds ({s.failed} of {s.n + s.failed})")
+    return causes
+
+
+def improvement(history) -> float | None:
+    """Training accuracy gained over the last quarter of a run: the mean of the step snapshots'
+    training accuracy in the last quarter of the steps minus the mean in the quarter before
+    (None with fewer than 8 step snapshots)."""
+    steps = [s for s in history.snapshots if s.kind == "step"]
+    if len(steps) < 8:
+        return None
+    total = steps[-1].step
+    last = [s.train_acc for s in steps if s.step > 0.75 * total]
+    before = [s.train_acc for s in steps if 0.5 * total < s.step <= 0.75 * total]
+    if not last or not before:
+        return None
+    return sum(last) / len(last) - sum(before) / len(before)
+
+
+def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[str]:
+    """The measured reasons a verdict about this cell (runs that differ only by seed) needs a
+    CAUTION, each with its number: 'never left chance (best seed 0.113 < 0.15)'; 'not converged:
+    still improving (training accuracy +0.041 over the last quarter of the steps)' (mean over
+    the finished seeds > :data:`STILL_IMPROVING`); 'not converged: far below its full-size
+    accuracy (0.532 vs 0.880)' (more than :data:`FAR_BELOW` below ``full_size``); 'diverged
+    seeds (1 of 3)'; 'saturation (62% of sigmoid outputs saturated at the end)' (mean of the last
+    epoch's ``Snapshot.saturated`` > :data:`SATURATION_LIMIT`). Empty when none applies."""
+    runs = list(runs)
+    s = SeedStats([r.acc for r in runs if r.acc is not None], sum(r.acc is None for r in runs))
+    causes = _value_causes(s, limit)
+    ok = [r for r in runs if r.acc is not None]
+    stuck = bool(causes) and causes[0].startswith("never")
+    gains = [g for g in (improvement(r.history) for r in ok) if g is not None]
+    if gains and not stuck and sum(gains) / len(gains) > STILL_IMPROVING:
+        g = sum(gains) / len(gains)
+        causes.insert(len(causes) - bool(s.failed),
+                      f"not converged: still improving (training accuracy {g:+.3f} over the last quarter of the steps)")
+    if full_size is not None and s.n and not stuck and s.mean < full_size - FAR_BELOW:
+        causes.append(f"not converged: far below its full-size accuracy ({s.mean:.3f} vs {full_size:.3f})")
+    sats = [e.saturated for r in ok for e in r.history.snapshots[-1:] if e.saturated is not None]
+    if sats and sum(sats) / len(sats) > SATURATION_LIMIT:
+        causes.append(f"saturation ({sum(sats) / len(sats):.0%} of sigmoid outputs saturated at the end)")
+    return causes
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+def _t_quantile(q: float, dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, dof))
+
+
+def _t_sf(t: float, dof: int) -> float:
+    from scipy.stats import t as student
+
+    return float(student.sf(t, dof))
+
+
+@dataclass
+class Paired:
+    """A paired comparison of two cells over seeds (see the module docstring). ``delta`` =
+    mean difference (other − reference), ``sd`` its std over pairs, ``half_width`` the threshold
+    applied (t·sd/√n), ``ci`` the interval, ``t`` and two-sided ``p``; ``dropped`` pairs where a
+    run diverged. ``kind`` is 'paired' (or 'welch' when the cells were not run on the same seeds)."""
+
+    n: int
+    delta: float
+    sd: float
+    half_width: float
+    ci: tuple[float, float]
+    t: float
+    p: float
+    alpha: float = ALPHA
+    dropped: int = 0
+    kind: str = "paired"
+
+    @property
+    def significant(self) -> bool:
+        return self.n >= 2 and self.delta != 0 and abs(self.delta) > self.half_width
+
+    @property
+    def verdict(self) -> str:
+        if self.n < 2:
+            return f"no comparison: {self.n} seed(s) where both runs finished (2 needed)"
+        ci = f"{1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
+        if not self.significant:
+            return f"within noise (Δ {self.delta:+.3f}, {ci})"
+        return f"{'better' if self.delta > 0 else 'worse'} (Δ {self.delta:+.3f}, {ci})"
+
+
+def paired(reference, other, alpha: float = ALPHA) -> Paired:
+    """``other`` against ``reference``, seed by seed: two sequences of accuracies in the same seed
+    order (None / NaN: the run diverged; that pair is dropped). Same t, p and interval as
+    ``scipy.stats.ttest_rel(other, reference)``."""
+    a, b = list(reference), list(other)
+    if len(a) != len(b):
+        raise ValueError(f"paired needs one value per seed on both sides; got {len(a)} and {len(b)}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha={alpha!r} is not valid; valid: a number in (0, 1), e.g. 0.05")
+    ok = lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))  # noqa: E731
+    d = [float(y) - float(x) for x, y in zip(a, b) if ok(x) and ok(y)]
+    n, dropped = len(d), len(a) - len(d)
+    if n < 2:
+        nan = float("nan")
+        return Paired(n, sum(d) / n if n else nan, nan, nan, (nan, nan), nan, nan, alpha, dropped)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
+    se = sd / math.sqrt(n)
+    half = _t_quantile(1 - alpha / 2, n - 1) * se
+    t = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    p = min(1.0, 2 * _t_sf(abs(t), n - 1)) if math.isfinite(t) else 0.0
+    return Paired(n, mean, sd, half, (mean - half, mean + half), t, p, alpha, dropped)
+
+
+def welch(reference: SeedStats, other: SeedStats, alpha: float = ALPHA) -> Paired:
+    """Unpaired fallback (Welch's t-interval) for cells not run on the same seeds."""
+    a, b = reference, other
+    nan = float("nan")
+    if a.n < 2 or b.n < 2:
+        return Paired(min(a.n, b.n), b.mean - a.mean, nan, nan, (nan, nan), nan, nan, alpha, kind="welch")
+    va, vb = a.std ** 2 / a.n, b.std ** 2 / b.n
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1)) if se > 0 else a.n + b.n - 2
+    delta = b.mean - a.mean
+    from scipy.stats import t as student
+
+    half = float(student.ppf(1 - alpha / 2, dof)) * se
+    t = delta / se if se > 0 else (0.0 if delta == 0 else math.copysign(math.inf, delta))
+    p = min(1.0, 2 * float(student.sf(abs(t), dof))) if math.isfinite(t) else 0.0
+    return Paired(min(a.n, b.n), delta, se, half, (delta - half, delta + half), t, p, alpha, kind="welch")
+
+
+def holm(pvalues: Iterable[float]) -> list[float]:
+    """Holm-adjusted p-values (same order): with m tests sorted p₍₁₎ ≤ … ≤ p₍ₘ₎, the adjusted
+    p₍ᵢ₎ = max over j ≤ i of min(1, (m − j + 1)·p₍ⱼ₎). "Adjusted p < 0.05" controls the chance of
+    any false "better/worse" among the m at 5%. NaN stays NaN (not counted)."""
+    ps = list(pvalues)
+    idx = sorted((i for i, p in enumerate(ps) if p == p), key=lambda i: ps[i])
+    m, out, running = len(idx), [float("nan")] * len(ps), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def multiplicity_note(pvalues: Iterable[float], alpha: float = ALPHA, what: str = "this chapter") -> str:
+    """A sentence stating how many comparisons were made, how many were 'better/worse' at
+    ``alpha`` each, how many chance alone would give, and how many survive Holm."""
+    ps = [p for p in pvalues if p == p]
+    m = len(ps)
+    hits = sum(p < alpha for p in ps)
+    kept = sum(p < alpha for p in holm(ps))
+    return (f"{what} made {m} comparisons, each a {alpha:.0%} test: {hits} came out 'better/worse'; if no "
+            f"variant differed, about {alpha * m:.1f} would by chance alone. Holm's correction over all {m} "
+            f"(family-wise error 5%) keeps {kept} of them.")
+
+
+def _cell_caution(name: str, s: SeedStats) -> str:
+    return f"{name}: {'; '.join(s.causes)}" if s.causes else ""
+
+
+def verdict(reference: SeedStats, other: SeedStats, k: float | None = None, alpha: float = ALPHA,
+            names: tuple[str, str] = ("reference", "this variant")) -> dict:
+    """``other`` against ``reference``: the paired t-interval (:func:`paired`) over the seeds,
+    when both were built in the same seed order (``raw`` of equal length, as :func:`seed_stats`
+    and every experiment builds them); else Welch's unpaired interval. Returns ``delta``,
+    ``noise`` (the threshold applied: the interval's half-width), ``ci``, ``p``, ``n_pairs``,
+    ``test`` ('paired'/'welch'), ``caution`` (both cells' causes) and ``verdict`` (the text,
+    ending with the CAUTION when there is one). ``k`` is ignored (the pre-issue-15 "2 × pooled
+    std" rule); kept so that old calls run."""
+    if reference.n == 0 or other.n == 0:
+        who = names[1] if other.n == 0 else names[0]
+        return {"delta": float("nan"), "noise": float("nan"), "ci": (float("nan"),) * 2, "p": float("nan"),
+                "n_pairs": 0, "test": "none", "caution": "",
+                "verdict": f"no comparison: every run of {who} diverged"}
+    if reference.raw is not None and other.raw is not None and len(reference.raw) == len(other.raw):
+        c = paired(reference.raw, other.raw, alpha)
+    else:
+        c = welch(reference, other, alpha)
+    text = c.verdict
+    both_stuck = all(s.causes and s.causes[0].startswith("never") for s in (reference, other))
+    if both_stuck:
+        text = "no comparison: both never left chance"
+    caution = "; ".join(x for x in (_cell_caution(names[0], reference), _cell_caution(names[1], other)) if x)
+    if caution:
+        text += f" — CAUTION: {caution}"
+    return {"delta": c.delta, "noise": c.half_width, "ci": c.ci, "p": c.p, "n_pairs": c.n, "test": c.kind,
+            "caution": caution, "verdict": text}

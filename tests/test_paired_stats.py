@@ -1,0 +1,127 @@
+"""The verdict rule of chapters 05-07 (bnviz.verdicts): paired t-intervals against scipy, Holm,
+and the measured CAUTION causes. No training: histories are built by hand."""
+import math
+
+import pytest
+from scipy import stats as sps
+
+from bnviz import Config, preset
+from bnviz import experiments as ex
+from bnviz import verdicts as vd
+from bnviz.experiments import Run
+from bnviz.history import History, Snapshot
+
+
+@pytest.mark.parametrize("ref, other", [
+    ([0.80, 0.82, 0.84], [0.83, 0.86, 0.86]),  # 3 seeds (CPU)
+    ([0.71, 0.74, 0.69, 0.75, 0.72], [0.73, 0.77, 0.70, 0.74, 0.76]),  # 5 seeds (GPU)
+    ([0.5, 0.6, 0.7], [0.1, 0.1, 0.1]),  # an arm stuck at chance
+])
+def test_paired_matches_scipy_ttest_rel(ref, other):
+    p = vd.paired(ref, other)
+    want = sps.ttest_rel(other, ref)
+    ci = want.confidence_interval(0.95)
+    assert p.n == len(ref) and p.kind == "paired"
+    assert math.isclose(p.t, want.statistic, rel_tol=1e-9) and math.isclose(p.p, want.pvalue, rel_tol=1e-9)
+    assert p.ci == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert math.isclose(p.delta, sum(other) / len(other) - sum(ref) / len(ref), abs_tol=1e-12)
+    # one rule for 3 and 5 seeds: "better/worse" exactly when the 5% test rejects
+    assert p.significant == (want.pvalue < 0.05)
+    assert p.verdict.startswith(("better", "worse") if want.pvalue < 0.05 else ("within noise",))
+
+
+def test_the_threshold_printed_is_the_threshold_applied():
+    ref, other = [0.80, 0.82, 0.84], [0.83, 0.86, 0.86]
+    v = ex.verdict(ex.seed_stats(ref), ex.seed_stats(other))
+    p = vd.paired(ref, other)
+    assert v["noise"] == p.half_width == pytest.approx(sps.t.ppf(0.975, 2) * p.sd / math.sqrt(3))
+    # the verdict flips exactly where |Δ| crosses the printed threshold
+    shift = [x + v["noise"] * 1.001 - p.delta for x in other]
+    assert vd.paired(ref, shift).verdict.startswith("better")
+    shift = [x + v["noise"] * 0.999 - p.delta for x in other]
+    assert vd.paired(ref, shift).verdict.startswith("within noise")
+
+
+def test_a_stuck_arm_does_not_shrink_the_threshold():
+    moving = [0.50, 0.60, 0.70]
+    stuck = [0.100, 0.100, 0.100]
+    p = vd.paired(stuck, moving)
+    assert p.sd == pytest.approx(ex.seed_stats(moving).std)  # not the pooled (0.1 + 0) / 2 ...
+    assert p.half_width > 2 * ex.pooled_std(ex.seed_stats(moving), ex.seed_stats(stuck))
+
+
+def test_diverged_seeds_are_dropped_from_the_pairs_and_named():
+    ref, other = ex.seed_stats([0.8, 0.82, 0.81]), ex.seed_stats([0.9, None, 0.91])
+    v = ex.verdict(ref, other)
+    assert v["n_pairs"] == 2 and v["test"] == "paired"
+    assert "diverged seeds (1 of 3)" in v["verdict"] and "CAUTION" in v["verdict"]
+    assert "no comparison" in ex.verdict(ref, ex.seed_stats([None, None, None]))["verdict"]
+    assert ex.verdict(ex.seed_stats([0.1, 0.11, 0.1]), ex.seed_stats([0.1, 0.1, 0.12]))["verdict"].startswith(
+        "no comparison: both never left chance")
+
+
+def test_unpaired_fallback_is_welch():
+    a, b = ex.seed_stats([0.80, 0.82, 0.84]), ex.seed_stats([0.86, 0.90, 0.94, 0.9])
+    v = ex.verdict(a, b)
+    want = sps.ttest_ind(b.values, a.values, equal_var=False)
+    assert v["test"] == "welch" and math.isclose(v["p"], want.pvalue, rel_tol=1e-6)
+
+
+def test_holm_against_its_definition():
+    ps = [0.01, 0.04, 0.03, 0.005, float("nan")]
+    adj = vd.holm(ps)
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1 -> max(0.06, 0.04)=0.06
+    assert adj[:4] == pytest.approx([0.03, 0.06, 0.06, 0.02]) and math.isnan(adj[4])
+    note = vd.multiplicity_note(ps[:4])
+    assert "4 comparisons" in note and "4 came out" in note and "0.2 would" in note and "keeps 2 of them" in note
+
+
+# ----------------------------------------------------------------------------- causes
+
+
+def _run(curve, final_accs, status="finished", saturated=None, seed=0):
+    """A hand-made run: step snapshots with training accuracy ``curve``; epoch snapshots whose
+    recomputed-statistics test accuracy is ``final_accs``."""
+    h = History(config=Config(model=preset("lenet"), seed=seed, epochs=len(final_accs)))
+    snap = dict(epoch=1, examples=0, time_s=0.0, loss=1.0, test_acc=None, examples_per_s=1.0, lr=0.1,
+                bn_momentum=0.1, eps=1e-5, batch_size=8)
+    for i, a in enumerate(curve, 1):
+        h.snapshots.append(Snapshot(kind="step", step=10 * i, train_acc=a, **snap))
+    for j, a in enumerate(final_accs, 1):
+        h.snapshots.append(Snapshot(kind="epoch", step=10 * len(curve), train_acc=a,
+                                    **{**snap, "epoch": j, "test_acc": a - 0.05}, precise_test_acc=a,
+                                    saturated=saturated))
+    h.status = status
+    return Run(f"seed {seed}", {"variant": "v", "seed": seed}, h)
+
+
+def test_each_cause_is_measured_and_named():
+    flat = [0.5] * 12
+    rising = [0.3 + 0.03 * i for i in range(12)]  # +0.09 over the last quarter against the one before
+    assert vd.cell_causes([_run(flat, [0.6, 0.6, 0.6], seed=s) for s in range(3)]) == []
+    chance = vd.cell_causes([_run([0.1] * 12, [a] * 3, seed=s) for s, a in enumerate((0.10, 0.11, 0.113))])
+    assert chance == ["never left chance (best seed 0.113 < 0.15)"]
+    still = vd.cell_causes([_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)])
+    assert len(still) == 1 and still[0].startswith("not converged: still improving (training accuracy +0.09")
+    runs = [_run(flat, [0.6] * 3, seed=0), _run(flat, [0.6] * 3, status="diverged", seed=1)]
+    assert vd.cell_causes(runs) == ["diverged seeds (1 of 2)"]
+    far = vd.cell_causes([_run(flat, [0.53] * 3, seed=s) for s in range(3)], full_size=0.88)
+    assert far == ["not converged: far below its full-size accuracy (0.530 vs 0.880)"]
+    sat = vd.cell_causes([_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)])
+    assert sat == ["saturation (62% of sigmoid outputs saturated at the end)"]
+    assert vd.cell_causes([_run(flat, [0.6] * 3, saturated=0.4)]) == []
+
+
+def test_caution_is_per_cell_not_per_model():
+    """The 05 bug: a no-BN arm at chance at lr 0.1 was hidden because the caution grouped by model."""
+    from bnviz.experiments import GridResult
+
+    runs = []
+    for lr, accs in ((0.1, [0.10, 0.11, 0.105]), (1.0, [0.60, 0.65, 0.62])):
+        for s, a in enumerate(accs):
+            r = _run([0.5] * 12, [a] * 3, seed=s)
+            r.tags = {"model": "no BN", "lr": lr, "seed": s}
+            runs.append(r)
+    text = ex.caution(GridResult(runs, "SYNTHETIC"), by="model")
+    assert "CAUTION: no BN, lr 0.1: never left chance (best seed 0.110 < 0.15)" in text
+    assert "lr 1.0" not in text
