@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) dist test-artifacts .pytest_cache
+	rm -rf $(VENV) dist test-artifacts .pytest_cache _build
 
 # ---- classroom assignment (otter-grader; see notebooks/assignments/batch_norm/README.md)
 ASSIGNMENT_DIST ?= dist/batch_norm
@@ -43,7 +43,12 @@ GRADE_TIMEOUT ?= 300
 GRADE_JOBS ?= 1
 GRADE_FLAGS ?=
 
-.PHONY: assignment grade
+.PHONY: assignment grade site
+
+# the course as a static web site: _build/site/index.html (chapters executed at this machine's sizes,
+# unchanged ones reused from _build/site-cache; BNVIZ_FAST=1 for a quick build; see README)
+site: $(STAMP)
+	$(PY) -m bnviz.site build --out _build/site
 
 # otter assign: student notebook + tests, autograder zip; fails if the solution fails a test
 assignment: $(VENV)/.installed

@@ -30,7 +30,7 @@ from plotly.subplots import make_subplots
 
 from .history import History
 
-__all__ = ["LabCharts", "LiveFigure", "EARLIER_SLOTS", "CURVES_WIDTH", "PANEL_WIDTH", "fmt_value"]
+__all__ = ["LabCharts", "LiveFigure", "EARLIER_SLOTS", "CURVES_WIDTH", "PANEL_WIDTH", "fmt_value", "replay"]
 
 CURVES_WIDTH, CURVES_HEIGHT = 840, 400  # px: fits a 1280-px JupyterLab with its sidebar open
 PANEL_WIDTH, PANEL_HEIGHT = 525, 360
@@ -380,3 +380,217 @@ class LabCharts:
             fs.layout.title.text = (_title("running vs batch statistics", layer, dataset_label)
                                     + f"<br><span style='font-size:11px'>{note}</span>")
         fs.sent()
+
+
+# ---------------------------------------------------------------------------------- replay
+# A saved run played back: plotly frames, a play button and a step slider. Nothing needs a
+# kernel: the figure is plain plotly (a static HTML page, a notebook output, the course site).
+
+REPLAY_HEIGHT = 760
+_REPLAY_TRACES = ("loss", "train acc", "test acc", "γ first", "γ now", "β first", "β now",
+                  "running mean", "batch mean", "running var", "batch var")
+_ANIMATED = (0, 1, 2, 4, 6, 7, 8, 9, 10)  # trace indices a frame updates (3, 5: the start, fixed)
+
+
+def _replay_runs(source) -> list[History]:
+    from pathlib import Path
+
+    from .history import load_histories
+
+    if isinstance(source, History):
+        return [source]
+    if isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            raise ValueError(f"{source} is not a file; give a bnviz_runs.json saved by the lab "
+                             "(Save runs) or save_histories(), a History, or a list of Histories")
+        return load_histories(source)
+    if isinstance(source, (list, tuple)) and all(isinstance(h, History) for h in source):
+        return list(source)
+    raise ValueError(f"replay() takes a file path, a History or a list of Histories, not {type(source).__name__}")
+
+
+def _replay_pick(runs: list[History], run) -> History:
+    """The run to replay: an index into ``runs`` (default -1, the last), or a uid or label."""
+    if not runs:
+        raise ValueError("there is no run to replay (the file holds no runs)")
+    labels = [f"{i}: {h.label} ({h.status})" for i, h in enumerate(runs)]
+    if isinstance(run, int) and not isinstance(run, bool):
+        if -len(runs) <= run < len(runs):
+            h = runs[run]
+        else:
+            raise ValueError(f"run={run} is out of range; valid: 0..{len(runs) - 1} (or -1); runs: {labels}")
+    else:
+        found = [h for h in runs if run in (h.uid, h.label, h.config.label)]
+        if not found:
+            raise ValueError(f"run={run!r} matches no run's uid or label; valid: an index or one of {labels}")
+        h = found[-1]
+    if not h.snapshots:
+        raise ValueError(f"run {h.label!r} has no snapshots (status {h.status}): nothing to replay")
+    return h
+
+
+def _replay_layer(h: History, layer: str | None) -> str:
+    """``layer``, checked, or the first layer of the run that has γ (a normalisation layer)."""
+    names = [n for n, st in h.snapshots[-1].layers.items() if st.gamma or st.running_mean]
+    if layer is None:
+        if not names:
+            raise ValueError(f"run {h.label!r} has no normalisation layer to show (model without norm)")
+        return names[0]
+    if layer not in names:
+        raise ValueError(f"layer={layer!r} is not a normalisation layer of this run; valid: {names}")
+    return layer
+
+
+def _replay_snapshots(h: History, layer: str, max_frames: int) -> list:
+    """At most ``max_frames`` snapshots with ``layer``, evenly spread; the first, the last and
+    those on either side of every live change always kept."""
+    snaps = [s for s in h.snapshots if layer in h.snapshots[-1].layers and layer in s.layers]
+    if len(snaps) <= max_frames:
+        return snaps
+    keep = {0, len(snaps) - 1}
+    for c in h.changes:
+        i = next((j for j, s in enumerate(snaps) if s.step >= c.step), len(snaps) - 1)
+        keep.update({max(i - 1, 0), i})
+    spare = max(max_frames - len(keep), 0)
+    keep.update(round(j * (len(snaps) - 1) / max(spare - 1, 1)) for j in range(spare))
+    return [snaps[j] for j in sorted(keep)]
+
+
+def _bins(values: list[list[float]], n: int = 24) -> dict:
+    flat = np.concatenate([np.asarray(v, dtype=float) for v in values if len(v)] or [np.zeros(1)])
+    flat = flat[np.isfinite(flat)]
+    lo, hi = (float(flat.min()), float(flat.max())) if flat.size else (0.0, 1.0)
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.5, hi + 0.5
+    return dict(start=lo, end=hi + (hi - lo) / n * 1e-3, size=(hi - lo) / n)
+
+
+def _replay_data(h: History, s, layer: str) -> list[dict]:
+    """The animated traces' data at snapshot ``s`` (in ``_ANIMATED`` order)."""
+    upto = h.snapshots[:next(i for i, p in enumerate(h.snapshots) if p is s) + 1]
+    steps = [p for p in upto if p.kind == "step"]
+    ep = [p for p in upto if p.kind == "epoch" and p.test_acc is not None]
+    st = s.layers[layer]
+    loss = [p.loss if np.isfinite(p.loss) and p.loss > 0 else None for p in steps]
+    ch = lambda v: list(range(len(v)))  # noqa: E731 - channel numbers
+    return [dict(x=[p.step for p in steps], y=loss), dict(x=[p.step for p in steps], y=[p.train_acc for p in steps]),
+            dict(x=[p.step for p in ep], y=[p.test_acc for p in ep]), dict(x=st.gamma), dict(x=st.beta),
+            dict(x=ch(st.running_mean), y=st.running_mean), dict(x=ch(st.batch_mean), y=st.batch_mean),
+            dict(x=ch(st.running_var), y=st.running_var), dict(x=ch(st.batch_var), y=st.batch_var)]
+
+
+def _replay_caption(h: History, s) -> str:
+    return (f"step {s.step} · epoch {s.epoch} · lr {fmt_value(s.lr)} · momentum {fmt_value(s.bn_momentum)}"
+            f" · batch {s.batch_size} · loss {s.loss:.3f}, train acc {s.train_acc:.3f}"
+            + (f", test acc {s.test_acc:.3f}" if s.test_acc is not None else ""))
+
+
+def _replay_figure(h: History, layer: str, snaps: list) -> go.Figure:
+    """The empty grid: curves on top (loss wide), γ, β, mean and variance of ``layer`` below."""
+    fig = make_subplots(rows=2, cols=4, vertical_spacing=0.2, horizontal_spacing=0.07,
+                        specs=[[{"colspan": 2}, None, {}, {}], [{}, {}, {}, {}]],
+                        subplot_titles=("training loss (log scale)", "training accuracy", "test accuracy",
+                                        f"γ of {layer}", f"β of {layer}", "mean: running vs batch",
+                                        "variance: running vs batch"))
+    first = snaps[0].layers[layer]
+    line = lambda w: dict(color=CURRENT_COLOR, width=w)  # noqa: E731
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="training loss", line=line(2.5)), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="training accuracy", line=line(2.5)), row=1, col=3)
+    fig.add_trace(go.Scatter(x=[], y=[], mode="lines+markers", name="test accuracy", line=line(2.5)), row=1, col=4)
+    for col, key in ((1, "gamma"), (2, "beta")):
+        everything = [getattr(s.layers[layer], key) for s in snaps]
+        bins = _bins(everything)
+        fig.add_trace(go.Histogram(x=getattr(first, key), xbins=bins, autobinx=False, marker_color="#9ca3af",
+                                   opacity=0.55, name=f"step {snaps[0].step} (start)", showlegend=col == 1,
+                                   legendgroup="start"), row=2, col=col)
+        fig.add_trace(go.Histogram(x=[], xbins=bins, autobinx=False, marker_color=CURRENT_COLOR, opacity=0.75,
+                                   name="this step", showlegend=col == 1, legendgroup="now"), row=2, col=col)
+    for col in (3, 4):
+        fig.add_trace(go.Bar(x=[], y=[], marker_color="#60a5fa", name="running (used in eval)",
+                             showlegend=col == 3), row=2, col=col)
+        fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="this batch", showlegend=col == 3,
+                                 marker=dict(color=CHANGE_COLOR, symbol="x", size=6)), row=2, col=col)
+    return fig
+
+
+def _replay_axes(fig: go.Figure, h: History, layer: str, snaps: list) -> None:
+    """Fixed ranges (the picture must not jump between frames) and the live-change marks."""
+    last = max(s.step for s in h.snapshots)
+    for col in (1, 3, 4):
+        fig.update_xaxes(range=[0, last * 1.02 + 1], title_text="step", row=1, col=col)
+    losses = [s.loss for s in h.steps if np.isfinite(s.loss) and s.loss > 0] or [1.0]
+    fig.update_yaxes(type="log", range=[np.log10(min(losses)) - 0.1, np.log10(max(losses)) + 0.1], row=1, col=1)
+    for col in (3, 4):
+        fig.update_yaxes(range=[0, 1.02], row=1, col=col)
+    for col, key in ((3, ("running_mean", "batch_mean")), (4, ("running_var", "batch_var"))):
+        vals = np.concatenate([np.asarray(getattr(s.layers[layer], k), dtype=float) for s in snaps for k in key]
+                              or [np.zeros(1)])
+        vals = vals[np.isfinite(vals)] if vals.size else np.zeros(1)
+        lo, hi = min(float(vals.min()), 0.0), max(float(vals.max()), 0.0)
+        pad = (hi - lo) * 0.05 or 0.5
+        fig.update_yaxes(range=[lo - pad, hi + pad], row=2, col=col)
+        fig.update_xaxes(title_text="channel", row=2, col=col)
+    for i, c in enumerate(h.changes):
+        for col in (1, 3, 4):
+            fig.add_vline(x=c.step, line=dict(color=CHANGE_COLOR, width=1.5, dash="dash"), row=1, col=col)
+        fig.add_annotation(x=c.step, y=1 - 0.1 * (i % 4), xref="x", yref="y domain", showarrow=False,
+                           text=f"{SHORT_NAMES.get(c.name, c.name)}→{fmt_value(c.new)}", xanchor="left",
+                           font=dict(size=11, color=CHANGE_COLOR), bgcolor="rgba(255,255,255,0.8)")
+
+
+def _replay_controls(snaps: list, frame_ms: int) -> dict:
+    play = dict(label="▶ Play", method="animate",
+                args=[None, dict(frame=dict(duration=frame_ms, redraw=True), fromcurrent=True,
+                                 transition=dict(duration=0), mode="immediate")])
+    pause = dict(label="❚❚ Pause", method="animate",
+                 args=[[None], dict(frame=dict(duration=0, redraw=False), mode="immediate",
+                                    transition=dict(duration=0))])
+    steps = [dict(label=str(s.step), method="animate",
+                  args=[[f"f{k}"], dict(mode="immediate", frame=dict(duration=0, redraw=True),
+                                        transition=dict(duration=0))]) for k, s in enumerate(snaps)]
+    return dict(updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.08, xanchor="left", yanchor="top",
+                                  pad=dict(r=10, t=10), showactive=False, buttons=[play, pause])],
+                sliders=[dict(active=0, steps=steps, x=0.16, len=0.84, y=-0.06, yanchor="top",
+                              currentvalue=dict(prefix="step ", font=dict(size=12)), pad=dict(t=10, b=10))])
+
+
+def replay(source, run=-1, layer: str | None = None, max_frames: int = 60, frame_ms: int = 250) -> go.Figure:
+    """A saved run, played back: a plotly figure with frames, a ▶ Play button and a step slider.
+
+    ``source``: a ``bnviz_runs.json`` (the lab's *Save runs*, or :func:`~bnviz.history.save_histories`),
+    a :class:`History`, or a list of them; ``run``: which one (an index, default -1 = the last,
+    or a uid or label). Each frame is one snapshot: the loss, training and test accuracy up to that
+    step (top), and, for ``layer`` (default: the run's first norm layer), the histograms of γ
+    and β across channels (grey: the first snapshot), and its running mean/variance (bars, used
+    in eval) beside the training batch's (×). Dashed red lines mark live changes (e.g. the lr
+    moved mid-run). At most ``max_frames`` frames (evenly spread; the steps around each change
+    kept); ``frame_ms`` per frame when playing. Works anywhere plotly does: ``replay(path).show()``.
+    """
+    if not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 2:
+        raise ValueError(f"max_frames={max_frames!r} is not valid; valid: an integer >= 2")
+    h = _replay_pick(_replay_runs(source), run)
+    layer = _replay_layer(h, layer)
+    snaps = _replay_snapshots(h, layer, max_frames)
+    fig = _replay_figure(h, layer, snaps)
+    _replay_axes(fig, h, layer, snaps)
+    frames = []
+    for k, s in enumerate(snaps):
+        frames.append(go.Frame(name=f"f{k}", traces=list(_ANIMATED), data=[
+            go.Scatter(**d) if i not in (4, 6) else go.Histogram(**d)
+            for i, d in zip(_ANIMATED, _replay_data(h, s, layer))],
+            layout=dict(title_text=_replay_title(h, s))))
+    fig.frames = frames
+    for i, d in zip(_ANIMATED, _replay_data(h, snaps[0], layer)):
+        fig.data[i].update(**d)
+    fig.update_layout(height=REPLAY_HEIGHT, autosize=True, template="plotly_white", barmode="overlay",
+                      title=dict(text=_replay_title(h, snaps[0]), x=0.01, font=dict(size=14)),
+                      margin=dict(l=55, r=20, t=95, b=110), hovermode="closest", bargap=0.15,
+                      legend=dict(orientation="h", x=0, y=-0.2, font=dict(size=11)),
+                      **_replay_controls(snaps, frame_ms))
+    fig.update_annotations(font_size=12)
+    return fig
+
+
+def _replay_title(h: History, s) -> str:
+    return (f"<b>Replay</b> of {html.escape(h.label)} — {html.escape(h.dataset_label or 'data set not recorded')}"
+            f"<br><span style='font-size:12px'>{html.escape(_replay_caption(h, s))}</span>")
