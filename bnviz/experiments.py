@@ -517,7 +517,11 @@ def cells(result: "GridResult | Comparison") -> "OrderedDict[tuple, list[Run]]":
 
 
 def _cell_name(key: tuple) -> str:
-    return ", ".join(str(v) if k in ("variant", "model", "norm") else f"{k} {v}" for k, v in key)
+    """'LeNet, no BN, lr 0.1' / 'BN, batch 8, lr 0.125': names as given, numbers short."""
+    short = {"batch_size": "batch"}
+    return ", ".join(str(v) if k in ("variant", "model", "norm") else
+                     f"{short.get(k, k)} {v:.4g}" if isinstance(v, float) else f"{short.get(k, k)} {v}"
+                     for k, v in key if k != "steps")
 
 
 def caution(result: "GridResult | Comparison", by: str = "variant", limit: float = CHANCE_LIMIT,

@@ -21,10 +21,10 @@ COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 # Axis and legend titles for the columns the chapters plot.
 READABLE = {
     "test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
-    "gap": "train − test accuracy", "acc": "test accuracy (mean of last 3 epochs)",
-    "mean": "test accuracy (mean of last 3 epochs)", "lr": "learning rate", "batch_size": "batch size",
-    "mean_noise": "noise of the batch mean (std over batches ÷ population std)",
-    "var_noise": "noise of the batch variance (std over batches ÷ population variance)",
+    "gap": "train − test accuracy", "acc": "test accuracy (recomputed BN statistics, mean of last 3 epochs)",
+    "mean": "test accuracy (recomputed BN statistics, mean of last 3 epochs)", "lr": "learning rate", "batch_size": "batch size",
+    "mean_noise": "noise of the batch mean<br>(std over batches ÷ population std)",
+    "var_noise": "noise of the batch variance<br>(std over batches ÷ population variance)",
     "iid_mean_noise": "1/√m (independent values)", "step": "training step", "epoch": "epoch",
     "layer": "layer", "grad_norm": "‖∂loss/∂W‖", "norm": "normalisation", "model": "model",
     "network": "network", "weight_norm": "‖W‖", "update_data": "update ÷ data (lr·std(∇W)/std(W))",
@@ -35,6 +35,24 @@ READABLE = {
 def readable(name: str) -> str:
     """The axis title for a column name (the name itself, with _ as spaces, if unknown)."""
     return READABLE.get(name, name.replace("_", " "))
+
+
+def _wrap(title: str, width: int = 45) -> str:
+    """A long axis title broken at the last space before ``width`` (plotly does not wrap)."""
+    if "<br>" in title or len(title) <= width:
+        return title
+    cut = title.rfind(" ", 0, width)
+    return title if cut < 0 else title[:cut] + "<br>" + title[cut + 1:]
+
+
+def _log_ticks(fig, axis: str, values) -> None:
+    """Few ticks on a log axis: at the data values when there are at most 10, else at powers of 10."""
+    vals = sorted({float(v) for v in values if v is not None and v == v and v > 0})
+    upd = fig.update_xaxes if axis == "x" else fig.update_yaxes
+    if 0 < len(vals) <= 10:
+        upd(tickvals=vals, ticktext=[f"{v:g}" for v in vals])
+    else:
+        upd(dtick=1)
 
 
 def _runs(results) -> list[tuple[str, History]]:
@@ -63,7 +81,8 @@ def _title(text: str, dataset_label: str) -> dict:
 
 
 _METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
-            "gap": "train − test accuracy", "acc": "test accuracy (mean of last 3 epochs)"}
+            "gap": "train − test accuracy", "acc": "test accuracy (recomputed BN statistics, mean of last 3 epochs)",
+            "precise_test_acc": "test accuracy (recomputed BN statistics)"}
 _ACC_RANGE = [0, 1]
 
 
@@ -116,21 +135,33 @@ def bar_figure(results, metrics=("train_acc", "test_acc"), title: str | None = N
     return fig
 
 
-def comparison_figure(cmp: Comparison, title: str | None = None, chance: float = 0.1):
+def comparison_figure(cmp: Comparison, title: str | None = None, chance: float = 0.1, verdicts: bool = True,
+                      pairs: dict[str, str] | None = None):
     """One bar per variant: the mean over seeds of :data:`bnviz.experiments.ACCURACY`, an error
-    bar of ± one seed std, and each seed's value as a dot (so min–max shows). The y axis runs
-    from 0 to 1; the verdict against the reference is written under each bar; a variant whose
-    runs all diverged gets a ✕ on the 'diverged' row below the axis."""
+    bar of ± one seed std, and each seed's value as a dot (so min–max shows; the mean is in the
+    hover, not written over the dots). The y axis runs from 0 to 1. Under each bar: its verdict
+    against its reference: ``pairs[variant]`` if given (e.g. a ReLU variant against the ReLU base;
+    a variant missing from ``pairs`` gets no verdict), else the comparison's reference;
+    ``verdicts=False``: none. A CAUTION cell is marked ⚠. A variant whose runs all diverged gets a
+    ✕ on the 'diverged' row below the axis."""
     import plotly.graph_objects as go
 
     table = cmp.table()
+    names = []
+    for v in table["variant"]:
+        ref = (pairs or {}).get(v) if pairs is not None else (None if v == cmp.reference else cmp.reference)
+        flag = " ⚠" if cmp.causes(v) else ""
+        if v == cmp.reference and pairs is None:
+            sub = "reference"
+        elif not verdicts or ref is None or ref == v:
+            sub = ""
+        else:
+            sub = cmp.contrast(ref, v)["verdict"].split(" — CAUTION")[0].split(" (")[0] + f" vs {ref}"
+        names.append(f"{v}{flag}" + (f"<br><i>{sub}</i>" if sub else ""))
     fig = go.Figure()
-    names = [f"{v}<br><i>{'reference' if v == cmp.reference else verdict}</i>"
-             for v, verdict in zip(table["variant"], table["verdict"])]
     fig.add_trace(go.Bar(x=names, y=table["mean"], name="mean over seeds",
                          error_y={"type": "data", "array": table["std"].fillna(0), "visible": True},
-                         text=[None if math.isnan(m) else f"{m:.3f}" for m in table["mean"]],
-                         textposition="inside", marker_color="#9ecae1"))
+                         hovertemplate="%{x}<br>mean %{y:.3f}<extra></extra>", marker_color="#9ecae1"))
     xs, ys = [], []
     for name, v in zip(names, table["variant"]):
         for a in cmp.values(v):
@@ -144,10 +175,13 @@ def comparison_figure(cmp: Comparison, title: str | None = None, chance: float =
                                  marker={"symbol": "x", "size": 12, "color": "#d62728"}))
     fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
                   annotation_position="bottom right")
-    fig.update_layout(title=_title(title or "accuracy over seeds (bar: mean ± std; dots: seeds)", cmp.dataset_label),
-                      yaxis_title="test accuracy, mean of last 3 epochs", legend_title_text=cmp.dataset_label,
+    fig.update_layout(title=_title(title or "accuracy over seeds (bar: mean ± std; dots: seeds; ⚠: see CAUTION)",
+                                   cmp.dataset_label),
+                      yaxis_title=_wrap(READABLE["acc"]), legend_title_text=cmp.dataset_label,
                       template="plotly_white", bargap=0.4)
-    fig.update_yaxes(range=[-0.15 if dead else 0, 1], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    fig.update_yaxes(range=[-0.15 if dead else 0, 1], tickvals=([-0.08] if dead else []) + ticks,
+                     ticktext=(["diverged"] if dead else []) + [f"{t:g}" for t in ticks], automargin=True)
     return fig
 
 
@@ -183,24 +217,26 @@ def lr_sweep_figure(result: GridResult, maxima: dict[str, MaxLR] | None = None, 
                           annotation_text=f"max lr {model}: {maxima[model].lr:g}")
     fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
                   annotation_position="top left")
-    if any_bad:
-        fig.add_annotation(xref="paper", x=0, y=row_y, text="diverged ✕ (seeds):", showarrow=False,
-                           xanchor="right", font={"size": 10})
     fig.update_layout(title=_title(title or "accuracy against learning rate (mean ± std over seeds)",
                                    result.dataset_label),
                       xaxis_type="log", xaxis_title="learning rate (log scale)",
-                      yaxis_title="test accuracy, mean of last 3 epochs", legend_title_text=result.dataset_label,
-                      template="plotly_white", margin={"l": 140})
-    fig.update_yaxes(range=[-0.25 if any_bad else 0, 1], tickvals=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+                      yaxis_title=_wrap(READABLE["acc"]), legend_title_text=result.dataset_label,
+                      template="plotly_white")
+    _log_ticks(fig, "x", table["lr"])
+    ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    fig.update_yaxes(range=[-0.25 if any_bad else 0, 1], automargin=True,
+                     tickvals=([row_y] if any_bad else []) + ticks,  # the ✕ row is named by its tick
+                     ticktext=(["diverged ✕"] if any_bad else []) + [f"{t:g}" for t in ticks])
     return fig
 
 
 def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", dataset_label: str = "",
                 log_x: bool = False, log_y: bool = False, x_title: str | None = None, y_title: str | None = None,
-                error_y: str | None = None):
+                error_y: str | None = None, chance: float | None = None):
     """A line chart of a tidy table, titled with the data set, with readable axis and legend
-    titles (:data:`READABLE`, or ``x_title``/``y_title``); ``error_y`` names a column of error
-    bar sizes (e.g. 'std')."""
+    titles (:data:`READABLE`, or ``x_title``/``y_title``; long ones wrap); ``error_y`` names a
+    column of error bar sizes (e.g. 'std'); ``chance`` draws a dotted chance line; log axes get
+    ticks at the data values (at most 10) or at powers of 10."""
     import plotly.express as px
 
     if not dataset_label:
@@ -214,8 +250,16 @@ def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", d
                   error_y=error_y)
     fig.update_layout(title=_title(title, dataset_label),
                       legend_title_text=f"{labels.get(color, '') if color else ''} ({dataset_label})",
-                      xaxis_title=labels[x] + (" (log scale)" if log_x else ""),
-                      yaxis_title=labels[y] + (" (log scale)" if log_y else ""), template="plotly_white")
+                      xaxis_title=_wrap(labels[x] + (" (log scale)" if log_x else ""), 70),
+                      yaxis_title=_wrap(labels[y] + (" (log scale)" if log_y else "")), template="plotly_white")
+    fig.update_yaxes(automargin=True)
+    if log_x:
+        _log_ticks(fig, "x", df[x])
+    if log_y:
+        fig.update_yaxes(dtick=1)
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
+                      annotation_position="bottom right")
     return fig
 
 

@@ -43,7 +43,7 @@ def plain_train(cfg: Config, data: Dataset, precise_bn: int | None = None) -> di
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, seen = total + float(loss) * len(idx), seen + len(idx)
+            total, seen = total + loss.item() * len(idx), seen + len(idx)
         out["loss"].append(total / seen)
         model.eval()
         with torch.no_grad():

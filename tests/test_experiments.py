@@ -251,6 +251,20 @@ def test_figures_name_the_data_set_and_have_readable_axes(data):
     assert len(figs[0].data) >= 2  # one line per model on the same axes
     assert {t.name for t in figs[1].data} == {r.label + ("" if r.status == "finished" else f" [{r.status}]")
                                              for r in res}
+    # issue 15 figure fixes: no value labels over the seed dots; the diverged row is named by a y tick
+    # (no annotation in the margin over the y title); few log ticks; a chance line on demand; verdict
+    # subtitles only against the reference a variant is paired with.
+    assert all(getattr(t, "text", None) is None for t in figs[4].data if t.type == "bar")
+    assert "diverged ✕" in figs[0].layout.yaxis.ticktext
+    assert not [a for a in figs[0].layout.annotations if a.xref == "paper" and a.xanchor == "right"]
+    assert list(figs[0].layout.xaxis.tickvals) == [0.5, 1.0, 500.0]
+    assert list(figs[-1].layout.xaxis.tickvals) == [2, 8, 32]
+    with_chance = fg.line_figure(noise, "batch_size", "mean_noise", dataset_label="SYNTHETIC", chance=0.1)
+    assert any(sh.y0 == 0.1 for sh in with_chance.layout.shapes)
+    only = fg.comparison_figure(cmp, pairs={})
+    assert all("<i>" not in x for x in only.data[0].x)
+    paired = fg.comparison_figure(cmp, pairs={"no BN": "BN"})
+    assert any("vs BN" in x for x in paired.data[0].x)
     with pytest.raises(ValueError, match="dataset_label"):
         fg.line_figure(res.table(), "lr", "test_acc")
     with pytest.raises(ValueError, match="metric"):
