@@ -1,0 +1,122 @@
+"""The measurements chapters 05 and 06 show as visible, editable cells equal the library's
+independent implementations: the plain training loop (05, cell ``plain-loop``) equals a grid
+member and ``bnviz.plain_loop``; its ``recomputed_accuracy`` equals ``bnviz.precise``; the
+layer-health and landscape functions (05) equal ``experiments.layer_health`` and
+``experiments.loss_landscape_probe``; 06's ``variance_ratio`` equals
+``experiments.dropout_variance_shift``. The cells are read from the notebooks and executed, so a
+learner-facing cell that drifts from what the library measures fails here."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnviz import Config, build_lenet, preset
+from bnviz import experiments as ex
+from bnviz.data import make_synthetic, to_float
+from bnviz.grid import train_grid
+from bnviz.models import init_weights
+from bnviz.plain_loop import plain_train as library_plain_train
+from bnviz.precise import precise_bn_accuracy
+
+NB = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def cell_namespace(notebook: str, *cell_ids: str) -> dict:
+    """Execute the cells ``cell_ids`` of ``notebook`` (in that order) with the names the chapter's
+    setup cell imports, and return their namespace."""
+    nb = nbformat.read(NB / notebook, as_version=4)
+    cells = {c.get("id"): c for c in nb.cells}
+    ns = {"copy": copy, "torch": torch, "F": F, "nn": nn, "to_float": to_float, "build_lenet": build_lenet,
+          "init_weights": init_weights, "preset": preset, "ex": ex}
+    for cid in cell_ids:
+        assert cid in cells, f"{notebook} has no cell with id {cid!r}"
+        exec(compile(cells[cid].source, f"{notebook}#{cid}", "exec"), ns)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(320, 200, seed=7)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    return cell_namespace("05_optimisation.ipynb", "plain-loop")
+
+
+def cfg(**kw):
+    d = dict(model=preset("lenet-bn"), dataset="synthetic", batch_size=32, lr=0.5, epochs=2, seed=1,
+             snapshot_every=5, device="cpu", fast="eager")
+    d.update(kw)
+    return Config(**d)
+
+
+def test_the_chapters_plain_loop_equals_a_grid_member_and_the_library_loop(data, loop):
+    configs = [cfg(seed=0), cfg(seed=3, lr=0.8), cfg(seed=2)]
+    member = train_grid(configs, data=data, progress=False, precise_bn=2000)[1]
+    mine = loop["plain_train"](configs[1], data)
+    lib = library_plain_train(configs[1], data, precise_bn=2000)
+    assert mine["loss"] == pytest.approx([e.loss for e in member.epochs], rel=1e-4)
+    assert mine["test_acc"] == pytest.approx([e.test_acc for e in member.epochs], abs=1e-6)
+    assert mine["precise_test_acc"] == pytest.approx([e.precise_test_acc for e in member.epochs], abs=1e-6)
+    assert mine["loss"] == pytest.approx(lib["loss"], rel=1e-5)
+    for p, q in zip(mine["model"].parameters(), lib["model"].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    # and the check can fail: another seed is another run
+    other = loop["plain_train"](configs[0], data)
+    assert other["loss"] != pytest.approx(mine["loss"], rel=1e-4)
+
+
+def test_recomputed_accuracy_equals_precise_bn_and_leaves_the_model_alone(data, loop):
+    run = loop["plain_train"](cfg(epochs=2, lr=2.0, bn_momentum=0.01), data)  # a slow EMA: recomputing matters
+    model = run["model"]
+    before = model.norm_fc1.running_mean.clone()
+    got = loop["recomputed_accuracy"](model, data)
+    assert got == pytest.approx(precise_bn_accuracy(model, data), abs=1e-6)
+    assert got == pytest.approx(run["precise_test_acc"][-1], abs=1e-6)
+    assert torch.equal(model.norm_fc1.running_mean, before)
+    assert abs(got - run["test_acc"][-1]) > 0.01  # the EMA number differs: the check can tell them apart
+
+
+def test_layer_health_and_landscape_cells_equal_the_library(data):
+    ns = cell_namespace("05_optimisation.ipynb", "layer-health", "landscape-probe")
+    torch.manual_seed(2)
+    model = init_weights(build_lenet(preset("lenet-bn")), "d2l")
+    x, y = to_float(data.train_x[:64]), data.train_y[:64]
+    mine = {r["layer"]: r for r in ns["layer_health"](model, x, y, lr=0.7)}
+    lib = {r["layer"]: r for r in ex.layer_health(model, x, y, lr=0.7)}
+    assert set(mine) == set(lib) == {"conv1", "conv2", "fc1", "fc2"}
+    for k in lib:
+        assert mine[k]["saturated"] == pytest.approx(lib[k]["saturated"], abs=1e-7)
+        assert mine[k]["update_data"] == pytest.approx(lib[k]["update_data"], rel=1e-5)
+        assert mine[k]["hist"] == pytest.approx(lib[k]["hist"], abs=1e-6)
+    etas = (0.1, 0.5, 2.0)
+    got = ns["landscape"](model, x, y, etas)
+    want = ex.loss_landscape_probe(model, x, y, etas)
+    assert got["loss"] == pytest.approx(want.loss, rel=1e-6)
+    assert got["grad_norm"] == pytest.approx(want.grad_norm, rel=1e-6)
+    assert got["loss_range"] == pytest.approx(want.loss_range, rel=1e-5, abs=1e-7)
+    assert got["beta"] == pytest.approx(want.beta, rel=1e-5)
+
+
+def test_the_variance_ratio_cell_of_06_equals_the_library(data):
+    nb = nbformat.read(NB / "06_architecture.ipynb", as_version=4)
+    src = next(c.source for c in nb.cells if c.get("id") == "184fd91b")
+    head = src.split("\n\n\nxs = ")[0]  # the function, without the cell's use of the chapter's models
+    assert "def variance_ratio" in head
+    space = {"copy": copy, "torch": torch}
+    exec(compile(head, "06_architecture.ipynb#184fd91b", "exec"), space)
+    torch.manual_seed(3)
+    model = init_weights(build_lenet(preset("lenet-bn", dropout=0.5)), "d2l")
+    with torch.no_grad():
+        for _ in range(5):
+            model.train()(to_float(data.train_x[:128]))
+    x = to_float(data.train_x[:256])
+    lib = ex.dropout_variance_shift(model, x, layer="fc2")
+    assert space["variance_ratio"](model, x, "norm_fc2") == pytest.approx(lib["running_over_eval"], rel=1e-4)
