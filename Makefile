@@ -50,9 +50,13 @@ GRADE_FLAGS ?=
 site: $(STAMP)
 	$(PY) -m bnviz.site build --out _build/site
 
-# otter assign: student notebook + tests, autograder zip; fails if the solution fails a test
+# otter assign: student notebook + tests, autograder zip; fails if the solution fails a test.
+# VARIANT=<secret>: this class's own conventions, derived from the secret (bnviz/grading/variants.py);
+# the secret reaches the command through the environment, so make does not echo it.
+VARIANT ?=
+export VARIANT
 assignment: $(VENV)/.installed
-	$(PY) -m bnviz.grading build --source notebooks/assignments/batch_norm/batch_norm.ipynb --out $(ASSIGNMENT_DIST)
+	$(PY) -m bnviz.grading build --source notebooks/assignments/batch_norm/batch_norm.ipynb --out $(ASSIGNMENT_DIST) $${VARIANT:+--variant "$$VARIANT"}
 
 # grade every .ipynb / .zip in $(SUBMISSIONS): each submission runs in a bubblewrap sandbox, the
 # scores are computed outside it (needs `apt-get install bubblewrap`; GRADE_FLAGS=--allow-forbidden,

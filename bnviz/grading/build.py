@@ -6,11 +6,18 @@ Leaves in ``out_dir``::
     batch_norm-student.zip                     the same as one zip (upload it to Colab)
     autograder/…zip, batch_norm-autograder.zip otter's autograder, with the hidden tests
     autograder/batch_norm.ipynb                the solution notebook without tests
-    assignment.json                            questions, points, manual questions, rules, paths
+    public_answers.py                          the public solution's answer code (similarity flags)
+    assignment.json                            questions, points, manual questions, rules, paths,
+                                               the variant's conventions (never its secret)
 
 Grading (``grade``) no longer runs otter: it uses ``assignment.json``, the student notebook and
 ``checker.py``. otter stays on the students' side (``grader.check``) and checks, at build time,
 that the solution passes every test.
+
+``build_assignment(..., variant=SECRET)`` builds a class's variant (``variants.py``): the
+conventions text, the tests, the answer key and the signatures' default momentum of the source
+notebook are rewritten for it before ``otter assign`` runs (``variant_notebook``), so otter also
+checks that the rewritten answer key passes the rewritten tests.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from . import rules
+from . import rules, similarity, variants
+from .variants import Variant
 
 SOURCE_ENV = "BNVIZ_ASSIGNMENT_SOURCE"
 DEFAULT_DIST = Path("dist") / "batch_norm"  # relative to the current folder
@@ -80,13 +88,134 @@ def question_configs(source: Path) -> dict[str, dict[str, Any]]:
     return questions
 
 
-def _otter_assign(source: Path, out: Path, timeout_s: float) -> None:
-    """otter assign in a scratch copy of the source folder; copy student/ and autograder/ out."""
+# --------------------------------------------------------------------------- variants
+
+_CONVENTIONS_RE = re.compile(r"(<!-- BEGIN CONVENTIONS[^\n]*-->\n).*?(\n<!-- END CONVENTIONS -->)", re.S)
+_BLOCK_RE = re.compile(r"    # BEGIN VARIANT[^\n]*\n.*?    # END VARIANT\n", re.S)
+VARIANT_META = variants.VARIANT_META
+
+
+def _solution_replacements(v: Variant) -> list[tuple[str, str]]:
+    """The answer key's lines that carry a convention, rewritten for ``v``."""
+    out = []
+    if v.channel_axis != 1:
+        a = v.channel_axis
+        two, four = variants.layout_text(v)
+        out += [("for (N, C) and (N, C, H, W) inputs.", f"for {two} and {four} inputs."),
+                ("dims = [0] + list(range(2, x.dim()))  # every axis except the channel axis 1",
+                 "dims = list(range(x.dim() - 1))  # every axis except the last (channel) axis" if a == -1
+                 else "dims = list(range(1, x.dim()))  # every axis except the channel axis 0"),
+                ("shape = [1, -1] + [1] * (x.dim() - 2)",
+                 "shape = [1] * (x.dim() - 1) + [-1]" if a == -1 else "shape = [-1] + [1] * (x.dim() - 1)"),
+                ("n = x.numel() // x.shape[1]", f"n = x.numel() // x.shape[{a}]"),
+                ("m = dy.numel() // dy.shape[1]", f"m = dy.numel() // dy.shape[{a}]")]
+    keep, new = ("1 - momentum", "momentum") if v.momentum_rule == "new" else ("momentum", "(1 - momentum)")
+    stat = "var * n / (n - 1))  # unbiased" if v.running_var == "unbiased" else "var)  # biased"
+    out += [("running_mean.mul_(1 - momentum).add_(momentum * mean)", f"running_mean.mul_({keep}).add_({new} * mean)"),
+            ("running_var.mul_(1 - momentum).add_(momentum * var * n / (n - 1))  # unbiased",
+             f"running_var.mul_({keep}).add_({new} * {stat}")]
+    if v.eps == "outside":
+        out += [("inv_std = 1.0 / torch.sqrt(var + eps)",
+                 "std = torch.sqrt(var)\n    inv_std = 1.0 / (std + eps)  # eps added to the standard deviation"),
+                ("cache = (x_hat, inv_std, gamma, dims, shape)", "cache = (x_hat, inv_std, gamma, dims, shape, std)"),
+                ("x_hat, inv_std, gamma, dims, shape = cache", "x_hat, inv_std, gamma, dims, shape, std = cache"),
+                ("- x_hat * (dx_hat * x_hat).sum(dim=dims, keepdim=True)",
+                 "- x_hat * (dx_hat * x_hat).sum(dim=dims, keepdim=True) / (inv_std * std).reshape(shape)")]
+    return out
+
+
+def _text_replacements(v: Variant) -> list[tuple[str, str]]:
+    """Question text, signatures and experiments that name a convention."""
+    out = [("with the same conventions as\nPyTorch's `torch.nn.BatchNorm1d` / `torch.nn.BatchNorm2d`, and compare it against PyTorch.",
+            "with **your class's own\nconventions** (stated in question 1: they differ from PyTorch's on purpose)."),
+           ("You can compare against `F.batch_norm(x, running_mean, running_var, gamma, beta, training, momentum, eps)`\n"
+            "while you work, but your function must not call it.",
+            "`F.batch_norm` follows PyTorch's conventions, not these, and your function must not call it."),
+           ("that can replace\n`nn.BatchNorm1d` (for `(N, C)` inputs) and `nn.BatchNorm2d` (for `(N, C, H, W)` inputs):",
+            "with question 1's conventions\n(layout `%s` / `%s`, default momentum `%g`) and the parameters, buffers and "
+            "`state_dict` of\n`nn.BatchNorm2d`:" % (*variants.layout_text(v), v.momentum))]
+    if v.momentum != 0.1:
+        out.append(("momentum=0.1", f"momentum={v.momentum:g}"))
+    if v.channel_axis == 0:
+        out.append(("for _x1 in (torch.randn(1, 4), 100 * torch.randn(1, 4)):",
+                    "for _x1 in (torch.randn(4, 1), 100 * torch.randn(4, 1)):  # (C, N): a batch of one"))
+    if v.running_var == "biased":
+        out.append(("so `running_var` becomes NaN (0/0) and evaluation\nmode is broken from then on.",
+                    "so `running_var` becomes NaN (0/0) and evaluation\nmode is broken from then on (with this "
+                    "class's **biased** running variance it does not become NaN: it decays towards 0 by the "
+                    "momentum's factor each step, so evaluation divides by a shrinking variance)."))
+    return out
+
+
+def _variant_block(v: Variant) -> str:
+    """The tests' reference for ``v``: the checker's own code (variants.py), inside ``_test()``."""
+    import inspect
+    import textwrap
+
+    body = "\n".join([
+        "# BEGIN VARIANT: this class's conventions (generated by `python -m bnviz.grading build --variant`)",
+        "import types as _types",
+        f"_V = _types.SimpleNamespace(**{v.to_dict()!r})",
+        inspect.getsource(variants.batch_norm_reference),
+        inspect.getsource(variants.ReferenceBatchNorm),
+        "_bn_ref = lambda *args, **kwargs: batch_norm_reference(_V, *args, **kwargs)",
+        "_BN1d = _BN2d = lambda C: ReferenceBatchNorm(C, _V)",
+        "_layout = lambda t: t.movedim(1, _V.channel_axis).contiguous()",
+        "# END VARIANT"])
+    return textwrap.indent(body, "    ", lambda line: line.strip() != "") + "\n"
+
+
+def variant_notebook(nb: dict, v: Variant) -> dict:
+    """A copy of the source notebook rewritten for variant ``v``: conventions block, question text,
+    answer key, tests (reference, layout, messages). Every rewrite must apply, or ValueError (the
+    source notebook changed and this function was not updated with it)."""
+    import copy
+
+    nb = copy.deepcopy(nb)
+    cells = nb["cells"]
+    texts = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells]
+    is_test = [c["cell_type"] == "code" and t.startswith('""" # BEGIN TEST CONFIG') for c, t in zip(cells, texts)]
+    counts = {"conventions": 0, "blocks": 0}
+    block = _variant_block(v)
+    for i, text in enumerate(texts):
+        text, n = _CONVENTIONS_RE.subn(lambda m: m.group(1) + variants.conventions_markdown(v) + m.group(2), text)
+        counts["conventions"] += n
+        if is_test[i]:
+            text, n = _BLOCK_RE.subn(lambda m: block, text)
+            counts["blocks"] += n
+            text = variants.apply_messages(v, text)
+        texts[i] = text
+    if counts["conventions"] != 1 or counts["blocks"] != sum(is_test):
+        raise ValueError(f"variant_notebook: expected 1 conventions block and a VARIANT block in each of the "
+                         f"{sum(is_test)} test cells, found {counts}")
+    for old, new in _solution_replacements(v) + _text_replacements(v):
+        hits = sum(t.count(old) for t in texts)
+        if not hits:
+            raise ValueError(f"variant_notebook: {old[:60]!r} not found in the source notebook")
+        texts = [t.replace(old, new) for t in texts]
+    for cell, text in zip(cells, texts):
+        cell["source"] = text
+    return nb
+
+
+def _record_variant(student_notebook: Path, v: Variant) -> None:
+    """The conventions in the built student notebook's metadata (``grade`` reads them there)."""
+    nb = json.loads(student_notebook.read_text(encoding="utf-8"))
+    nb.setdefault("metadata", {})[VARIANT_META] = v.to_dict()
+    student_notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _otter_assign(source: Path, out: Path, timeout_s: float, variant: Variant) -> None:
+    """otter assign in a scratch copy of the source folder (the notebook rewritten for the
+    variant); copy student/ and autograder/ out."""
     with tempfile.TemporaryDirectory(prefix="bnviz-assign-") as scratch:
         scratch = Path(scratch)
         src_copy = scratch / "src"
         shutil.copytree(source.parent, src_copy,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "dist"))
+        if not variant.is_default:
+            nb = variant_notebook(json.loads(source.read_text(encoding="utf-8")), variant)
+            (src_copy / source.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
         env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         env.pop("PYTHONPATH", None)
         cmd = [sys.executable, "-m", "otter", "assign", str(src_copy / source.name), str(scratch / "dist")]
@@ -98,12 +227,14 @@ def _otter_assign(source: Path, out: Path, timeout_s: float) -> None:
 
 
 def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os.PathLike | None = None,
-                     timeout_s: float = 600.0) -> dict[str, Any]:
+                     timeout_s: float = 600.0, variant: str | Variant | None = None) -> dict[str, Any]:
     """Run ``otter assign`` on the solution notebook into ``out_dir``; return the manifest.
 
     ``otter assign`` runs every test (visible and hidden) against the solution and fails the build
-    if one fails. Nothing is written next to the source notebook.
+    if one fails. Nothing is written next to the source notebook. ``variant``: None for PyTorch's
+    conventions, a secret string (``variants.derive``) or a ``Variant``.
     """
+    variant = variant if isinstance(variant, Variant) else Variant() if variant is None else variants.derive(variant)
     out = Path(out_dir).resolve()
     source = Path(source).resolve() if source else default_source().resolve()
     if not source.is_file():
@@ -111,7 +242,11 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     for sub in ("student", "autograder"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    _otter_assign(source, out, timeout_s)
+    _otter_assign(source, out, timeout_s, variant)
+    _record_variant(out / "student" / source.name, variant)
+    # the public solution's answer code (the source notebook, never the variant's): similarity.py compares with it
+    (out / "public_answers.py").write_text(similarity.answer_code(json.loads(source.read_text(encoding="utf-8"))),
+                                           encoding="utf-8")
     zips = sorted((out / "autograder").glob("*-autograder_*.zip"))
     if len(zips) != 1:
         raise RuntimeError(f"expected one autograder zip in {out / 'autograder'}, found {zips}")
@@ -133,6 +268,8 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
         "manual_points": sum(q["points"] or 0 for q in questions.values() if q["manual"]),
         # question -> forbidden features; edit (or set to {}) to change the rules for this assignment
         "forbidden": {q: sorted(f) for q, f in rules.DEFAULT_RULES.items()},
+        # the conventions the tests and `grade` follow (variants.py); the secret is not stored
+        "variant": variant.to_dict(),
     }
     (out / "assignment.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -6,6 +6,12 @@ cases of the assignment, with the same questions, points and coverage as the vis
 tests in the solution notebook (``tests/test_grading.py`` checks that they agree). Each case lists
 the *probes* the sandboxed worker must run (inputs only) and judges the worker's outputs against
 references computed here with PyTorch itself (``F.batch_norm``, ``nn.BatchNorm1d/2d``, autograd).
+
+A class's variant (``variants.py``, ``make_tests(seed, variant)``) changes the conventions: the
+probes carry their tensors in the variant's layout (the worker does not change), and the
+references are ``variants.batch_norm_reference`` / ``ReferenceBatchNorm`` (explicit float64
+formulas) and autograd through them. PyTorch's conventions (the default) keep ``F.batch_norm`` and
+``nn.BatchNorm``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from .variants import ReferenceBatchNorm, Variant, apply_messages, batch_norm_reference, variant_of  # noqa: F401 (grade.py)
 
 RTOL, ATOL = 1e-8, 1e-10  # forward / module outputs and running statistics (float64)
 GRAD_RTOL = 1e-7  # module input / parameter gradients
@@ -41,6 +49,33 @@ class TestCase:
 
 def _f64(*shape, g):
     return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """The references of one variant: PyTorch's own for the default, variants.py's otherwise."""
+
+    variant: Variant
+
+    def bn(self, x, running_mean, running_var, weight, bias, training=False, momentum=0.1, eps=1e-5):
+        if self.variant.is_default:
+            return F.batch_norm(x, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps)
+        return batch_norm_reference(self.variant, x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+    def module(self, C: int, dims: int = 4) -> torch.nn.Module:
+        if self.variant.is_default:
+            return (torch.nn.BatchNorm2d if dims == 4 else torch.nn.BatchNorm1d)(C)
+        return ReferenceBatchNorm(C, self.variant)
+
+    def x(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor drawn with channels on axis 1, in the variant's layout."""
+        return self.variant.to_layout(t)
+
+    def shape(self, shape) -> tuple:
+        return self.variant.layout_shape(shape)
+
+    def msg(self, text: str) -> str:
+        return apply_messages(self.variant, text)
 
 
 def _is_tensor(t, shape=None, what="value") -> torch.Tensor:
@@ -70,18 +105,21 @@ def _probe_result(outputs: dict, pid: str) -> dict:
 # --------------------------------------------------------------------------- q1: forward
 
 
-def _forward_probe(pid, shape, g, momentum=0.1, eps=1e-5, training=True, steps=1, scale=3.0, pass_momentum=True):
+def _forward_probe(pid, shape, g, ref, momentum=None, eps=1e-5, training=True, steps=1, scale=3.0,
+                   pass_momentum=True):
     """Inputs for batch_norm_forward and the F.batch_norm references (like the notebook's
-    ``_bn_compare``)."""
+    ``_bn_compare``); ``shape`` has the channels on axis 1, the probe's tensors are in the layout
+    of ``ref``'s variant; momentum None: the variant's default."""
+    momentum = ref.variant.momentum if momentum is None else momentum
     C = shape[1]
     gamma = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
     beta = _f64(C, g=g)
     rm = _f64(C, g=g)
     rv = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
-    xs = [0.5 + scale * _f64(*shape, g=g) for _ in range(steps)]
+    xs = [ref.x(0.5 + scale * _f64(*shape, g=g)) for _ in range(steps)]
     rm_ref, rv_ref, refs = rm.clone(), rv.clone(), []
     for x in xs:
-        y = F.batch_norm(x, rm_ref, rv_ref, gamma, beta, training=training, momentum=momentum, eps=eps)
+        y = ref.bn(x, rm_ref, rv_ref, gamma, beta, training=training, momentum=momentum, eps=eps)
         refs.append({"y": y, "rm": rm_ref.clone(), "rv": rv_ref.clone()})
     spec = {"id": pid, "kind": "forward", "gamma": gamma, "beta": beta, "rm": rm, "rv": rv, "xs": xs,
             "momentum": momentum if pass_momentum else None, "eps": eps, "training": training}
@@ -100,14 +138,16 @@ def _forward_steps(outputs, pid, refs):
     return steps
 
 
-def _q1_case(number, points, hidden, shapes, checks, **kw):
+def _q1_case(number, points, hidden, shapes, checks, ref_, **kw):
     """One q1 test: several shapes, each step checked by every (ok(step, ref) -> bool, message)."""
+    checks = [(ok, ref_.msg(message)) for ok, message in checks]
+
     def build(g):
         probes, refs = [], {}
         for i, shape in enumerate(shapes):
-            spec, ref = _forward_probe(f"q1-{number}-{i}", shape, g, **kw)
+            spec, ref = _forward_probe(f"q1-{number}-{i}", shape, g, ref_, **kw)
             probes.append(spec)
-            refs[spec["id"]] = (shape, ref)
+            refs[spec["id"]] = (ref_.shape(shape), ref)
         return probes, refs
 
     def judge_with(refs):
@@ -126,31 +166,31 @@ def _ok(key):
     return lambda step, ref: _close(step.get(key), ref[key])
 
 
-def _q1_cases():
+def _q1_cases(r: Ref):
     y, rm, rv = _ok("y"), _ok("rm"), _ok("rv")
     stats_msg = "running statistics for {shape} after step {step} with momentum=0.3 differ from PyTorch's " \
                 "(running = (1 - momentum) * running + momentum * batch)"
     return [
-        _q1_case(1, 1, False, [(16, 4)], [(y, "training-mode output for an (N, C) input differs from F.batch_norm")]),
-        _q1_case(2, 1, False, [(16, 4)], [(rm, "running_mean after one training step (momentum=0.1) differs from PyTorch's")]),
+        _q1_case(1, 1, False, [(16, 4)], [(y, "training-mode output for an (N, C) input differs from F.batch_norm")], r),
+        _q1_case(2, 1, False, [(16, 4)], [(rm, "running_mean after one training step (momentum=0.1) differs from PyTorch's")], r),
         _q1_case(3, 2, True, [(8, 3, 5, 4), (2, 5, 3, 3), (16, 2, 1, 1)], [
-            (y, "training-mode output for a 4-D input {shape} differs from F.batch_norm (normalise per channel over N, H, W)")]),
+            (y, "training-mode output for a 4-D input {shape} differs from F.batch_norm (normalise per channel over N, H, W)")], r),
         _q1_case(4, 1, True, [(16, 4), (4, 3, 5, 5)], [
-            (rv, "running_var for {shape} differs from PyTorch's (it must store the UNBIASED batch variance)")]),
+            (rv, "running_var for {shape} differs from PyTorch's (it must store the UNBIASED batch variance)")], r),
         _combine(
-            _q1_case(5, 1, True, [(10, 3), (4, 2, 3, 3)], [(rm, stats_msg), (rv, stats_msg)], momentum=0.3, steps=3),
+            _q1_case(5, 1, True, [(10, 3), (4, 2, 3, 3)], [(rm, stats_msg), (rv, stats_msg)], r, momentum=0.3, steps=3),
             _q1_case(5, 1, True, [(6, 3)], [(rm, "the default momentum must be 0.1"), (rv, "the default momentum must be 0.1")],
-                     steps=2, pass_momentum=False)),
+                     r, steps=2, pass_momentum=False)),
         _combine(*[_q1_case(6, 1, True, [(32, 3), (8, 2, 4, 4)], [
             (y, f"output for an input with tiny variance (eps={eps}) differs from F.batch_norm: eps belongs inside the square root")],
-            eps=eps, scale=1e-3) for eps in (1e-5, 1e-3)]),
+            r, eps=eps, scale=1e-3) for eps in (1e-5, 1e-3)]),
         _q1_case(7, 1, True, [(16, 4), (4, 3, 5, 5)], [
             (y, "evaluation-mode output for {shape} differs from F.batch_norm (use running_mean / running_var)"),
             (rm, "evaluation mode must not change the running statistics"),
-            (rv, "evaluation mode must not change the running statistics")], training=False, steps=2),
+            (rv, "evaluation mode must not change the running statistics")], r, training=False, steps=2),
         _q1_case(8, 1, True, [(5, 3, 4, 6)], [
             (rm, "running_mean of a 4-D input after step {step} differs from PyTorch's"),
-            (rv, "running_var of a 4-D input after step {step} differs from PyTorch's")], steps=2),
+            (rv, "running_var of a 4-D input after step {step} differs from PyTorch's")], r, steps=2),
     ]
 
 
@@ -184,18 +224,18 @@ def _combine(*parts):
 # --------------------------------------------------------------------------- q2: backward
 
 
-def _q2_case(number, points, hidden, shapes, scale=2.0, negative_gamma=False):
+def _q2_case(number, points, hidden, shapes, r: Ref, scale=2.0, negative_gamma=False):
     def build(g):
         probes, refs = [], {}
         for i, shape in enumerate(shapes):
             C = shape[1]
-            x = 1.0 + scale * _f64(*shape, g=g)
+            x = r.x(1.0 + scale * _f64(*shape, g=g))
             gamma = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
             gamma = -gamma if negative_gamma else gamma
-            beta, dy = _f64(C, g=g), _f64(*shape, g=g)
+            beta, dy = _f64(C, g=g), r.x(_f64(*shape, g=g))
             xr, gr, br = (t.clone().requires_grad_() for t in (x, gamma, beta))
-            y = F.batch_norm(xr, None, None, gr, br, training=True, eps=1e-5)
-            refs[f"q2-{number}-{i}"] = (shape, torch.autograd.grad(y, (xr, gr, br), dy))
+            y = r.bn(xr, None, None, gr, br, training=True, eps=1e-5)
+            refs[f"q2-{number}-{i}"] = (r.shape(shape), torch.autograd.grad(y, (xr, gr, br), dy))
             probes.append({"id": f"q2-{number}-{i}", "kind": "backward", "x": x, "gamma": gamma, "beta": beta, "dy": dy})
         return probes, refs
 
@@ -217,10 +257,10 @@ def _q2_case(number, points, hidden, shapes, scale=2.0, negative_gamma=False):
     return number, points, hidden, build, judge_with
 
 
-def _q2_cases():
-    return [_q2_case(1, 1, False, [(10, 4)]),
-            _q2_case(2, 2, True, [(6, 3, 4, 4), (2, 4, 3, 5)]),
-            _q2_case(3, 1, True, [(2, 3), (3, 5, 2, 2), (64, 7)], scale=10.0, negative_gamma=True)]
+def _q2_cases(r: Ref):
+    return [_q2_case(1, 1, False, [(10, 4)], r),
+            _q2_case(2, 2, True, [(6, 3, 4, 4), (2, 4, 3, 5)], r),
+            _q2_case(3, 1, True, [(2, 3), (3, 5, 2, 2), (64, 7)], r, scale=10.0, negative_gamma=True)]
 
 
 # --------------------------------------------------------------------------- q3: the module
@@ -305,32 +345,32 @@ def _q3_init():
     return 1, 1, False, build, judge_with
 
 
-def _q3_train():
+def _q3_train(r: Ref):
     def build(g):
         probes, refs = [], {}
-        for shape, cls in [((8, 3, 4, 4), torch.nn.BatchNorm2d), ((12, 3), torch.nn.BatchNorm1d)]:
+        for shape in [(8, 3, 4, 4), (12, 3)]:
             pid = f"q3-2-{len(shape)}"
-            spec = _pair_spec(pid, 3, g, [{"mode": "train", "x": 1.0 + 2.0 * _f64(*shape, g=g)} for _ in range(3)])
+            spec = _pair_spec(pid, 3, g, [{"mode": "train", "x": r.x(1.0 + 2.0 * _f64(*shape, g=g))} for _ in range(3)])
             probes.append(spec)
-            refs[pid] = (shape, _run_reference(cls(3), spec))
+            refs[pid] = (r.shape(shape), _run_reference(r.module(3, len(shape)), spec))
         return probes, refs
 
     def judge_with(refs):
         def judge(outputs):
             for pid, (shape, ref) in refs.items():
-                msg = f"training-mode output for {shape} at step {{step}} differs from nn.BatchNorm"
+                msg = r.msg(f"training-mode output for {shape} at step {{step}} differs from nn.BatchNorm")
                 _module_steps(outputs, pid, ref, [msg] * len(ref))
         return judge
 
     return 2, 2, True, build, judge_with
 
 
-def _q3_modes():
+def _q3_modes(r: Ref):
     def build(g):
-        steps = [{"mode": "train", "no_grad": True, "x": 1.0 + 2.0 * _f64(6, 4, 3, 3, g=g)} for _ in range(2)]
-        steps.append({"mode": "eval", "requires_grad": True, "x": _f64(5, 4, 3, 3, g=g)})
+        steps = [{"mode": "train", "no_grad": True, "x": r.x(1.0 + 2.0 * _f64(6, 4, 3, 3, g=g))} for _ in range(2)]
+        steps.append({"mode": "eval", "requires_grad": True, "x": r.x(_f64(5, 4, 3, 3, g=g))})
         spec = _pair_spec("q3-3", 4, g, steps)
-        return [spec], _run_reference(torch.nn.BatchNorm2d(4), spec)
+        return [spec], _run_reference(r.module(4), spec)
 
     def judge_with(ref):
         msgs = ["in train() mode under torch.no_grad() the module must still use batch statistics"] * 2 + [
@@ -340,15 +380,15 @@ def _q3_modes():
     return 3, 1, True, build, judge_with
 
 
-def _q3_load():
+def _q3_load(r: Ref):
     def build(g):
-        src = torch.nn.BatchNorm2d(3).train()
+        src = torch.nn.BatchNorm2d(3).train()  # trained by PyTorch: only its state is used
         with torch.no_grad():
             for _ in range(4):
                 src(torch.randn(6, 3, 2, 2, generator=g) * 3 + 1)
         spec = {"id": "q3-4", "kind": "module", "C": 3, "load_state": _state(src), "wb": None,
-                "steps": [{"mode": "eval", "x": _f64(4, 3, 2, 2, g=g)}]}
-        return [spec], _run_reference(src, spec)
+                "steps": [{"mode": "eval", "x": r.x(_f64(4, 3, 2, 2, g=g))}]}
+        return [spec], _run_reference(src if r.variant.is_default else r.module(3), spec)
 
     def judge_with(ref):
         def judge(outputs):
@@ -361,11 +401,11 @@ def _q3_load():
     return 4, 1, True, build, judge_with
 
 
-def _q3_grad():
+def _q3_grad(r: Ref):
     def build(g):
-        x, w = _f64(7, 3, 2, 5, g=g), _f64(7, 3, 2, 5, g=g)
+        x, w = r.x(_f64(7, 3, 2, 5, g=g)), r.x(_f64(7, 3, 2, 5, g=g))
         spec = _pair_spec("q3-5", 3, g, [{"mode": "train", "x": x, "requires_grad": True, "grad_weights": w}])
-        return [spec], _run_reference(torch.nn.BatchNorm2d(3), spec)
+        return [spec], _run_reference(r.module(3), spec)
 
     def judge_with(ref):
         def judge(outputs):
@@ -376,28 +416,32 @@ def _q3_grad():
                 raise Fail("forward must be differentiable with autograd")
             for name, a, b in zip(["the input", "weight", "bias"], grads, ref[0]["grads"]):
                 if not _close(a, b, rtol=GRAD_RTOL):
-                    raise Fail(f"gradient w.r.t. {name} differs from nn.BatchNorm2d's")
+                    raise Fail(r.msg(f"gradient w.r.t. {name} differs from nn.BatchNorm2d's"))
         return judge
 
     return 5, 1, True, build, judge_with
 
 
-def _q3_cases():
-    return [_q3_init(), _q3_train(), _q3_modes(), _q3_load(), _q3_grad()]
+def _q3_cases(r: Ref):
+    return [_q3_init(), _q3_train(r), _q3_modes(r), _q3_load(r), _q3_grad(r)]
 
 
 # --------------------------------------------------------------------------- all tests
 
 
-QUESTIONS = {"q1": _q1_cases, "q2": _q2_cases, "q3": _q3_cases}
+QUESTIONS = {"q1": _q1_cases, "q2": _q2_cases, "q3": _q3_cases}  # each called with a Ref
 
 
-def make_tests(seed: int) -> list[TestCase]:
-    """Every autograded test case with fresh inputs drawn from ``seed``."""
+def make_tests(seed: int, variant: Variant | None = None) -> list[TestCase]:
+    """Every autograded test case with fresh inputs drawn from ``seed``, for ``variant``'s
+    conventions (None: PyTorch's)."""
+    if variant is not None and not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a variants.Variant or None, got {type(variant).__name__}")
     g = torch.Generator().manual_seed(int(seed))
+    r = Ref(variant or Variant())
     tests = []
     for question, cases in QUESTIONS.items():
-        for number, points, hidden, build, judge_with in cases():
+        for number, points, hidden, build, judge_with in cases(r):
             probes, refs = build(g)
             tests.append(TestCase(question, number, float(points), hidden, probes, judge_with(refs)))
     return tests

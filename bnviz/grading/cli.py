@@ -1,6 +1,6 @@
 """Command line: ``python -m bnviz.grading build|grade`` (what ``make assignment`` / ``make grade`` run).
 
-    python -m bnviz.grading build [--source NOTEBOOK] [--out dist/batch_norm]
+    python -m bnviz.grading build [--source NOTEBOOK] [--out dist/batch_norm] [--variant SECRET]
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="otter assign the solution notebook")
     b.add_argument("--source", default=None, help=f"solution notebook (default: ${build.SOURCE_ENV} or the checkout's)")
     b.add_argument("--out", default=str(build.DEFAULT_DIST))
+    b.add_argument("--variant", default=None, metavar="SECRET",
+                   help="build the class variant derived from SECRET (variants.py; the secret is not stored); "
+                        "default: PyTorch's conventions")
     g = sub.add_parser("grade", help="grade a folder of submissions, each in a sandbox")
     g.add_argument("submissions")
     g.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
@@ -72,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "build":
         try:
-            manifest = build.build_assignment(args.out, args.source)
-        except FileNotFoundError as e:
+            manifest = build.build_assignment(args.out, args.source, variant=args.variant)
+        except (FileNotFoundError, ValueError) as e:  # ValueError: an empty --variant secret
             parser.error(str(e))
+        print("conventions: " + "; ".join(build.variants.describe(build.Variant.from_dict(manifest["variant"]))))
         print(f"built {args.out}: student notebook {manifest['student_notebook']}, "
               f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
               f"{manifest['autograded_points']:g} autograded + {manifest['manual_points']:g} manual points")

@@ -25,7 +25,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from . import checker, rules, sandbox
+from . import checker, rules, sandbox, similarity
 from .build import natural_key
 
 MAX_TEXT = 120
@@ -123,7 +123,7 @@ class Session:
                  forbidden: dict[str, set[str]], student_nb: dict | None, seed: int | None = None,
                  docker_image: str | None = None):
         self.seed = secrets.randbits(62) if seed is None else int(seed)
-        self.tests = checker.make_tests(self.seed)
+        self.tests = checker.make_tests(self.seed, checker.variant_of(student_nb))  # the class variant (build --variant)
         self.questions = checker.question_points(self.tests)
         self.probes = [p for t in self.tests for p in t.probes]
         self.work, self.backend, self.limits, self.masks = work, backend, limits, masks
@@ -358,5 +358,6 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
         r["seed"] = session.seed
+    similarity.flag_results(results, sub_dir, out, student_notebook, log=log)  # similarity flags (issue 17 item 6); never raises
     write_records(out, results, gradebook_columns(session.questions, manual), manual)
     return results

@@ -1,0 +1,343 @@
+"""Similarity flags: each submission's answer code against the public solution and every other one.
+
+Trusted side, source text only (nothing is executed). For each submission:
+
+1. its code cells are read from the file (``read_code``), and the template handed out is stripped:
+   every line that also appears in the built student notebook's code cells (setup cell, check
+   cells, signatures, docstrings, the q4 experiment), comment lines and blank lines;
+2. ``copydetect`` (winnowing fingerprints, as MOSS does) tokenises what is left with pygments and
+   replaces names by placeholders, so renaming variables does not hide a copy; fingerprints of the
+   template are discarded as boilerplate;
+3. a pair's score is the larger of the two shares of copied code (``compare_files``: the tokens
+   in shared fingerprints over each file's tokens), so padding a copy with extra code lowers only
+   the padder's share; a pair is flagged when the score reaches ``THRESHOLD`` and at least
+   ``MIN_OVERLAP`` filtered characters are shared.
+
+``THRESHOLD`` (0.5) was tuned on planted data (``tests/test_grading_variants.py``): two honest
+solutions written independently of the public one score 0.16-0.27 against it and 0.04-0.16
+against each other; a copy of the public solution with its variables renamed scores 0.94-0.99, a
+renamed copy of another student's 0.99, and the public solution adapted to a variant (the
+variant's answer key) 0.69.
+
+``flag_results`` is what ``grade.grade_folder`` calls: the comparison runs in a child process with
+a time and memory limit, the flags go into each student's ``flags``, and ``similarity.html`` (the
+pairs, scores and the code side by side, every byte of student text HTML-escaped) is written next
+to the gradebook. It never raises: a failure becomes a note and the grades are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import itertools
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+THRESHOLD = 0.5
+MIN_OVERLAP = 60  # filtered characters shared, so that two tiny answers are never a "copy"
+NOISE_T, GUARANTEE_T = 25, 30  # copydetect's defaults: k-grams of 25 filtered characters, window 6
+MAX_CODE = 64 * 1024  # characters of answer code compared per submission (the solution has ~2,500)
+MAX_FILE = 64 * 1024 * 1024
+PUBLIC = "the public solution"
+MAX_FLAGS = 3  # similarity flags per student in the gradebook; similarity.html lists every pair
+TIMEOUT_S, MEMORY = 300.0, 4 << 30
+
+
+@dataclasses.dataclass
+class Pair:
+    a: str
+    b: str
+    score: float  # max(share_a, share_b)
+    share_a: float  # share of a's tokens found in b
+    share_b: float
+    overlap: int  # filtered characters in shared fingerprints
+    slices_a: list  # [[start, end], ...] copied stretches of a's (stripped) code
+    slices_b: list
+
+    def flagged(self, threshold: float) -> bool:
+        return self.score >= threshold and self.overlap >= MIN_OVERLAP
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _cells_code(nb: Any) -> str:
+    """The code cells of a notebook dict (nbformat 4, or v3's worksheets), joined."""
+    if not isinstance(nb, dict):
+        return ""
+    cells = nb.get("cells")
+    if cells is None and isinstance(nb.get("worksheets"), list) and nb["worksheets"]:
+        cells = (nb["worksheets"][0] or {}).get("cells")
+    out = []
+    for cell in cells if isinstance(cells, list) else []:
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
+            src = cell.get("source", cell.get("input", ""))
+            out.append("".join(s for s in src if isinstance(s, str)) if isinstance(src, list) else str(src))
+    return "\n".join(out)
+
+
+def answer_code(nb: Any) -> str:
+    """The code cells of a solution source notebook without its test cells (otter's
+    ``# BEGIN TEST CONFIG`` cells): the answer code a student could copy."""
+    if not isinstance(nb, dict):
+        return ""
+    cells = [c for c in nb.get("cells") or [] if isinstance(c, dict)]
+    keep = [c for c in cells if not _cells_code({"cells": [c]}).startswith('""" # BEGIN TEST CONFIG')]
+    return _cells_code({"cells": keep})
+
+
+def read_code(path: Path) -> str:
+    """The code cells of a submission (.ipynb, or a zip with one notebook anywhere in it)."""
+    path = Path(path)
+    if path.suffix.lower() == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            nbs = [i for i in zf.infolist() if i.filename.lower().endswith(".ipynb")
+                   and "__MACOSX" not in i.filename and "checkpoint" not in i.filename]
+            if len(nbs) != 1 or nbs[0].file_size > MAX_FILE:
+                return ""
+            raw = zf.read(nbs[0])
+    else:
+        if path.stat().st_size > MAX_FILE:
+            return ""
+        raw = path.read_bytes()
+    return _cells_code(json.loads(raw.decode("utf-8", errors="replace")))
+
+
+_TRIPLE = re.compile(r'(?s)""".*?"""|\'\'\'.*?\'\'\'')
+
+
+def strip_template(code: str, template: str) -> str:
+    """``code`` without triple-quoted strings (docstrings: removing a template's closing quotes
+    alone would turn the rest into one string), the lines handed out in ``template``, comment
+    lines and blank lines."""
+    given = {ln.strip() for ln in _TRIPLE.sub("", template).splitlines()}
+    kept = [ln for ln in _TRIPLE.sub("", code[:4 * MAX_CODE]).splitlines()
+            if ln.strip() and not ln.strip().startswith("#") and ln.strip() not in given]
+    return "\n".join(kept)[:MAX_CODE]
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def _fingerprint(code: str, boilerplate=None):
+    from copydetect import CodeFingerprint
+
+    return CodeFingerprint("answer.py", NOISE_T, GUARANTEE_T - NOISE_T + 1, boilerplate=boilerplate,
+                           fp=io.StringIO(code))
+
+
+def compare(codes: dict[str, str], template: str = "") -> list[Pair]:
+    """Every pair of ``codes`` (already stripped), highest score first."""
+    import logging
+
+    import numpy as np
+    from copydetect import compare_files
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # copydetect warns on empty code
+    boiler = np.array(sorted(_fingerprint(template).hashes)) if template.strip() else None
+    fps = {name: _fingerprint(code, boiler) for name, code in codes.items() if len(code) > NOISE_T}
+    pairs = []
+    for a, b in itertools.combinations(sorted(fps), 2):
+        overlap, (sa, sb), (sla, slb) = compare_files(fps[a], fps[b])
+        slices = [[[int(s), int(e)] for s, e in zip(*sl)] if np.ndim(sl) == 2 else [] for sl in (sla, slb)]
+        pairs.append(Pair(a, b, float(max(sa, sb)), float(sa), float(sb), int(overlap), *slices))
+    return sorted(pairs, key=lambda p: (-p.score, p.a, p.b))
+
+
+def flag_pairs(sources: dict[str, str], public: str, threshold: float = THRESHOLD,
+               template: str = "") -> dict[str, list[str]]:
+    """Student -> reasons, for every student whose answer code (template stripped) scores at least
+    ``threshold`` against the public solution's or another student's. Both students of a pair get
+    a flag. Students with no flag are absent."""
+    _check_args(sources, public, threshold)
+    return _flags(_pairs(sources, public, template), threshold)
+
+
+def _check_args(sources: Any, public: Any, threshold: Any) -> None:
+    if not isinstance(sources, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sources.items()):
+        raise TypeError("sources must be a dict of student name -> answer code (str)")
+    if PUBLIC in sources:
+        raise ValueError(f"{PUBLIC!r} is reserved for the public solution; rename that student")
+    if not isinstance(public, str):
+        raise TypeError(f"public must be the public solution's code (str), got {type(public).__name__}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
+
+
+def _pairs(sources: dict[str, str], public: str, template: str) -> list[Pair]:
+    codes = {name: strip_template(code, template) for name, code in sources.items()}
+    if public.strip():
+        codes[PUBLIC] = strip_template(public, template)
+    return compare(codes, template)
+
+
+def _flags(pairs: list[Pair], threshold: float) -> dict[str, list[str]]:
+    flags: dict[str, list[str]] = {}
+    for p in pairs:
+        if p.flagged(threshold):
+            for me, other in ((p.a, p.b), (p.b, p.a)):
+                if me != PUBLIC:
+                    flags.setdefault(me, []).append(f"similar to {other} (score {p.score:.2f}, check by hand)")
+    for me, reasons in flags.items():  # highest scores first (pairs are sorted); the rest in the report
+        if len(reasons) > MAX_FLAGS:
+            flags[me] = reasons[:MAX_FLAGS] + [f"similar to {len(reasons) - MAX_FLAGS} more (similarity.html)"]
+    return flags
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _marked(code: str, slices: list) -> str:
+    """HTML-escaped code with the copied stretches in <mark>."""
+    out, pos = [], 0
+    for start, end in sorted(slices):
+        start, end = max(start, pos), min(end, len(code))
+        if start >= end:
+            continue
+        out += [html.escape(code[pos:start]), "<mark>", html.escape(code[start:end]), "</mark>"]
+        pos = end
+    out.append(html.escape(code[pos:]))
+    return "".join(out)
+
+
+def write_report(path: str | os.PathLike, pairs: list[Pair], codes: dict[str, str], threshold: float = THRESHOLD,
+                 note: str = "", shown: int = 10) -> None:
+    """``similarity.html``: every flagged pair, then the ``shown`` highest-scoring others, each with
+    both answers side by side (copied stretches highlighted). All student text is escaped."""
+    esc = html.escape
+    flagged = [p for p in pairs if p.flagged(threshold)]
+    rest = [p for p in pairs if not p.flagged(threshold)][:shown]
+    parts = ["<!doctype html><meta charset='utf-8'><title>Similarity report</title>",
+             "<style>body{font-family:sans-serif} pre{white-space:pre-wrap;font-size:12px;background:#f6f6f6;"
+             "padding:6px} td{vertical-align:top;width:50%} mark{background:#fd7} .flag{color:#b00}</style>",
+             "<h1>Similarity of the answer code</h1>",
+             f"<p>copydetect winnowing (k={NOISE_T}, window {GUARANTEE_T - NOISE_T + 1}) on the code cells, "
+             f"with the handed-out template, comments and blank lines removed and names normalised. "
+             f"Score = the larger share of either answer found in the other. Flagged: score &ge; {threshold:g} "
+             f"and at least {MIN_OVERLAP} shared characters. {len(pairs)} pairs compared, {len(flagged)} flagged. "
+             "A flag is a reason to look, not a verdict.</p>"]
+    if note:
+        parts.append(f"<p class='flag'>{esc(note)}</p>")
+    for title, group in (("Flagged pairs", flagged), ("Highest-scoring pairs not flagged", rest)):
+        parts.append(f"<h2>{title}</h2>" + ("" if group else "<p>none</p>"))
+        for p in group:
+            parts.append(f"<h3>{esc(p.a)} &harr; {esc(p.b)}: score {p.score:.2f} "
+                         f"(shares {p.share_a:.2f} / {p.share_b:.2f}, {p.overlap} characters)</h3>"
+                         f"<table><tr><th>{esc(p.a)}</th><th>{esc(p.b)}</th></tr><tr>"
+                         f"<td><pre>{_marked(codes.get(p.a, ''), p.slices_a)}</pre></td>"
+                         f"<td><pre>{_marked(codes.get(p.b, ''), p.slices_b)}</pre></td></tr></table>")
+    Path(path).write_text("\n".join(parts), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- grading hook
+
+
+def _limit_child() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    os.nice(5)
+
+
+def run_isolated(paths: dict[str, str], public: str, template: str,
+                 timeout_s: float = TIMEOUT_S) -> tuple[list[Pair], dict[str, str], list[str]]:
+    """Read, strip and compare the submissions in a child process with a time and memory limit
+    (a 64 MB notebook's JSON, pygments on hostile code): (pairs, stripped codes, unreadable)."""
+    # this file run as a script (-I: isolated), so the child imports neither bnviz nor torch
+    proc = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], preexec_fn=_limit_child,
+                          input=json.dumps({"paths": paths, "public": public, "template": template}),
+                          capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"comparison process failed (exit status {proc.returncode}): {proc.stderr[-300:]}")
+    reply = json.loads(proc.stdout)
+    return [Pair(**p) for p in reply["pairs"]], reply["codes"], reply["unread"]
+
+
+def _public_code(student_notebook: Path | None) -> str:
+    """The public solution's code: ``public_answers.py`` of the build, else the checkout's notebook."""
+    if student_notebook is not None:
+        built = Path(student_notebook).resolve().parent.parent / "public_answers.py"
+        if built.is_file():
+            return built.read_text(encoding="utf-8")
+    from .build import default_source
+
+    return answer_code(json.loads(default_source().read_text(encoding="utf-8")))
+
+
+def _apply(results: list[dict], flags: dict[str, list[str]], note: str) -> list[dict]:
+    """Put this run's similarity flags (and note) into the results, replacing a previous run's
+    (a resumed grading run keeps results); return the results that changed."""
+    changed = []
+    for r in results:
+        kept = [f for f in str(r.get("flags") or "").split("; ") if f and not f.startswith("similar to ")]
+        flags_ = "; ".join(kept + flags.get(r["student"], []))
+        notes = [n for n in r.get("notes") or [] if not str(n).startswith("similarity")] + ([note] if note else [])
+        if flags_ != (r.get("flags") or "") or notes != (r.get("notes") or []):
+            r["flags"], r["notes"] = flags_, notes
+            changed.append(r)
+    return changed
+
+
+def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                 student_notebook: str | os.PathLike | None = None, threshold: float = THRESHOLD,
+                 row=None, log=print) -> str:
+    """Add similarity flags to ``results`` (their ``flags``; ``row(result)`` rebuilds a gradebook
+    row, and each changed ``<out>/<student>.json`` is rewritten) and write
+    ``<out>/similarity.html``. Never raises: a failure becomes the returned note, which is also
+    logged, put in every student's ``notes`` and in the report ("" when all went well)."""
+    note, out = "", Path(out_dir)
+    try:
+        nb_path = Path(student_notebook) if student_notebook else None
+        template = _cells_code(json.loads(nb_path.read_text(encoding="utf-8"))) if nb_path else ""
+        paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
+        pairs, codes, unread = run_isolated(paths, _public_code(nb_path), template)
+        flags = _flags(pairs, threshold)
+        # an unreadable file already has its error in the gradebook: only the report says it was skipped
+        write_report(out / "similarity.html", pairs, codes, threshold,
+                     "not compared (unreadable): " + ", ".join(unread)[:2000] if unread else "")
+    except Exception as e:  # never lose the grades for this
+        flags, note = {}, f"similarity check failed, no similarity flags: {type(e).__name__}: {str(e)[:200]}"
+        try:
+            write_report(out / "similarity.html", [], {}, threshold, note)
+        except Exception:
+            pass
+    if note:
+        log(note)
+    for r in _apply(results, flags, note):
+        try:
+            if row is not None:
+                r["row"] = row(r)
+            tmp = out / f".{r['student']}.json.similarity.tmp"
+            tmp.write_text(json.dumps(r, indent=2), encoding="utf-8")
+            os.replace(tmp, out / f"{r['student']}.json")
+        except Exception:  # the gradebook still carries the flag
+            pass
+    return note
+
+
+def main() -> int:
+    """Child process: JSON {paths, public, template} on stdin -> JSON {pairs, codes (stripped),
+    unread} on stdout."""
+    request = json.loads(sys.stdin.read())
+    sources, unread = {}, []
+    for name, path in request["paths"].items():
+        try:
+            sources[name] = read_code(Path(path))
+        except Exception as e:  # graded (0) with its error elsewhere; listed in the report
+            unread.append(f"{name} ({type(e).__name__})")
+    template = request["template"]
+    pairs = _pairs(sources, request["public"], template)
+    codes = {name: strip_template(code, template) for name, code in sources.items()}
+    codes[PUBLIC] = strip_template(request["public"], template)
+    sys.stdout.write(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs], "codes": codes, "unread": unread}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
