@@ -128,26 +128,36 @@ def _value_causes(s: SeedStats, limit: float = CHANCE_LIMIT) -> list[str]:
     return causes
 
 
-def improvement(history) -> float | None:
-    """Training accuracy gained over the last quarter of a run: the mean of the step snapshots'
-    training accuracy in the last quarter of the steps minus the mean in the quarter before
-    (None with fewer than 8 step snapshots)."""
+def _gain(history) -> tuple[float, float] | None:
+    """(gain, its standard error): the mean training accuracy of the step snapshots in the last
+    quarter of the steps minus that in the quarter before; None with fewer than 8 snapshots."""
     steps = [s for s in history.snapshots if s.kind == "step"]
     if len(steps) < 8:
         return None
     total = steps[-1].step
     last = [s.train_acc for s in steps if s.step > 0.75 * total]
     before = [s.train_acc for s in steps if 0.5 * total < s.step <= 0.75 * total]
-    if not last or not before:
+    if len(last) < 2 or len(before) < 2:
         return None
-    return sum(last) / len(last) - sum(before) / len(before)
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    var = lambda v: sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)  # noqa: E731
+    return mean(last) - mean(before), math.sqrt(var(last) / len(last) + var(before) / len(before))
+
+
+def improvement(history) -> float | None:
+    """Training accuracy gained over the last quarter of a run: the mean of the step snapshots'
+    training accuracy in the last quarter of the steps minus the mean in the quarter before
+    (None with fewer than 8 step snapshots)."""
+    g = _gain(history)
+    return None if g is None else g[0]
 
 
 def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[str]:
     """The measured reasons a verdict about this cell (runs that differ only by seed) needs a
     CAUTION, each with its number: 'never left chance (best seed 0.113 < 0.15)'; 'not converged:
-    still improving (training accuracy +0.041 over the last quarter of the steps)' (mean over
-    the finished seeds > :data:`STILL_IMPROVING`); 'not converged: far below its full-size
+    still improving (training accuracy +0.041 ± 0.008 over the last quarter of the steps)' (the
+    mean gain over the finished seeds is above :data:`STILL_IMPROVING` and above twice its
+    standard error, from the spread of the snapshots: small batches' accuracy is noisy); 'not converged: far below its full-size
     accuracy (0.532 vs 0.880)' (more than :data:`FAR_BELOW` below ``full_size``); 'diverged
     seeds (1 of 3)'; 'saturation (62% of sigmoid outputs saturated at the end)' (mean of the last
     epoch's ``Snapshot.saturated`` > :data:`SATURATION_LIMIT`). Empty when none applies."""
@@ -156,11 +166,13 @@ def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMI
     causes = _value_causes(s, limit)
     ok = [r for r in runs if r.acc is not None]
     stuck = bool(causes) and causes[0].startswith("never")
-    gains = [g for g in (improvement(r.history) for r in ok) if g is not None]
-    if gains and not stuck and sum(gains) / len(gains) > STILL_IMPROVING:
-        g = sum(gains) / len(gains)
-        causes.insert(len(causes) - bool(s.failed),
-                      f"not converged: still improving (training accuracy {g:+.3f} over the last quarter of the steps)")
+    gains = [g for g in (_gain(r.history) for r in ok) if g is not None]
+    if gains and not stuck:
+        g = sum(x for x, _ in gains) / len(gains)
+        se = math.sqrt(sum(e ** 2 for _, e in gains)) / len(gains)
+        if g > STILL_IMPROVING and g > 2 * se:  # a real rise, not the noise of small batches' accuracy
+            causes.insert(len(causes) - bool(s.failed), f"not converged: still improving (training accuracy "
+                                                        f"{g:+.3f} ± {se:.3f} over the last quarter of the steps)")
     if full_size is not None and s.n and not stuck and s.mean < full_size - FAR_BELOW:
         causes.append(f"not converged: far below its full-size accuracy ({s.mean:.3f} vs {full_size:.3f})")
     sats = [e.saturated for r in ok for e in r.history.snapshots[-1:] if e.saturated is not None]
