@@ -9,9 +9,14 @@ the command line (exactly what ``make grade`` runs) and prints, as its last line
 It also checks that every submission got full marks (a faster grader that grades wrongly does not
 count). ``--pythonpath`` grades with another copy of the ``bnviz`` package, e.g. the code before a
 change (``git archive HEAD bnviz | tar -x -C /tmp/bnviz-old``), so before/after runs use the same
-script. Extra arguments after ``--`` go to ``grade`` (e.g. ``-- --no-sandbox``).
+script. ``--baseline DIR`` measures both in the same run, alternating (baseline, code, baseline,
+code ... ``--rounds`` times, on the same submissions and the same built assignment) and ends with
+``ratio code/baseline: X`` (the sandbox hardening of issue 17 must keep it >= 0.8). Each line
+says the load average it was measured under. Extra arguments after ``--`` go to ``grade`` (e.g.
+``-- --no-sandbox``).
 
-    .venv/bin/python benchmarks/grading_speed.py [--n 40] [--jobs 2] [--pythonpath DIR] [-- ...]
+    .venv/bin/python benchmarks/grading_speed.py [--n 40] [--jobs 2] [--pythonpath DIR]
+                                                [--baseline DIR [--rounds 2]] [-- ...]
 """
 
 from __future__ import annotations
@@ -47,6 +52,34 @@ def make_submissions(solution: Path, folder: Path, n: int) -> None:
         (folder / f"student{i:03d}.ipynb").write_text(json.dumps(copy))
 
 
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def grade_once(code: str, work: Path, subs: Path, args, extra: list[str]) -> float | None:
+    """Grade ``subs`` with the ``bnviz`` at ``code``; submissions/min, or None if any honest
+    submission lost points."""
+    env = dict(os.environ, PYTHONPATH=str(Path(code).resolve()))
+    grades = work / f"grades-{time.monotonic_ns()}"
+    print(f"grading {args.n} honest submissions, jobs={args.jobs}, cpus={os.cpu_count()}, "
+          f"load average before: {_load()}, code: {code}", flush=True)
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "bnviz.grading", "grade", str(subs), "--dist", str(work / "dist"), "--out", str(grades),
+          "--jobs", str(args.jobs), "--timeout", str(args.timeout), *extra], env, work)
+    seconds = time.perf_counter() - t0
+    with open(grades / "gradebook.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    wrong = [r["student"] for r in rows if r["total"] != r["possible"] or r["error"]]
+    print(f"{len(rows)} graded in {seconds:.1f} s ({seconds / max(1, len(rows)):.2f} s each), "
+          f"not full marks: {len(wrong)} {wrong[:5]}; load average after: {_load()}", flush=True)
+    if wrong or len(rows) != args.n:
+        return None
+    return 60.0 * len(rows) / seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -58,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=int(os.environ.get("GRADE_JOBS", 2)))
     p.add_argument("--timeout", type=float, default=600.0, help="per-submission limit (s)")
     p.add_argument("--pythonpath", default=str(REPO), help="where `bnviz` is imported from")
+    p.add_argument("--baseline", default=None, help="another `bnviz` copy, measured in the same run")
+    p.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations")
     p.add_argument("--source", default=str(SOURCE), help="the assignment's solution notebook")
     p.add_argument("--workdir", default=None, help="keep the files here (default: a temp folder)")
     args = p.parse_args(argv)
@@ -66,28 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bnviz-gradebench-") as tmp:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        dist, subs, grades = work / "dist", work / "submissions", work / "grades"
+        dist, subs = work / "dist", work / "submissions"
         _run([sys.executable, "-m", "bnviz.grading", "build", "--source", args.source, "--out", str(dist)], env, work)
         make_submissions(dist / "autograder" / "batch_norm.ipynb", subs, args.n)
-        try:
-            load = os.getloadavg()[0]
-        except OSError:
-            load = float("nan")
-        print(f"grading {args.n} honest submissions, jobs={args.jobs}, cpus={os.cpu_count()}, "
-              f"load average before: {load:.2f}, code: {args.pythonpath}", flush=True)
-        t0 = time.perf_counter()
-        _run([sys.executable, "-m", "bnviz.grading", "grade", str(subs), "--dist", str(dist), "--out", str(grades),
-              "--jobs", str(args.jobs), "--timeout", str(args.timeout), *extra], env, work)
-        seconds = time.perf_counter() - t0
-        with open(grades / "gradebook.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-        wrong = [r["student"] for r in rows if r["total"] != r["possible"] or r["error"]]
-        print(f"{len(rows)} graded in {seconds:.1f} s ({seconds / max(1, len(rows)):.2f} s each), "
-              f"not full marks: {len(wrong)} {wrong[:5]}")
-        if wrong or len(rows) != args.n:
-            print("ERROR: some honest submissions did not get full marks", file=sys.stderr)
-            return 1
-        print(f"submissions/min: {60.0 * len(rows) / seconds:.1f}")
+        codes = [args.baseline, args.pythonpath] * args.rounds if args.baseline else [args.pythonpath]
+        rates: dict[str, list[float]] = {}
+        for code in codes:
+            rate = grade_once(code, work, subs, args, extra)
+            if rate is None:
+                print("ERROR: some honest submissions did not get full marks", file=sys.stderr)
+                return 1
+            rates.setdefault(code, []).append(rate)
+            print(f"submissions/min: {rate:.1f}", flush=True)
+    if args.baseline:
+        base, new = (sum(rates[c]) / len(rates[c]) for c in (args.baseline, args.pythonpath))
+        print(f"baseline {base:.1f}/min, code {new:.1f}/min (means of {args.rounds})")
+        print(f"ratio code/baseline: {new / base:.2f}")
     return 0
 
 

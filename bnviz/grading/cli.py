@@ -4,6 +4,7 @@
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
+                                  [--sandbox-user USER]
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sandbox", choices=["auto", "bwrap", "docker"], default="auto")
     g.add_argument("--docker-image", default=None, help="image with python + torch for --sandbox docker")
     g.add_argument("--no-sandbox", action="store_true", help="run student code unsandboxed (prints what it gives up)")
+    g.add_argument("--sandbox-user", default=None, metavar="USER",
+                   help="unprivileged account sandboxes run as when grading as root "
+                        f"(default: {sandbox.users.DEFAULT_USER}, created if missing)")
     g.add_argument("--seed", type=int, default=None, help="test input seed (default: fresh per run)")
     return parser
 
@@ -55,8 +59,10 @@ def _grade(args, parser) -> int:
     manual = {q: c["points"] for q, c in manifest.get("questions", {}).items() if c.get("manual")}
     limits = sandbox.Limits(timeout_s=args.timeout, memory_bytes=int(args.memory_gb * sandbox.GiB),
                             output_bytes=int(args.output_mb * sandbox.MiB), processes=args.processes,
-                            threads=1 if args.jobs > 1 else 2)
+                            threads=1 if args.jobs > 1 else 2, user=args.sandbox_user)
     try:
+        if not args.no_sandbox and (args.sandbox == "bwrap" or (args.sandbox == "auto" and sandbox.shutil.which("bwrap"))):
+            sandbox.prepare(limits)  # the sandbox user, seccomp and a test sandbox: refuse before grading
         results = grade_folder(args.submissions, args.out, jobs=args.jobs, limits=limits,
                                student_notebook=student_nb if student_nb.is_file() else None,
                                manual_questions=manual, forbidden=manifest.get("forbidden"),

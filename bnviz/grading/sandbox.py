@@ -2,14 +2,19 @@
 
 Backends, in order of preference (``choose_backend``):
 
-* ``bwrap`` (bubblewrap): new user, mount, PID, network, IPC, UTS and cgroup namespaces, all
-  capabilities dropped, ``--die-with-parent``, ``--new-session``. The file system is an allow-list,
-  read-only: ``/usr`` (and the ``/bin``, ``/lib`` links), a few files of ``/etc``, the Python
-  installation and its virtual environment, and a copy of ``worker.py`` at ``/opt/bnviz-worker``.
-  Writable: a private ``/tmp`` and ``/scratch`` (the working folder), both size-limited tmpfs that
-  vanish with the sandbox. Nothing of the host's work folders is visible: the submissions, the
-  grades, the built assignment, the rest of ``bnviz`` (the checker) and ``/root`` / ``/home`` are
-  not mounted, and any of them that lies under a mounted folder is covered by an empty tmpfs.
+* ``bwrap`` (bubblewrap), never as root: a grader running as root starts bwrap as an unprivileged
+  user (``users.py``: ``bnviz-grader``, created if missing, or ``Limits.user``) through
+  ``setpriv``. New user (nested, ``--disable-userns``), mount, PID, network, IPC, UTS and cgroup
+  namespaces, no capabilities, ``--die-with-parent``, ``--new-session``, and a seccomp filter
+  (``seccomp.py``). The file system is an allow-list, read-only: ``/usr`` (and the ``/bin``,
+  ``/lib`` links), a few files of ``/etc``, the Python installation and its virtual environment,
+  a copy of ``worker.py`` at ``/opt/bnviz-worker``, ``/proc`` of its own PID namespace with
+  ``/proc/sys`` read-only; ``/sys`` is not mounted. Writable: a private ``/tmp``, ``/scratch`` (the
+  working folder) and ``/dev/shm``, size-limited tmpfs that vanish with the sandbox. Nothing of the
+  host's work folders is visible: the submissions, the grades, the built assignment, the rest of
+  ``bnviz`` (the checker) and the rest of ``/root`` / ``/home`` are not mounted, and any of them
+  that lies under a mounted folder is covered by an empty tmpfs. ``prepare`` checks all this
+  works (one test sandbox) before the first submission and says why not.
 * ``docker``: the same worker in a container (``--network none``, read-only root, tmpfs
   ``/tmp`` and ``/scratch``, ``--pids-limit``, ``--memory``, ``--cap-drop ALL``, user 65534); needs
   an image with Python and torch (``--docker-image``).
@@ -17,11 +22,13 @@ Backends, in order of preference (``choose_backend``):
 
 Limits (``Limits``): wall clock (the whole sandbox is killed), address space on top of what
 Python + torch reserve (``RLIMIT_AS``, set by the worker before any student code runs), CPU time
-(``RLIMIT_CPU``), file size, bytes printed (read by us from a pipe; over the limit the sandbox is
-killed), size of the report. Where the host lets us create cgroups (v1 or v2), each sandbox also
-gets its own ``pids`` (process count) and ``memory`` cgroup; ``RLIMIT_NPROC`` does not bind root,
-so as root without cgroups the process count is bounded only by the time limit and the PID
-namespace (every process dies with the sandbox).
+per process (``RLIMIT_CPU``) and for the whole sandbox (its cgroup's usage, polled), file size,
+bytes printed (read by us from a pipe; over the limit the sandbox is killed), size of the report.
+Where the host lets us create cgroups (v1 or v2), each sandbox also gets its own ``pids``
+(process count), ``memory`` and ``cpu`` cgroup (a quota of ``Limits.cpus`` cores and an equal
+weight: a sandbox's hundred processes get one sandbox's share); without a ``cpu`` cgroup each
+sandbox is pinned to its own cores (``CpuSlots``). ``RLIMIT_NPROC`` binds too: the sandbox user
+is not root.
 
 The request goes in on stdin; the report comes back on stdout; what the student prints comes back
 on stderr (the worker redirects it). No host path is writable from inside.
@@ -31,14 +38,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
+
+from . import seccomp, users
 
 GiB, MiB = 1 << 30, 1 << 20
 WORKER_ROOT = "/opt/bnviz-worker"
@@ -65,6 +78,9 @@ class Limits:
     report_bytes: int = 32 * MiB
     tmpfs_bytes: int = 256 * MiB  # each of /tmp and /scratch
     threads: int = 1
+    shm_bytes: int = 64 * MiB  # /dev/shm
+    cpus: float | None = None  # CPU cores one sandbox may use (cgroup cpu.max); default: threads
+    user: str | None = None  # who sandboxes run as when the grader is root (default users.DEFAULT_USER)
 
     def for_worker(self) -> dict:
         return {"memory_bytes": self.memory_bytes, "cpu_seconds": self.cpu_seconds or int(self.timeout_s) + 1,
@@ -115,23 +131,49 @@ def choose_backend(requested: str = "auto", docker_image: str | None = None) -> 
 
 
 def bwrap_problem() -> str | None:
-    """None if bwrap can create the namespaces we use, else its complaint (e.g. user namespaces
-    disabled by the kernel or a container's seccomp policy)."""
+    """None if bwrap can create the namespaces we use when started unprivileged, as every
+    sandbox is (as root: as uid 65534 through setpriv), else its complaint and the likely cause
+    (user namespaces disabled by the kernel, AppArmor, or a container's seccomp policy)."""
+    cmd = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/", "/",
+           "--proc", "/proc", "--dev", "/dev", "--", "/bin/true"]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            return "`setpriv` (util-linux) is missing: the grader runs as root and needs it to start bwrap unprivileged"
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--", *cmd]
     try:
-        proc = subprocess.run(["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/", "/",
-                               "--proc", "/proc", "--dev", "/dev", "--", "/bin/true"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
-    return None if proc.returncode == 0 else (proc.stderr.strip() or f"exit status {proc.returncode}")[:300]
+    if proc.returncode == 0:
+        return None
+    why = users.userns_problem() or ("bwrap started by an unprivileged user could not create its namespaces: "
+                                     "unprivileged user namespaces may be disabled, or a container's seccomp policy "
+                                     "forbids them")
+    return f"{(proc.stderr.strip() or f'exit status {proc.returncode}')[:300]} ({why})"
+
+
+def bwrap_version() -> tuple[int, ...]:
+    try:
+        out = subprocess.run(["bwrap", "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(g or 0) for g in m.groups()) if m else ()
 
 
 def make_worker_root(folder: Path) -> Path:
-    """A minimal package tree holding only worker.py: what the sandbox may see of bnviz."""
+    """A minimal package tree holding only worker.py: what the sandbox may see of bnviz. World-
+    readable whatever the umask: the sandbox user must read it (the folders above need not be
+    open to it; see users.py)."""
     pkg = folder / "bnviz" / "grading"
     pkg.mkdir(parents=True, exist_ok=True)
     (folder / "bnviz" / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
     shutil.copyfile(Path(__file__).with_name("worker.py"), pkg / "worker.py")
+    for d in (folder, folder / "bnviz", pkg):
+        d.chmod(0o755)
+    for f in (folder / "bnviz" / "__init__.py", pkg / "__init__.py", pkg / "worker.py"):
+        f.chmod(0o644)
     return folder
 
 
@@ -154,9 +196,14 @@ ETC_FILES = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/l
              "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/alternatives"]
 
 
-def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dict[str, str]) -> list[str]:
-    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-           "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dict[str, str],
+                  sources: dict[str, str] | None = None, disable_userns: bool = True,
+                  program: list[str] | None = None) -> list[str]:
+    """bwrap's command line. ``sources`` maps a host folder (a Python root, the worker root) to
+    the path bwrap binds it from (a staging mount, see users.py); by default the folder itself."""
+    src = (sources or {}).get
+    cmd = ["bwrap", "--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
+           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
     for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]
@@ -170,16 +217,20 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     cmd += ["--size", size, "--tmpfs", "/tmp"]
     roots = _python_roots()
     for root in roots:
-        cmd += ["--ro-bind", root, root]
+        cmd += ["--ro-bind", src(root, root), root]
     for mask in masks:  # secret folders that happen to lie inside a mounted one
         m = str(mask)
         if any(m == r or m.startswith(r.rstrip("/") + "/") for r in roots + ["/usr"]) and os.path.isdir(m):
             cmd += ["--tmpfs", m]
-    cmd += ["--ro-bind", str(worker_root), WORKER_ROOT, "--proc", "/proc", "--dev", "/dev",
-            "--size", size, "--tmpfs", "/scratch", "--chdir", "/scratch", "--clearenv"]
+    # /proc/sys read-only after --proc (bwrap leaves it writable where its own write test fails);
+    # /sys is not mounted at all; /dev/shm is a sized tmpfs (bwrap's --dev leaves it unbounded)
+    cmd += ["--ro-bind", src(str(worker_root), str(worker_root)), WORKER_ROOT, "--proc", "/proc",
+            "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
+            "--size", size, "--tmpfs", "/scratch", "--remount-ro", "/dev", "--remount-ro", "/",
+            "--chdir", "/scratch", "--clearenv"]  # the root and /dev: bwrap's own tmpfs, unbounded: read-only
     for k, v in env.items():
         cmd += ["--setenv", k, v]
-    return cmd + ["--", sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"]
+    return cmd + ["--", *(program or [sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"])]
 
 
 def worker_env(limits: Limits, root: str = WORKER_ROOT, home: str = "/scratch") -> dict[str, str]:
@@ -202,38 +253,195 @@ def docker_command(name: str, worker_root: Path, limits: Limits, image: str) -> 
     return cmd + [image, "python", "-s", "-B", "-m", "bnviz.grading.worker"]
 
 
+# --------------------------------------------------------------------------- who runs it, and how
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How bwrap sandboxes start on this host (``prepare``): as which user, through a staging
+    mount or not, with which seccomp program."""
+    user: users.SandboxUser | None  # None: the grader is unprivileged and bwrap runs as it
+    stage: bool  # bind the Python roots and the worker root through a private staging mount
+    seccomp: bytes
+    disable_userns: bool  # bwrap >= 0.8
+
+
+_PLANS: dict[str | None, Plan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
+def prepare(limits: Limits) -> Plan:
+    """Resolve (or create) the sandbox user, compile the seccomp filter and start one sandbox
+    that imports Python's standard library as that user; once per user name. Raises
+    SandboxUnavailable, with the reason and the fix, before any student code runs."""
+    with _PLANS_LOCK:
+        if limits.user not in _PLANS:
+            _PLANS[limits.user] = _make_plan(limits)
+        return _PLANS[limits.user]
+
+
+def _make_plan(limits: Limits) -> Plan:
+    try:
+        user = users.resolve(limits.user)
+        program = seccomp.program()
+    except (users.NoSandboxUser, seccomp.SeccompUnavailable) as e:
+        raise SandboxUnavailable(str(e)) from None
+    version = bwrap_version()
+    if version and version < (0, 8):
+        warnings.warn(f"bwrap {'.'.join(map(str, version))} is older than 0.8 and has no --disable-userns: the "
+                      "seccomp filter alone stops new user namespaces in the sandbox; upgrade bubblewrap", stacklevel=3)
+    plan = Plan(user, user is not None, program, not version or version >= (0, 8))
+    with tempfile.TemporaryDirectory(prefix="bnviz-probe-") as tmp:
+        root = make_worker_root(Path(tmp) / "w")
+        code = "import json, os, encodings.idna; print(os.getuid())"
+        launch = _launch(plan, root, limits, [], None, [], [sys.executable, "-s", "-B", "-c", code])
+        try:
+            proc = subprocess.run(launch.cmd, capture_output=True, text=True, timeout=60, pass_fds=launch.fds, cwd="/",
+                                  env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+        except (OSError, subprocess.TimeoutExpired) as e:
+            proc = subprocess.CompletedProcess(launch.cmd, -1, "", str(e))
+        finally:
+            launch.close()
+    if proc.returncode != 0 or proc.stdout.strip() != str(user.uid if user else os.geteuid()):
+        raise SandboxUnavailable(_probe_failure(plan, proc))
+    return plan
+
+
+def _probe_failure(plan: Plan, proc: subprocess.CompletedProcess) -> str:
+    who = f"user {plan.user.name} (uid {plan.user.uid})" if plan.user else "this user"
+    text = f"a test sandbox as {who} failed (exit status {proc.returncode}): {proc.stderr.strip()[-400:]}"
+    bad = [f for r in _python_roots() for f in users.unreadable(r, plan.user)][:3]
+    if bad:
+        text += (f". {who} cannot read {', '.join(bad)}: make the Python installation world-readable "
+                 "(`chmod -R o+rX` on it), or install Python where every user can read it (/usr/local, /opt), "
+                 "or pass --sandbox-user with an account that can read it")
+    elif "Permission denied" in proc.stderr and not plan.stage:
+        text += (f". {who} cannot reach the Python installation ({sys.base_prefix}, {sys.prefix}): a folder above "
+                 "it is closed to others; install Python where every user can read it (/usr/local, /opt)")
+    elif plan.stage and "mount" in proc.stderr:
+        text += (". Root could not make its private staging mount (`unshare --mount`): does this container "
+                 "lack CAP_SYS_ADMIN? Run the grader as an unprivileged user instead")
+    hint = users.userns_problem()
+    return text + (f" ({hint})" if hint else "")
+
+
+@dataclasses.dataclass
+class Launch:
+    cmd: list[str]
+    fds: tuple[int, ...]
+    stage_dir: Path | None
+
+    def close(self) -> None:
+        """Close our copies of the fds passed on; remove the (host-side empty) staging folder."""
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.stage_dir:
+            try:
+                self.stage_dir.rmdir()
+            except OSError:
+                pass
+
+
+def _launch(plan: Plan, worker_root: Path, limits: Limits, masks: list[Path], groups: "Cgroups | None",
+            pin: list[int], program: list[str] | None = None) -> Launch:
+    """The command that starts one bwrap sandbox: a shell (root, if the grader is) that makes
+    the staging mount, joins the cgroups and execs ``[taskset] [setpriv] bwrap --args FD``.
+    bwrap gets its options through a pipe, so the sandbox's PID 1 shows no host path."""
+    sources, script, stage = {}, [], None
+    if plan.stage:
+        stage = Path(tempfile.mkdtemp(prefix="bnviz-stage-", dir="/tmp"))
+        script.append(f"mount -t tmpfs -o size=64k,mode=0755 bnviz-stage {shlex.quote(str(stage))}")
+        for i, root in enumerate(_python_roots() + [str(worker_root)]):
+            sources[root] = f"{stage}/{i}"
+            script.append(f"mkdir {shlex.quote(sources[root])} && mount --bind {shlex.quote(root)} {shlex.quote(sources[root])}")
+    cmd = bwrap_command(worker_root, limits, masks, worker_env(limits), sources, plan.disable_userns, program)
+    options, tail = cmd[1:cmd.index("--")], cmd[cmd.index("--"):]
+    filter_fd = seccomp.pipe_fd(plan.seccomp)
+    args_fd = seccomp.pipe_fd(b"".join(a.encode() + b"\0" for a in options + ["--seccomp", str(filter_fd)]))
+    for f in groups.procs() if groups else []:
+        script.append(f"echo $$ > {shlex.quote(f)} || exit 97")
+    prefix = (["taskset", "-c", ",".join(map(str, pin))] if pin else []) + (plan.user.setpriv() if plan.user else [])
+    script.append("exec " + shlex.join([*prefix, "bwrap", "--args", str(args_fd), *tail]))
+    shell = ["/bin/sh", "-c", "set -e\n" + "\n".join(script)]
+    if stage:
+        shell = ["unshare", "--mount", "--propagation", "private", *shell]
+    return Launch(shell, (args_fd, filter_fd), stage)
+
+
 # --------------------------------------------------------------------------- cgroups
 
 
+CPU_PERIOD_US = 100_000
+
+
 class Cgroups:
-    """Per-sandbox ``pids`` and ``memory`` cgroups where the host lets us create them (cgroup v1
-    controllers, or a v2 hierarchy with the controllers enabled); silently nothing otherwise."""
+    """Per-sandbox ``pids``, ``memory`` and ``cpu`` cgroups where the host lets us create them
+    (cgroup v1 controllers, or a v2 hierarchy with the controllers enabled); silently nothing
+    otherwise. ``cpu``: a quota of ``Limits.cpus`` cores (``cpu.max`` / ``cpu.cfs_quota_us``) and
+    the same weight for every sandbox, so one sandbox's processes, however many, get no more CPU
+    than one other sandbox; its CPU time, all processes together, is read from ``cpuacct.usage``
+    (v1) or ``cpu.stat`` (v2)."""
 
     def __init__(self, token: str, limits: Limits):
         self.dirs: dict[str, Path] = {}
+        quota = int(CPU_PERIOD_US * (limits.cpus or limits.threads))
         settings = {"pids": {"pids.max": limits.processes},
-                    "memory": {"memory.limit_in_bytes": limits.memory_bytes + GiB, "memory.max": limits.memory_bytes + GiB}}
+                    "memory": {"memory.limit_in_bytes": limits.memory_bytes + GiB, "memory.max": limits.memory_bytes + GiB},
+                    "cpu": {"cpu.cfs_period_us": CPU_PERIOD_US, "cpu.cfs_quota_us": quota, "cpu.shares": 1024,
+                            "cpu.max": f"{quota} {CPU_PERIOD_US}", "cpu.weight": 100},
+                    "cpuacct": {}}  # v1 only: nothing to set, the usage is what we want
         for controller, files in settings.items():
             base = self._base(controller)
-            if base is None:
-                continue
-            d = base / f"bnviz-{token}"
-            try:
+            if base is not None:
+                self._make(controller, base / f"bnviz-{token}", files)
+
+    def _make(self, controller: str, d: Path, files: dict) -> None:
+        shared = next((p for p in self.dirs.values() if p.resolve() == d.resolve()), None)  # v2, or v1 cpu,cpuacct
+        try:
+            if shared is None:
                 d.mkdir()
-                wrote = 0
-                for name, value in files.items():
-                    if (d / name).exists():
-                        (d / name).write_text(str(value))
-                        wrote += 1
-                if wrote:
-                    self.dirs[controller] = d
-                else:
-                    d.rmdir()
-            except OSError:
+            wrote = 0
+            for name, value in files.items():
+                if (d / name).exists():
+                    (d / name).write_text(str(value))
+                    wrote += 1
+            if wrote or (controller == "cpuacct" and (d / "cpuacct.usage").exists()):
+                self.dirs[controller] = d
+            elif shared is None:
+                d.rmdir()
+        except OSError:
+            if shared is None:
                 try:
                     d.rmdir()
                 except OSError:
                     pass
+
+    def unique_dirs(self) -> list[Path]:
+        out: list[Path] = []
+        for d in self.dirs.values():
+            if all(d.resolve() != o.resolve() for o in out):
+                out.append(d)
+        return out
+
+    def procs(self) -> list[str]:
+        """The ``cgroup.procs`` files a new sandbox joins."""
+        return [str(d / "cgroup.procs") for d in self.unique_dirs()]
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used by every process of the sandbox so far (None: not measured here)."""
+        for d in self.unique_dirs():
+            try:
+                if (d / "cpuacct.usage").exists():
+                    return int((d / "cpuacct.usage").read_text()) / 1e9
+                for line in (d / "cpu.stat").read_text().splitlines():
+                    if line.startswith("usage_usec "):
+                        return int(line.split()[1]) / 1e6
+            except (OSError, ValueError):
+                continue
+        return None
 
     @staticmethod
     def _base(controller: str) -> Path | None:
@@ -257,7 +465,7 @@ class Cgroups:
     def wrap(self, cmd: list[str]) -> list[str]:
         """Prefix cmd with a shell that joins the cgroups, then execs it (no race: nothing has
         forked yet)."""
-        procs = [str(d / "cgroup.procs") for d in self.dirs.values()]
+        procs = self.procs()
         if not procs:
             return cmd
         script = 'for f in "$@"; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 97; shift; done; shift; exec "$@"'
@@ -265,7 +473,7 @@ class Cgroups:
 
     def pids(self) -> list[int]:
         out = set()
-        for d in self.dirs.values():
+        for d in self.unique_dirs():
             try:
                 out |= {int(p) for p in (d / "cgroup.procs").read_text().split()}
             except OSError:
@@ -301,7 +509,7 @@ class Cgroups:
                 except OSError:
                     pass
             time.sleep(0.05)
-        for d in self.dirs.values():
+        for d in self.unique_dirs():
             for _ in range(20):
                 try:
                     d.rmdir()
@@ -333,17 +541,6 @@ def _read_capped(stream, limit: int, keep_tail: int, state: dict, key: str, on_o
     state[key + "_total"] = total
 
 
-def _write_fd(fd: int, data: bytes) -> None:
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _feed(stream, data: bytes) -> None:
     try:
         stream.write(data)
@@ -356,37 +553,59 @@ def _feed(stream, data: bytes) -> None:
             pass
 
 
+class CpuSlots:
+    """Where no ``cpu`` cgroup can be made: pin each sandbox to its own cores (``taskset``), the
+    cores least used by the sandboxes running now. The seccomp filter forbids
+    ``sched_setaffinity``, so a sandbox cannot leave them."""
+
+    def __init__(self):
+        self.lock, self.use = threading.Lock(), {c: 0 for c in sorted(os.sched_getaffinity(0))}
+
+    def take(self, n: int) -> list[int]:
+        with self.lock:
+            if n >= len(self.use):
+                return []  # the whole machine: nothing to pin
+            cores = sorted(self.use, key=lambda c: (self.use[c], c))[:n]
+            for c in cores:
+                self.use[c] += 1
+            return cores
+
+    def give(self, cores: list[int]) -> None:
+        with self.lock:
+            for c in cores:
+                self.use[c] -= 1
+
+
+CPU_SLOTS = CpuSlots()
+
+
 def run_worker(request: bytes, backend: str, limits: Limits, worker_root: Path, masks: list[Path],
                docker_image: str | None = None) -> Run:
     """Run the worker on one request in a fresh sandbox; return when it and every process it
     started are gone."""
     token = uuid.uuid4().hex[:16]
+    plan = prepare(limits) if backend == "bwrap" else None
     groups = Cgroups(token, limits) if backend != "docker" else None
+    pin = CPU_SLOTS.take(max(1, round(limits.cpus or limits.threads))) if backend == "bwrap" and "cpu" not in groups.dirs else []
+    launch = Launch([], (), None)
     if backend == "bwrap":
-        cmd, env, cwd = bwrap_command(worker_root, limits, masks, worker_env(limits)), {"PATH": os.environ.get("PATH", "")}, "/"
+        launch = _launch(plan, worker_root, limits, masks, groups, pin)
+        cmd, env, cwd = launch.cmd, {"PATH": os.environ.get("PATH", "")}, "/"
     elif backend == "docker":
         cmd, env, cwd = docker_command(f"bnviz-{token}", worker_root, limits, docker_image or ""), dict(os.environ), "/"
     else:
         scratch = worker_root.parent / f"scratch-{token}"
         scratch.mkdir()
-        cmd = [sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"]
+        cmd = groups.wrap([sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"])
         env, cwd = worker_env(limits, str(worker_root), str(scratch)), str(scratch)
-    pass_fds: tuple[int, ...] = ()
-    if backend == "bwrap":  # options through a pipe: the sandbox's PID 1 shows no host paths in its cmdline
-        options, tail = cmd[1:cmd.index("--")], cmd[cmd.index("--"):]
-        read_end, write_end = os.pipe()
-        data = b"".join(a.encode() + b"\0" for a in options)
-        threading.Thread(target=_write_fd, args=(write_end, data), daemon=True).start()
-        cmd, pass_fds = ["bwrap", "--args", str(read_end), *tail], (read_end,)
-    if groups:
-        cmd = groups.wrap(cmd)
     t0 = time.monotonic()
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, cwd=cwd, start_new_session=True, pass_fds=pass_fds)
+                                env=env, cwd=cwd, start_new_session=True, pass_fds=launch.fds)
     finally:
-        for fd in pass_fds:
+        for fd in launch.fds:
             os.close(fd)
+        launch.fds = ()
     state: dict = {}
     kill = lambda: _kill(proc, groups, backend, token)  # noqa: E731
     threads = [threading.Thread(target=_feed, args=(proc.stdin, request), daemon=True),
@@ -394,11 +613,7 @@ def run_worker(request: bytes, backend: str, limits: Limits, worker_root: Path, 
                threading.Thread(target=_read_capped, args=(proc.stderr, limits.output_bytes, 64 * 1024, state, "log", kill), daemon=True)]
     for t in threads:
         t.start()
-    timed_out = False
-    try:
-        proc.wait(timeout=limits.timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    over = _wait(proc, limits, groups, t0, backend)
     kill()  # also catches anything the worker left behind after a normal exit
     proc.wait()
     for t in threads:
@@ -406,12 +621,63 @@ def run_worker(request: bytes, backend: str, limits: Limits, worker_root: Path, 
     events = groups.events() if groups else {}
     if groups:
         groups.close()
+    launch.close()
+    CPU_SLOTS.give(pin)
     if backend == "none":
         shutil.rmtree(cwd, ignore_errors=True)
-    problem = _problem(state, limits, timed_out, proc.returncode, events)
+    problem = _problem(state, limits, over, proc.returncode, events)
     return Run(report=None if problem else state.get("report"), log_tail=state.get("log", b""),
                printed=state.get("log_total", 0), returncode=proc.returncode,
                elapsed_s=round(time.monotonic() - t0, 2), problem=problem)
+
+
+def _wait(proc: subprocess.Popen, limits: Limits, groups: Cgroups | None, t0: float, backend: str) -> str | None:
+    """Wait for the sandbox to end; "wall" or "cpu" if a time limit ran out first. The CPU time
+    is the sandbox's, all its processes together: its cgroup's usage, checked four times a
+    second, or without a cpu cgroup the processes of its PID namespace (bwrap), once a second."""
+    cpu_limit, namespace, polls = limits.for_worker()["cpu_seconds"], None, 0
+    while True:
+        left = limits.timeout_s - (time.monotonic() - t0)
+        if left <= 0:
+            return "wall"
+        try:
+            proc.wait(timeout=min(0.25, left))
+            return None
+        except subprocess.TimeoutExpired:
+            polls += 1
+            used = groups.cpu_seconds() if groups else None
+            if used is None and backend == "bwrap" and polls % 4 == 0:
+                namespace = namespace or _pid_namespace(proc.pid)
+                used = _namespace_cpu_seconds(namespace) if namespace else None
+            if used is not None and used > cpu_limit:
+                return "cpu"
+
+
+def _pid_namespace(pid: int) -> int | None:
+    """The PID namespace (inode) of bwrap's child: the sandbox's."""
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            ns = os.stat(f"/proc/{child}/ns/pid").st_ino
+            if ns != os.stat("/proc/self/ns/pid").st_ino:
+                return ns
+    except OSError:
+        pass
+    return None
+
+
+def _namespace_cpu_seconds(namespace: int) -> float:
+    """CPU time of the live processes in a PID namespace, with what each has reaped (the
+    namespace's init reaps the orphans, so the dead count too)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.stat(f"/proc/{entry.name}/ns/pid").st_ino == namespace:
+                    fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+                    ticks += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+            except (OSError, ValueError):
+                pass
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _kill(proc: subprocess.Popen, groups: Cgroups | None, backend: str, token: str) -> None:
@@ -428,14 +694,17 @@ def _kill(proc: subprocess.Popen, groups: Cgroups | None, backend: str, token: s
             pass
 
 
-def _problem(state: dict, limits: Limits, timed_out: bool, rc: int | None, events: dict) -> str | None:
+def _problem(state: dict, limits: Limits, over: str | None, rc: int | None, events: dict) -> str | None:
     mb = lambda n: f"{n / MiB:g} MB"  # noqa: E731
     if state.get("log_over"):
         return f"printed more than {mb(limits.output_bytes)} (output limit; killed, no score)"
     if state.get("report_over"):
         return f"report larger than {mb(limits.report_bytes)} (ignored; no score)"
-    if timed_out:
+    if over == "wall":
         return f"timed out after {limits.timeout_s:g} s (killed; no score)"
+    if over == "cpu":
+        return (f"CPU time limit ({limits.for_worker()['cpu_seconds']} s, all its processes together) exceeded "
+                "(killed; no score)")
     if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGKILL) and events.get("memory"):
         return f"memory limit ({mb(limits.memory_bytes + GiB)} resident) exceeded (killed; no score)"
     if rc in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
