@@ -824,7 +824,9 @@ def test_cli_grade(dist, bwrap, tmp_path):
     rows = list(csv.reader(io.StringIO((tmp_path / "grades" / "gradebook.csv").read_text())))
     assert rows[0] == ["student", "q1", "q2", "q3", "q4", "total", "possible", "error", "flags"]
     assert rows[1][0] == "broken" and rows[1][5:7] == ["0", "19"] and "not valid JSON" in rows[1][7]
-    assert rows[2][0] == "good" and rows[2][5:9] == ["19", "19", "", ""], rows[2]
+    assert rows[2][0] == "good" and rows[2][5:8] == ["19", "19", ""], rows[2]
+    assert rows[2][8].startswith("similar to the public solution (score"), rows[2]  # the answer key is a copy
+    assert (tmp_path / "grades" / "similarity.html").is_file()
     assert len(rows) == 3
 
 

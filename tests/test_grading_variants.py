@@ -199,6 +199,8 @@ def test_variant_notebook_states_the_conventions(source_nb):
                    "running = momentum * running + (1 - momentum) * batch_statistic", "**biased** batch variance",
                    "**Default momentum:** `0.95`", "momentum=0.95"]:
         assert phrase in q1, phrase
+    q2 = next(c["source"] for c in nb["cells"] if c["source"].startswith("## Question 2"))
+    assert r"\frac{\sigma+\epsilon}{\sigma}" in q2  # the gradient stated for eps outside the square root
     default_q1 = next(c for c in source_nb["cells"] if "".join(c["source"]).startswith("## Question 1"))
     # the source's block is exactly what variants.py generates for PyTorch's conventions
     assert variants.conventions_markdown(Variant()) in "".join(default_q1["source"])

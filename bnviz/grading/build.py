@@ -134,6 +134,15 @@ def _text_replacements(v: Variant) -> list[tuple[str, str]]:
            ("that can replace\n`nn.BatchNorm1d` (for `(N, C)` inputs) and `nn.BatchNorm2d` (for `(N, C, H, W)` inputs):",
             "with question 1's conventions\n(layout `%s` / `%s`, default momentum `%g`) and the parameters, buffers and "
             "`state_dict` of\n`nn.BatchNorm2d`:" % (*variants.layout_text(v), v.momentum))]
+    out.append(("The tests compare your gradients with autograd through `F.batch_norm` in float64",
+                "The tests compare your gradients with autograd through a reference forward pass with\n"
+                "question 1's conventions, in float64"))
+    if v.eps == "outside":  # the gradient changes: d(sqrt(var) + eps) / d var = 1 / (2 sqrt(var))
+        out.append((r"$$\frac{\partial L}{\partial x_i} = \frac{1}{m\sqrt{\sigma^2+\epsilon}}\Big(m\,\widehat{dx}_i"
+                    r" - \sum_j \widehat{dx}_j - \hat x_i \sum_j \widehat{dx}_j\,\hat x_j\Big)",
+                    r"$$\frac{\partial L}{\partial x_i} = \frac{1}{m(\sigma+\epsilon)}\Big(m\,\widehat{dx}_i"
+                    r" - \sum_j \widehat{dx}_j - \frac{\sigma+\epsilon}{\sigma}\,\hat x_i \sum_j \widehat{dx}_j\,"
+                    r"\hat x_j\Big),\qquad \sigma = \sqrt{\sigma^2}"))
     if v.momentum != 0.1:
         out.append(("momentum=0.1", f"momentum={v.momentum:g}"))
     if v.channel_axis == 0:
