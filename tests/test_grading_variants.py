@@ -333,6 +333,8 @@ RENAMES = {"dims": "axes", "shape": "bshape", "mean": "mu", "var": "sig2", "inv_
            "cache": "saved", "dx_hat": "gxn", "dbeta": "grad_b", "dgamma": "grad_g", "dx": "grad_x", "n": "cnt",
            "m": "cnt2", "y": "out", "perm": "order", "back": "undo", "normed": "z", "denom": "sd", "centered": "dev",
            "flat": "rows", "mu": "avg", "sigma2": "v2", "count": "k", "gn": "gz", "dflat": "grows", "tshape": "ts"}
+REF_COPY = ("def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True):\n"
+            "    return batch_norm_reference(V, x, running_mean, running_var, gamma, beta, training, momentum, eps), None\n")
 HOSTILE = "_note = '</pre><script>alert(\"owned\")</script><img src=x onerror=alert(1)>'\n"
 
 
@@ -372,16 +374,19 @@ def test_similarity_flags_copies_and_not_honest_work(source_nb):
     template = _template(source_nb)
     pub = "\n".join(_public_cells(source_nb))
     sources = {"honest_a": "\n".join(PLANTED["honest_a"]), "honest_b": "\n".join(PLANTED["honest_b"]),
-               "renamed": _rename(pub), "copier": HOSTILE + _rename("\n".join(PLANTED["honest_a"]))}
+               "renamed": _rename(pub), "copier": HOSTILE + _rename("\n".join(PLANTED["honest_a"])),
+               "ref_copy": REF_COPY + _rename(similarity.reference_code())}
     assert sources["renamed"] != pub and "rstd" in sources["renamed"]
     flags = similarity.flag_pairs(sources, public, template=template)
-    assert set(flags) == {"renamed", "honest_a", "copier"}, flags
+    assert set(flags) == {"renamed", "honest_a", "copier", "ref_copy"}, flags
+    assert any("the tests' reference" in f for f in flags["ref_copy"])  # what a variant's visible tests show
     assert any("the public solution" in f for f in flags["renamed"])
     assert any("copier" in f for f in flags["honest_a"]) and any("honest_a" in f for f in flags["copier"])
     assert not any("honest_b" in f for fs in flags.values() for f in fs)
-    scores = {(p.a, p.b): p.score for p in similarity._pairs(sources, public, template)}
+    scores = {(p.a, p.b): p.score for p in similarity._pairs(sources, similarity._publics(public), template)}
     print("similarity scores:", {f"{a}~{b}": round(s, 2) for (a, b), s in scores.items()})
-    assert max(scores[k] for k in scores if "renamed" not in k and "copier" not in k) < similarity.THRESHOLD - 0.15
+    honest = [k for k in scores if not {"renamed", "copier", "ref_copy"} & set(k)]
+    assert max(scores[k] for k in honest) < similarity.THRESHOLD - 0.15
     # the template alone is not similar to anything: every student starts from it
     assert similarity.flag_pairs({"blank": template, "honest_b": sources["honest_b"]}, public, template=template) == {}
     with pytest.raises(ValueError, match="threshold"):

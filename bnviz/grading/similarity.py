@@ -1,5 +1,8 @@
 """Similarity flags: each submission's answer code against the public solution and every other one.
 
+Two public texts are compared with every submission: the public solution's answer code, and the
+reference forward pass and module of ``variants.py``, which a variant's visible tests show.
+
 Trusted side, source text only (nothing is executed). For each submission:
 
 1. its code cells are read from the file (``read_code``), and the template handed out is stripped:
@@ -16,8 +19,9 @@ Trusted side, source text only (nothing is executed). For each submission:
 ``THRESHOLD`` (0.5) was tuned on planted data (``tests/test_grading_variants.py``): two honest
 solutions written independently of the public one score 0.16-0.27 against it and 0.04-0.16
 against each other; a copy of the public solution with its variables renamed scores 0.94-0.99, a
-renamed copy of another student's 0.99, and the public solution adapted to a variant (the
-variant's answer key) 0.69.
+renamed copy of another student's 0.99, the public solution adapted to a variant (the
+variant's answer key) 0.69; the honest ones score 0.04-0.09 against the tests' reference, a
+renamed copy of it 1.00.
 
 ``flag_results`` is what ``grade.grade_folder`` calls: the comparison runs in a child process with
 a time and memory limit, the flags go into each student's ``flags``, and ``similarity.html`` (the
@@ -47,6 +51,7 @@ NOISE_T, GUARANTEE_T = 25, 30  # copydetect's defaults: k-grams of 25 filtered c
 MAX_CODE = 64 * 1024  # characters of answer code compared per submission (the solution has ~2,500)
 MAX_FILE = 64 * 1024 * 1024
 PUBLIC = "the public solution"
+TESTS_REF = "the tests' reference"  # variants.batch_norm_reference / ReferenceBatchNorm, shown in the visible tests
 MAX_FLAGS = 3  # similarity flags per student in the gradebook; similarity.html lists every pair
 TIMEOUT_S, MEMORY = 300.0, 4 << 30
 
@@ -158,25 +163,39 @@ def flag_pairs(sources: dict[str, str], public: str, threshold: float = THRESHOL
     ``threshold`` against the public solution's or another student's. Both students of a pair get
     a flag. Students with no flag are absent."""
     _check_args(sources, public, threshold)
-    return _flags(_pairs(sources, public, template), threshold)
+    return _flags(_pairs(sources, _publics(public), template), threshold)
 
 
 def _check_args(sources: Any, public: Any, threshold: Any) -> None:
     if not isinstance(sources, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sources.items()):
         raise TypeError("sources must be a dict of student name -> answer code (str)")
-    if PUBLIC in sources:
-        raise ValueError(f"{PUBLIC!r} is reserved for the public solution; rename that student")
+    if {PUBLIC, TESTS_REF} & set(sources):
+        raise ValueError(f"{PUBLIC!r} and {TESTS_REF!r} are reserved names; rename that student")
     if not isinstance(public, str):
         raise TypeError(f"public must be the public solution's code (str), got {type(public).__name__}")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
 
 
-def _pairs(sources: dict[str, str], public: str, template: str) -> list[Pair]:
+def reference_code() -> str:
+    """The reference forward pass and module of ``variants.py``: a variant's visible tests show
+    it to students, so copying it into an answer is flagged like copying the public solution."""
+    import inspect
+
+    from . import variants
+
+    return inspect.getsource(variants.batch_norm_reference) + "\n\n" + inspect.getsource(variants.ReferenceBatchNorm)
+
+
+def _publics(public: str) -> dict[str, str]:
+    return {PUBLIC: public, TESTS_REF: reference_code()}
+
+
+def _pairs(sources: dict[str, str], publics: dict[str, str], template: str) -> list[Pair]:
+    """Every pair among the students and the public texts (no pair of two public texts)."""
     codes = {name: strip_template(code, template) for name, code in sources.items()}
-    if public.strip():
-        codes[PUBLIC] = strip_template(public, template)
-    return compare(codes, template)
+    codes.update({name: strip_template(code, template) for name, code in publics.items() if code.strip()})
+    return [p for p in compare(codes, template) if not (p.a in publics and p.b in publics)]
 
 
 def _flags(pairs: list[Pair], threshold: float) -> dict[str, list[str]]:
@@ -184,7 +203,7 @@ def _flags(pairs: list[Pair], threshold: float) -> dict[str, list[str]]:
     for p in pairs:
         if p.flagged(threshold):
             for me, other in ((p.a, p.b), (p.b, p.a)):
-                if me != PUBLIC:
+                if me not in (PUBLIC, TESTS_REF):
                     flags.setdefault(me, []).append(f"similar to {other} (score {p.score:.2f}, check by hand)")
     for me, reasons in flags.items():  # highest scores first (pairs are sorted); the rest in the report
         if len(reasons) > MAX_FLAGS:
@@ -245,13 +264,13 @@ def _limit_child() -> None:
     os.nice(5)
 
 
-def run_isolated(paths: dict[str, str], public: str, template: str,
+def run_isolated(paths: dict[str, str], publics: dict[str, str], template: str,
                  timeout_s: float = TIMEOUT_S) -> tuple[list[Pair], dict[str, str], list[str]]:
     """Read, strip and compare the submissions in a child process with a time and memory limit
     (a 64 MB notebook's JSON, pygments on hostile code): (pairs, stripped codes, unreadable)."""
     # this file run as a script (-I: isolated), so the child imports neither bnviz nor torch
     proc = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], preexec_fn=_limit_child,
-                          input=json.dumps({"paths": paths, "public": public, "template": template}),
+                          input=json.dumps({"paths": paths, "publics": publics, "template": template}),
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"comparison process failed (exit status {proc.returncode}): {proc.stderr[-300:]}")
@@ -296,7 +315,7 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
         nb_path = Path(student_notebook) if student_notebook else None
         template = _cells_code(json.loads(nb_path.read_text(encoding="utf-8"))) if nb_path else ""
         paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
-        pairs, codes, unread = run_isolated(paths, _public_code(nb_path), template)
+        pairs, codes, unread = run_isolated(paths, _publics(_public_code(nb_path)), template)
         flags = _flags(pairs, threshold)
         # an unreadable file already has its error in the gradebook: only the report says it was skipped
         write_report(out / "similarity.html", pairs, codes, threshold,
@@ -322,7 +341,7 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
 
 
 def main() -> int:
-    """Child process: JSON {paths, public, template} on stdin -> JSON {pairs, codes (stripped),
+    """Child process: JSON {paths, publics, template} on stdin -> JSON {pairs, codes (stripped),
     unread} on stdout."""
     request = json.loads(sys.stdin.read())
     sources, unread = {}, []
@@ -332,9 +351,9 @@ def main() -> int:
         except Exception as e:  # graded (0) with its error elsewhere; listed in the report
             unread.append(f"{name} ({type(e).__name__})")
     template = request["template"]
-    pairs = _pairs(sources, request["public"], template)
+    pairs = _pairs(sources, request["publics"], template)
     codes = {name: strip_template(code, template) for name, code in sources.items()}
-    codes[PUBLIC] = strip_template(request["public"], template)
+    codes.update({name: strip_template(code, template) for name, code in request["publics"].items()})
     sys.stdout.write(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs], "codes": codes, "unread": unread}))
     return 0
 
