@@ -12,3 +12,23 @@ def tiny_data():
     from bnviz.data import make_synthetic
 
     return make_synthetic(512, 256, seed=1)
+
+
+@pytest.fixture(scope="session")
+def grading_dist(tmp_path_factory):
+    """The batch_norm assignment built once per session, from a copy of its folder only (as from a
+    clean checkout): (dist folder, manifest). Shared by tests/test_grading*.py."""
+    import shutil
+    from pathlib import Path
+
+    from bnviz import grading
+
+    source = Path(__file__).resolve().parent.parent / "notebooks" / "assignments" / "batch_norm"
+    root = tmp_path_factory.mktemp("assign")
+    src = root / "batch_norm"
+    shutil.copytree(source, src, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
+    out = root / "dist"
+    before = sorted(p.name for p in src.iterdir())
+    manifest = grading.build_assignment(out, src / "batch_norm.ipynb")
+    assert sorted(p.name for p in src.iterdir()) == before  # nothing written next to the source
+    return out, manifest

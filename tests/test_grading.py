@@ -376,16 +376,9 @@ def _processes_with(marker: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory):
-    """Build from a copy of the assignment folder only (as from a clean checkout)."""
-    root = tmp_path_factory.mktemp("assign")
-    src = root / "batch_norm"
-    shutil.copytree(SOURCE_DIR, src, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
-    out = root / "dist"
-    before = sorted(p.name for p in src.iterdir())
-    manifest = grading.build_assignment(out, src / "batch_norm.ipynb")
-    assert sorted(p.name for p in src.iterdir()) == before  # nothing written next to the source
-    return out, manifest
+def dist(grading_dist):
+    """Built once per session from a copy of the assignment folder only (conftest.py)."""
+    return grading_dist
 
 
 def _planted(solution: dict, subs: Path) -> None:
@@ -831,15 +824,21 @@ def test_cli_grade(dist, bwrap, tmp_path):
 
 
 def test_reports_are_loaded_as_plain_data_only(tmp_path):
+    """The report is JSON + raw tensor bytes parsed on the trusted side: a pickle (which could run
+    code or share references) is refused, whatever it holds (tests/test_grading_trusted.py has more)."""
     import pickle
 
     import torch
 
+    from bnviz.grading import worker
     from bnviz.grading.grade import load_report
 
-    ok = io.BytesIO()
-    torch.save({"protocol": 1, "probes": {"a": {"y": torch.ones(2)}}}, ok)
-    assert load_report(ok.getvalue())["probes"]["a"]["y"].tolist() == [1.0, 1.0]
+    def pair(*parts):
+        return worker.MAGIC_PAIR + b"".join(len(p).to_bytes(8, "little") + p for p in parts)
+
+    ok = {"protocol": 2, "pass": "normal", "cell_errors": [], "probes": {"a": {"y": torch.ones(2)}},
+          "tripwire": {"installed": True, "intact": True, "hits": [], "ops": {}}}
+    assert load_report(pair(worker.encode(torch, ok)))["probes"]["a"]["y"].tolist() == [1.0, 1.0]
 
     class Evil:
         def __reduce__(self):
@@ -847,13 +846,9 @@ def test_reports_are_loaded_as_plain_data_only(tmp_path):
 
     bad = io.BytesIO()
     torch.save({"protocol": 1, "x": Evil()}, bad, pickle_protocol=2)
-    assert load_report(bad.getvalue()) is None and not (tmp_path / "pwned").exists()
-    assert load_report(pickle.dumps({"protocol": 1})) is None  # not a torch.save zip at all
-    deflated = io.BytesIO()  # a compressed entry could inflate to any size: refused
-    with zipfile.ZipFile(io.BytesIO(ok.getvalue())) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
-        for info in src.infolist():
-            dst.writestr(info.filename, src.read(info))
-    assert load_report(deflated.getvalue()) is None
+    assert load_report(bad.getvalue()) is None and load_report(pair(bad.getvalue())) is None
+    assert not (tmp_path / "pwned").exists()
+    assert load_report(pickle.dumps({"protocol": 1})) is None
 
 
 def test_sandbox_command_lines(tmp_path):

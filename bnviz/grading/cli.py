@@ -4,6 +4,7 @@
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
+                                  [--regrade]
                                   [--sandbox-user USER]
 """
 
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="unprivileged account sandboxes run as when grading as root "
                         f"(default: {sandbox.users.DEFAULT_USER}, created if missing)")
     g.add_argument("--seed", type=int, default=None, help="test input seed (default: fresh per run)")
+    g.add_argument("--regrade", action="store_true",
+                   help="grade every submission again (default: resume, keeping results of unchanged files)")
     return parser
 
 
@@ -68,7 +71,8 @@ def _grade(args, parser) -> int:
                                manual_questions=manual, forbidden=manifest.get("forbidden"),
                                allow_forbidden=args.allow_forbidden, seed=args.seed,
                                sandbox_backend="none" if args.no_sandbox else args.sandbox,
-                               docker_image=args.docker_image, extra_masks=[dist.resolve()])
+                               docker_image=args.docker_image, extra_masks=[dist.resolve()],
+                               regrade=args.regrade)
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,12 @@ level (helper functions, aliases such as ``bn = F.batch_norm``, ``from torch.nn.
 batch_norm``), transitively. Module-level statements that bind nothing (comparing with
 ``F.batch_norm`` while working, the q4 experiment) are allowed. A string constant that names a
 forbidden attribute (``getattr(F, "batch_norm")``) counts too. Obfuscation (building names at run
-time) can defeat a source scan; the sandbox's tripwires are the second line.
+time) can defeat a source scan; the sandbox's strict re-run (forbidden kernels raise at the
+dispatcher) is the second line, its tripwires a third, advisory one.
+
+``look_by_hand(cells)`` lists the features that can get past in-process checks (frame and module
+introspection, threads, the dispatcher, ``ctypes``, ``__wrapped__``): not forbidden, but never needed
+by this assignment's answers, so the gradebook flags them for a look by hand.
 """
 
 from __future__ import annotations
@@ -143,7 +148,102 @@ def violations(scanned: dict, tripwire_hits: list[dict], rules: dict[str, set[st
             if feature in scanned.get(question, {}):
                 reasons.append(f"{DESCRIBE[feature]} in the source ({scanned[question][feature]})")
             if any(h.get("phase") == question and h.get("what") == feature for h in tripwire_hits):
-                reasons.append(f"{DESCRIBE[feature]} called at run time")
+                reasons.append(f"{DESCRIBE[feature]} called at run time (advisory tripwire)")
         if reasons:
             out[question] = reasons
     return out
+
+
+# feature -> (what the flag says); found by ``look_by_hand``
+HAND = {
+    "dispatch": "torch.utils._python_dispatch / dispatch modes",
+    "wrapped": "__wrapped__ (reaching past a wrapper)",
+    "frames": "frame access (sys._getframe / inspect / f_back / f_locals)",
+    "modules": "sys.modules (patching loaded modules)",
+    "threads": "threads or processes (threading / concurrent.futures / multiprocessing)",
+    "ctypes": "ctypes / cffi (native memory)",
+    "library": "torch.library (registering kernels)",
+    "ops": "torch.ops (raw operators)",
+    "torch_C": "torch._C (PyTorch internals)",
+    "gc": "gc.get_objects / get_referrers (finding live objects)",
+}
+_HAND_MODULES = {"threading": "threads", "_thread": "threads", "concurrent": "threads", "multiprocessing": "threads",
+                 "ctypes": "ctypes", "cffi": "ctypes", "inspect": "frames", "gc": "gc", "_python_dispatch": "dispatch"}
+_HAND_ATTRS = {"_python_dispatch": "dispatch", "_disable_current_modes": "dispatch", "TorchDispatchMode": "dispatch",
+               "__wrapped__": "wrapped", "_getframe": "frames", "currentframe": "frames", "f_back": "frames",
+               "f_locals": "frames", "f_globals": "frames", "tb_frame": "frames", "gi_frame": "frames",
+               "stack": None, "get_objects": "gc", "get_referrers": "gc", "_C": None, "ops": None,
+               "library": None, "modules": None}
+_HAND_DOTTED = {"torch._C": "torch_C", "torch.ops": "ops", "torch.library": "library", "sys.modules": "modules",
+                "inspect.stack": "frames"}
+_HAND_STRINGS = {"__wrapped__": "wrapped", "_getframe": "frames", "f_back": "frames", "f_locals": "frames",
+                 "_python_dispatch": "dispatch", "_disable_current_modes": "dispatch", "modules": "modules",
+                 "_C": "torch_C", "get_objects": "gc", "ctypes": "ctypes", "threading": "threads"}
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    return ".".join(reversed(parts))
+
+
+def _membership_only(tree: ast.AST) -> set[int]:
+    """ids of ``sys.modules`` nodes used only as ``x in sys.modules`` (the setup cell's Colab test)."""
+    return {id(c) for n in ast.walk(tree) if isinstance(n, ast.Compare)
+            for op, c in zip(n.ops, n.comparators) if isinstance(op, (ast.In, ast.NotIn)) and _dotted(c) == "sys.modules"}
+
+
+def _hand_features(tree: ast.AST):
+    """(feature, line) for each look-by-hand feature in a parsed cell."""
+    allowed = _membership_only(tree)
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                for part in alias.name.split("."):
+                    if part in _HAND_MODULES:
+                        yield _HAND_MODULES[part], line
+                if alias.name.startswith(("torch._C", "torch.library", "torch.ops")):
+                    yield _HAND_DOTTED[".".join(alias.name.split(".")[:2])], line
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            for part in module.split("."):
+                if part in _HAND_MODULES:
+                    yield _HAND_MODULES[part], line
+            for alias in node.names:
+                full = f"{module}.{alias.name}"
+                for dotted, feature in _HAND_DOTTED.items():
+                    if full == dotted or full.startswith(dotted + ".") or module.startswith(dotted):
+                        yield feature, line
+                if _HAND_ATTRS.get(alias.name):
+                    yield _HAND_ATTRS[alias.name], line
+        elif isinstance(node, ast.Attribute) and id(node) not in allowed:
+            dotted = _dotted(node)
+            if dotted in _HAND_DOTTED:
+                yield _HAND_DOTTED[dotted], line
+            elif _HAND_ATTRS.get(node.attr):
+                yield _HAND_ATTRS[node.attr], line
+        elif isinstance(node, ast.Name) and node.id == "__import__":
+            yield "modules", line
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip() in _HAND_STRINGS:
+            yield _HAND_STRINGS[node.value.strip()], line
+
+
+def look_by_hand(cells: list[tuple[int, str]], skip: set[str] = frozenset()) -> list[str]:
+    """What in the code (cells whose stripped source is in ``skip``, the handed-out ones, aside)
+    an instructor should look at by hand: one "<what> (cell C line L)" per feature, in HAND order."""
+    first: dict[str, str] = {}
+    for index, source in cells:
+        if source.strip() in skip:
+            continue
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        for feature, line in _hand_features(tree):
+            first.setdefault(feature, f"cell {index} line {line}")
+    return [f"{HAND[f]} ({first[f]})" for f in HAND if f in first]

@@ -6,31 +6,45 @@ sandbox sees a copy of this one file, not the rest of ``bnviz``.
 
 Protocol:
 
-* stdin: a ``torch.save``'d dict ``{"cells": [source, ...], "probes": [spec, ...],
-  "limits": {...}}`` written by the trusted side. The probes carry only test *inputs*; expected
-  values and tolerances never come here.
+* stdin: a ``torch.save``'d dict ``{"cells": [(index, source), ...], "probes": [spec, ...],
+  "limits": {...}, "strict": {...}}`` written by the trusted side. The cells are plain Python
+  (the trusted side already turned IPython syntax into Python, so the code it scanned is the code
+  that runs). The probes carry only test *inputs*; expected values and tolerances never come here.
+* Two passes, each in a process forked from this one before any student code is imported: the
+  *normal* pass (tripwires in place, forbidden APIs work) and the *strict* pass, in which every
+  batch-norm kernel raises at the dispatcher (registered before the student's code runs, so no
+  Python wrapper, mode, thread or frame trick reaches the real kernel) and, during the probes of
+  the questions that forbid autograd, recording a graph for backward raises too.
 * stdout: the worker first moves the process's stdout to stderr, so whatever the student prints
-  goes to stderr, then writes one ``torch.save``'d dict of plain tensors / lists / strings to the
-  original stdout at the end. The trusted side loads it with ``weights_only=True`` and treats it
-  as untrusted data: nothing here can raise a score except outputs that match references the
-  trusted side computes itself.
+  goes to stderr. At the end it writes ``MAGIC_PAIR`` + for each pass an 8-byte length and the
+  pass's report (``encode``: ``MAGIC`` + 8-byte header length + a JSON header + raw tensor bytes).
+  JSON cannot express shared references or objects; the trusted side (``report.py``) parses it
+  itself, checks it against a strict schema, and treats it as untrusted data: nothing here can
+  raise a score except outputs that match references the trusted side computes itself.
 
 Order: import torch, apply the resource limits (they cannot be raised again without
-CAP_SYS_RESOURCE, which the sandbox drops), install the tripwires, run the answer cells with a
-harmless ``otter`` stub, run the probes, write the report.
+CAP_SYS_RESOURCE, which the sandbox drops), fork the pass, install the tripwires (normal) or the
+raising kernels (strict), run the answer cells with a harmless ``otter`` stub, run the probes,
+write the pass's report.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import resource
+import signal
+import struct
 import sys
 import types
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_MESSAGE = 120
+MAX_NAME = 200  # state_dict keys and other names the student chooses
+MAGIC, MAGIC_PAIR = b"BNVZREP2", b"BNVZPAIR"
+TENSOR_KEY = "\x00tensor"  # {TENSOR_KEY: index}: a tensor in the JSON header
 
 
 def short_error(exc: BaseException) -> str:
@@ -78,10 +92,12 @@ def apply_limits(limits: dict) -> None:
 class Tripwires:
     """Records forbidden calls (batch norm kernels, nn.BatchNorm constructors, autograd) per phase.
 
-    Two layers: Python wrappers around the public entry points, and a TorchDispatchMode entered
-    around every probe call, which sees every aten op however it was reached (``torch.ops``,
-    aliases, ``getattr`` tricks). A student can undo both from inside this process; the report
-    says whether they were still in place, and the trusted side also scans the source itself.
+    ADVISORY: two layers, Python wrappers around the public entry points and a TorchDispatchMode
+    entered around every probe call (it sees ops reached through ``torch.ops``, aliases and
+    ``getattr`` tricks on the calling thread). Code in this process can get past both (disable the
+    mode, call ``__wrapped__``, use another thread, patch this object or its class); the report
+    says whether they were still in place. The strict pass (``install_strict``) is the stronger
+    check, and the trusted side also scans the source itself.
     """
 
     def __init__(self, torch):
@@ -176,28 +192,18 @@ def _otter_stub() -> types.ModuleType:
     return mod
 
 
-def _to_python(source: str) -> str:
-    """IPython syntax (``%magic``, ``!shell``) to Python, when IPython is importable."""
-    try:
-        from IPython.core.inputtransformer2 import TransformerManager
-    except Exception:
-        return source
-    try:
-        return TransformerManager().transform_cell(source)
-    except Exception:
-        return source
-
-
 def run_cells(cells: list, namespace: dict) -> list:
     """Execute each code cell in order in one namespace; a cell that raises does not stop the
-    others (as in a notebook run with errors allowed). Returns [{"cell", "error"}]."""
+    others (as in a notebook run with errors allowed). Returns [{"cell", "error"}]. The cells are
+    plain Python already; a ``get_ipython()`` the trusted side left in (``%matplotlib``, ``!pip``)
+    does nothing."""
     sys.modules["otter"] = _otter_stub()
     namespace.setdefault("get_ipython", lambda: types.SimpleNamespace(
         system=lambda *a, **k: None, run_line_magic=lambda *a, **k: None, run_cell_magic=lambda *a, **k: None))
     errors = []
     for index, source in cells:
         try:
-            code = compile(_to_python(source), f"<cell {index}>", "exec")
+            code = compile(source, f"<cell {index}>", "exec")
             exec(code, namespace)
         except BaseException as exc:  # SystemExit and KeyboardInterrupt included
             errors.append({"cell": int(index), "error": short_error(exc)})
@@ -250,7 +256,7 @@ def probe_backward(ns, tw, torch, spec):
 
 def _state(torch, module) -> dict:
     sd = module.state_dict()
-    return {"keys": [str(k) for k in sd.keys()], "values": [plain(torch, v, str(k)) for k, v in sd.items()]}
+    return {"keys": [str(k)[:MAX_NAME] for k in sd.keys()], "values": [plain(torch, v, str(k)[:MAX_NAME]) for k, v in sd.items()]}
 
 
 def probe_module_init(ns, tw, torch, spec):
@@ -258,8 +264,8 @@ def probe_module_init(ns, tw, torch, spec):
     if not isinstance(cls, type):
         return {"error": "BatchNorm is not defined"}
     m = tw.run("q3", cls, spec["C"])
-    return {"params": [str(n) for n, _ in m.named_parameters()],
-            "buffers": [str(n) for n, _ in m.named_buffers()], "state": _state(torch, m), "error": None}
+    return {"params": [str(n)[:MAX_NAME] for n, _ in m.named_parameters()][:256],
+            "buffers": [str(n)[:MAX_NAME] for n, _ in m.named_buffers()][:256], "state": _state(torch, m), "error": None}
 
 
 def _module_step(torch, tw, m, step):
@@ -301,17 +307,198 @@ def probe_module(ns, tw, torch, spec):
 
 PROBES = {"forward": probe_forward, "backward": probe_backward,
           "module_init": probe_module_init, "module": probe_module}
+PHASE = {"forward": "q1", "backward": "q2", "module_init": "q3", "module": "q3"}
 
 
-def run_probes(ns, tw, torch, probes: list) -> dict:
+def run_probes(ns, tw, torch, probes: list, last: set = frozenset(), before_last=None) -> dict:
+    """Run each probe; those of the phases in ``last`` go last, after ``before_last()``."""
     results = {}
-    for spec in probes:
+    ordered = [p for p in probes if PHASE[p["kind"]] not in last] + [p for p in probes if PHASE[p["kind"]] in last]
+    switched = False
+    for spec in ordered:
+        if before_last is not None and not switched and PHASE[spec["kind"]] in last:
+            before_last()
+            switched = True
+        tw.raised_in = None
         try:
             res = PROBES[spec["kind"]](ns, tw, torch, spec)
         except BaseException as exc:
             res = {"error": "student code raised " + short_error(exc)}
+            if tw.raised_in not in (None, PHASE[spec["kind"]]):  # e.g. q2's test failed in the q1 function
+                res["skipped"] = tw.raised_in
         results[str(spec["id"])] = res
     return results
+
+
+# --------------------------------------------------------------------------- the strict pass
+
+
+class Direct:
+    """The strict pass's stand-in for Tripwires: calls fn, and remembers in which question's
+    function the first exception of a probe was raised (``raised_in``)."""
+
+    def __init__(self):
+        self.raised_in = None
+
+    def run(self, phase, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            if _forbidden_in(exc):
+                self.raised_in = self.raised_in or phase
+            raise
+
+
+def _forbidden_in(exc: BaseException) -> bool:
+    """Whether a raising kernel of the strict pass is behind exc (itself, a cause or a context)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, Forbidden):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+class Forbidden(RuntimeError):
+    pass
+
+
+def install_strict(torch):
+    """Make every batch-norm kernel raise at the dispatcher, for every overload and dispatch key
+    a CPU tensor can take (``F.batch_norm``, ``torch.batch_norm``, ``nn.BatchNorm*``,
+    ``torch.ops.aten.*batch_norm*``, ``instance_norm``, cudnn / miopen variants). Returns
+    (the libraries, which must stay alive, a probe that returns True while they still raise)."""
+    import warnings
+
+    def refuse(*args, **kwargs):
+        raise Forbidden("forbidden in this assignment: a batch-norm kernel (strict re-run)")
+
+    libs = {}
+    keys = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CPU", "AutogradCPU", "Autograd",
+            "QuantizedCPU")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for full in torch._C._dispatch_get_all_op_names():
+            namespace, _, op = full.partition("::")
+            if "batch_norm" not in op or namespace not in ("aten", "quantized", "onednn"):
+                continue
+            lib = libs.get(namespace) or libs.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
+            for key in keys:
+                try:
+                    lib.impl(op, refuse, key)
+                except Exception:  # a key this operator cannot take
+                    pass
+    native = torch.ops.aten.native_batch_norm.default
+
+    def still_raises() -> bool:
+        try:
+            native(torch.ones(2, 1), None, None, None, None, True, 0.1, 1e-5)
+        except Forbidden:
+            return True
+        except BaseException:
+            return False
+        return False
+
+    return libs, still_raises
+
+
+def autograd_blocker(torch):
+    """A function that, once called, makes recording any tensor for backward raise (every
+    differentiable formula a batch-norm backward needs saves tensors); captured before student
+    code runs."""
+    push = torch._C._autograd._push_saved_tensors_default_hooks
+
+    def pack(tensor):
+        raise Forbidden("forbidden in this question: autograd (strict re-run)")
+
+    return lambda: push(pack, lambda t: t)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def encode(torch, report: dict) -> bytes:
+    """``MAGIC`` + 8-byte header length + JSON header + the tensors' raw bytes, in order. A tensor
+    is ``{TENSOR_KEY: i}`` in the header; ``header["tensors"][i] = [dtype, shape, offset, nbytes]``."""
+    table, chunks, offset = [], [], 0
+
+    def walk(value):
+        nonlocal offset
+        if isinstance(value, torch.Tensor):
+            t = value.detach().to("cpu").contiguous()
+            data = t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            table.append([str(t.dtype).replace("torch.", ""), list(t.shape), offset, len(data)])
+            chunks.append(data)
+            offset += len(data)
+            return {TENSOR_KEY: len(table) - 1}
+        if isinstance(value, dict):
+            return {str(k): walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return str(type(value).__name__)[:MAX_NAME]
+
+    body = walk(report)
+    header = json.dumps({"report": body, "tensors": table}).encode("utf-8")
+    return MAGIC + struct.pack("<Q", len(header)) + header + b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def run_pass(torch, request: dict, strict: bool) -> dict:
+    """One pass over the cells and probes, in this (forked) process."""
+    plan = request.get("strict") or {}
+    namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+    if not strict:
+        tw = Tripwires(torch)
+        tw.raised_in = None
+        cell_errors = run_cells(request["cells"], namespace)
+        probes = run_probes(namespace, tw, torch, request["probes"])
+        return {"protocol": PROTOCOL, "pass": "normal", "cell_errors": cell_errors, "probes": probes,
+                "tripwire": tw.report()}
+    quiet = os.open(os.devnull, os.O_WRONLY)  # what it prints was shown by the normal pass
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    libs, still_raises = install_strict(torch) if plan.get("batch_norm") else ({}, lambda: True)
+    block = autograd_blocker(torch)
+    cell_errors = run_cells(request["cells"], namespace)
+    probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
+    return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
+            "intact": bool(still_raises()), "kernels": len(libs)}
+
+
+def fork_pass(torch, request: dict, strict: bool, result_fd: int) -> bytes:
+    """Run a pass in a forked child that writes its encoded report to a private file; return it."""
+    fd = os.memfd_create("bnviz-report") if hasattr(os, "memfd_create") else os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(result_fd)  # the child never sees the channel to the trusted side
+            _write_all(fd, encode(torch, run_pass(torch, request, strict)))
+            code = 0
+        finally:
+            os._exit(code)  # no atexit handlers or threads the submission left behind
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL):
+        os.kill(os.getpid(), os.WTERMSIG(status))  # a limit killed the pass: the sandbox reports it
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, 0, os.SEEK_SET)
+    limit = int(request["limits"].get("report_bytes") or 32 << 20)
+    chunks, left = [], min(size, limit + 1)
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    os.close(fd)
+    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- main
@@ -326,20 +513,12 @@ def main() -> int:
     request = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=True)
     torch.set_num_threads(int(request["limits"].get("threads") or 1))
     apply_limits(request["limits"])
-    tw = Tripwires(torch)
-    namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
-    cell_errors = run_cells(request["cells"], namespace)
-    probes = run_probes(namespace, tw, torch, request["probes"])
-    report = {"protocol": PROTOCOL, "cell_errors": cell_errors, "probes": probes, "tripwire": tw.report()}
-    buf = io.BytesIO()
-    torch.save(report, buf)
-    data = buf.getvalue()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(result_fd, view):]
+    passes = [False, True] if request.get("strict") else [False]
+    parts = [fork_pass(torch, request, strict, result_fd) for strict in passes]
+    _write_all(result_fd, MAGIC_PAIR + b"".join(struct.pack("<Q", len(p)) + p for p in parts))
     os.close(result_fd)
     sys.stdout.flush()
-    os._exit(0)  # no atexit handlers or threads the submission left behind
+    os._exit(0)
 
 
 if __name__ == "__main__":
