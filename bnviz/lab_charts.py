@@ -430,12 +430,12 @@ def _replay_pick(runs: list[History], run) -> History:
 
 
 def _replay_layer(h: History, layer: str | None) -> str:
-    """``layer``, checked, or the first layer of the run that has γ (a normalisation layer)."""
+    """``layer``, checked, or 'fc1' (as in the lab), else the run's first normalisation layer."""
     names = [n for n, st in h.snapshots[-1].layers.items() if st.gamma or st.running_mean]
     if layer is None:
         if not names:
             raise ValueError(f"run {h.label!r} has no normalisation layer to show (model without norm)")
-        return names[0]
+        return "fc1" if "fc1" in names else names[0]  # the lab's default: 120 channels fill a histogram
     if layer not in names:
         raise ValueError(f"layer={layer!r} is not a normalisation layer of this run; valid: {names}")
     return layer
@@ -560,7 +560,7 @@ def replay(source, run=-1, layer: str | None = None, max_frames: int = 60, frame
     ``source``: a ``bnviz_runs.json`` (the lab's *Save runs*, or :func:`~bnviz.history.save_histories`),
     a :class:`History`, or a list of them; ``run``: which one (an index, default -1 = the last,
     or a uid or label). Each frame is one snapshot: the loss, training and test accuracy up to that
-    step (top), and, for ``layer`` (default: the run's first norm layer), the histograms of γ
+    step (top), and, for ``layer`` (default 'fc1' as in the lab, else the first norm layer), the histograms of γ
     and β across channels (grey: the first snapshot), and its running mean/variance (bars, used
     in eval) beside the training batch's (×). Dashed red lines mark live changes (e.g. the lr
     moved mid-run). At most ``max_frames`` frames (evenly spread; the steps around each change

@@ -136,9 +136,12 @@ def links(name: str, urls: dict | None = None) -> dict[str, str]:
 
 
 def _source_hash() -> str:
-    """A hash of the bnviz package's source: a change there can change every output."""
+    """A hash of the bnviz package's source: a change there can change every output (the site
+    builder and the command line cannot: they are left out)."""
     h = hashlib.sha256()
     for p in sorted((ROOT / "bnviz").rglob("*.py")):
+        if p.name in ("site.py", "__main__.py") and p.parent.name == "bnviz":
+            continue
         h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
@@ -239,7 +242,7 @@ def plotly_html(fig: dict, css: str = "bnviz-plotly") -> str:
     fig = copy.deepcopy(fig)
     fig.setdefault("layout", {}).pop("width", None)
     fig["layout"]["autosize"] = True
-    body = pio.to_html(fig, include_plotlyjs=False, full_html=False, validate=False,
+    body = pio.to_html(fig, include_plotlyjs=False, full_html=False, validate=False, auto_play=False,
                        config={"responsive": True, "displaylogo": False})
     return f'<div class="{css}">{body}</div>'
 
@@ -254,12 +257,41 @@ def _web_output(out: dict) -> dict | None:
     widget → a note; anything else unchanged."""
     data = out.get("data", {})
     if PLOTLY_MIME in data:
-        return {"output_type": "display_data", "metadata": {}, "data": {"text/html": plotly_html(data[PLOTLY_MIME])}}
+        return _html_output(plotly_html(data[PLOTLY_MIME]))
     if WIDGET_MIME in data:
         if TQDM_TEXT.search(str(data.get("text/plain", ""))):
             return None
-        return {"output_type": "display_data", "metadata": {}, "data": {"text/html": WIDGET_NOTE}}
+        return _html_output(WIDGET_NOTE)
+    for mime in ("text/markdown", "text/html"):  # e.g. 00's question map, printed by code
+        if isinstance(data.get(mime), str):
+            data[mime] = web_links(data[mime])
     return out
+
+
+def _html_output(html: str):
+    import nbformat
+
+    return nbformat.v4.new_output("display_data", data={"text/html": html})
+
+
+MD_LINK = re.compile(r"\[([^\]]+)\]\(((?:\d\d_[\w-]+\.ipynb)?#[\w-]+|assignments/[\w/.-]+\.ipynb)\)")
+
+
+HTML_LINK = re.compile(r'href="(\d\d_[\w-]+)\.ipynb(#[\w-]+)?"')
+
+
+def web_links(markdown: str) -> str:
+    """Links Sphinx cannot resolve, made plain HTML links between the site's pages: to an
+    ``<a id>`` anchor (``[..](04_x.ipynb#q-fold)``, ``[..](#q-x)``) or to the assignment."""
+    def sub(m: re.Match) -> str:
+        text, target = m.groups()
+        if target.startswith("assignments/"):
+            return f'<a href="assignment.html">{text}</a>'
+        page, _, frag = target.partition("#")
+        return f'<a href="{page[:-6] + ".html" if page else ""}#{frag}">{text}</a>'
+    markdown = MD_LINK.sub(sub, markdown)
+    markdown = HTML_LINK.sub(lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"', markdown)
+    return re.sub(r'href="assignments/[\w/.-]+\.ipynb"', 'href="assignment.html"', markdown)
 
 
 def _md(source: str):
@@ -294,13 +326,20 @@ def site_notebook(nb, name: str, urls: dict, extra_cells=()):
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in map(_web_output, cell.get("outputs", [])) if o is not None]
+        elif cell.cell_type == "markdown":
+            cell.source = web_links(cell.source)
     meta = nb.metadata.pop("bnviz_run", None)
     nb.metadata.pop("widgets", None)
     extra = sorted(extra_cells, key=lambda pair: pair[0], reverse=True)
     for after, cell in extra:
         nb.cells.insert(after + 1, cell)
-    title = 1 if nb.cells and nb.cells[0].cell_type == "markdown" and nb.cells[0].source.lstrip().startswith("# ") else 0
-    nb.cells.insert(title, _md(links_bar(name, urls) + "\n\n" + run_note(meta)))
+    bar = links_bar(name, urls) + "\n\n" + run_note(meta)
+    first = nb.cells[0] if nb.cells and nb.cells[0].cell_type == "markdown" else None
+    if first is not None and first.source.lstrip().startswith("# "):
+        title, _, rest = first.source.lstrip().partition("\n")
+        first.source = f"{title}\n\n{bar}\n\n{rest.strip()}"  # right under the title
+    else:
+        nb.cells.insert(0, _md(bar))
     return nb
 
 
@@ -365,14 +404,14 @@ def replay_cells(run_file: str, h) -> list:
     from .lab_charts import replay
 
     fig = replay(h).to_plotly_json()
-    text = ("## Replay of a lab run <a id=\"bnviz-replay\"></a>\n\nNothing to install: this is a real run "
+    text = ("## Replay of a lab run\n\nNothing to install: this is a real run "
             f"of the lab's trainer ({h.summary()}), saved with `save_histories` and played back with "
             "`bnviz.lab_charts.replay`. Press **▶ Play** or drag the slider: the curves grow, the γ/β "
             "histograms of the layer spread out, and the running statistics (bars) follow the batch's (×). "
             "The dashed red line marks where the learning rate was lowered from 1.0 to 0.1 half way "
-            f"(what the lab's slider does). [Download the run]({run_file}) to replay it yourself.")
+            f'(what the lab\'s slider does). <a href="{run_file}">Download the run</a> to replay it yourself.')
     code = nbformat.v4.new_code_cell(REPLAY_SNIPPET.format(file=run_file))
-    code.outputs = [nbformat.v4.new_output("display_data", data={"text/html": plotly_html(fig, "bnviz-plotly bnviz-replay")})]
+    code.outputs = [_html_output(plotly_html(fig, "bnviz-plotly bnviz-replay"))]
     return [_md(text), code]
 
 

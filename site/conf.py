@@ -29,6 +29,7 @@ mathjax_path = "mathjax/tex-chtml.js"
 # ---- theme
 html_theme = "sphinx_book_theme"
 html_title = "bnviz: batch normalization"
+html_favicon = "_static/favicon.svg"  # (else the browser asks for /favicon.ico and logs a 404)
 html_static_path = ["_static"]
 html_extra_path = ["notebooks"]  # the raw notebooks, for "Download notebook" (notebooks/NAME.ipynb)
 html_css_files = ["bnviz-site.css"]

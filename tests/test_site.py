@@ -1,0 +1,444 @@
+"""The course site (bnviz.site), the replay of a lab run (bnviz.lab_charts.replay), and the one
+place the repository URL lives (pyproject's [project.urls]).
+
+* Unmarked: the replay against the History it was made from; the setup-cell sync tool on copies
+  of the notebooks; every chapter's setup cell equals what the tool generates.
+* ``site``: builds the site in fast mode (``BNVIZ_FAST=1``; the chapters come from the execution
+  cache that tests/test_notebooks.py fills, else they run here) and reads it: every page there,
+  no address outside the site loaded by any page (it must work offline), no broken internal link
+  or anchor, the assignment page without solutions or hidden tests; then headless Chromium
+  (Playwright, Debian's chromium) opens every page: no console error, no request that leaves
+  the site, each chapter's figures drawn, the replay plays, search finds a word, and on a phone's
+  width nothing makes the page scroll sideways. Screenshots go to test-artifacts/.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import nbformat
+import numpy as np
+import pytest
+
+from bnviz import site
+from bnviz.course import REPO_URL
+from bnviz.history import load_histories, save_histories
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTER_PAGES = [p.stem + ".html" for p in site.chapters()]
+PAGES = ["index.html", *CHAPTER_PAGES, "assignment.html", "questions.html", "run-locally.html"]
+
+
+# ----------------------------------------------------------------------------- the URL, once
+
+
+def test_repository_url_is_set_once_in_pyproject():
+    urls = site.project_urls()
+    assert urls["Repository"] == REPO_URL, "bnviz.course.REPO_URL must equal pyproject's [project.urls] Repository"
+    links = site.links("03_lab.ipynb", urls)
+    owner_name = urls["Repository"].removeprefix("https://github.com/")
+    assert links["Open in Colab"] == (f"https://colab.research.google.com/github/{owner_name}/blob/main/"
+                                      "notebooks/03_lab.ipynb")
+    assert f'"bnviz @ git+{urls["Repository"]}"' in site.setup_cell_source(urls)
+
+
+@pytest.mark.parametrize("path", site.chapters(), ids=lambda p: p.name)
+def test_setup_cell_is_generated_from_pyproject(path):
+    """Run `python -m bnviz.site sync-setup-cells` after changing the URL or the template."""
+    first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    assert first.source == site.setup_cell_source(), (
+        f"{path.name}: its setup cell is not the one generated from pyproject.toml; run "
+        "`.venv/bin/python -m bnviz.site sync-setup-cells`")
+
+
+def test_sync_rewrites_only_the_setup_cell(tmp_path):
+    copies = [Path(shutil.copy2(p, tmp_path / p.name)) for p in site.chapters()]
+    before = {p.name: nbformat.read(p, as_version=4) for p in copies}
+    stale = copies[0]
+    nb = nbformat.read(stale, as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    first.source = first.source.replace("d2l==1.0.3", "d2l==0.17")
+    nbformat.write(nb, stale)
+    assert stale.name in site.sync_setup_cells(check=True, paths=copies)
+    assert "d2l==0.17" in stale.read_text(), "--check must not write"
+    site.sync_setup_cells(paths=copies)
+    assert site.sync_setup_cells(check=True, paths=copies) == []  # idempotent: nothing left to do
+    for p in copies:
+        after = nbformat.read(p, as_version=4)
+        code = [i for i, c in enumerate(after.cells) if c.cell_type == "code"]
+        assert after.cells[code[0]].source == site.setup_cell_source()
+        others = [(c.cell_type, c.source) for i, c in enumerate(after.cells) if i != code[0]]
+        assert others == [(c.cell_type, c.source) for i, c in enumerate(before[p.name].cells) if i != code[0]]
+
+
+def test_a_url_that_colab_cannot_open_is_refused(tmp_path):
+    bad = tmp_path / "pyproject.toml"
+    bad.write_text('[project]\nname = "x"\n[project.urls]\nRepository = "https://gitlab.com/a/b.git"\n')
+    with pytest.raises(ValueError, match="Repository.*not valid.*github.com/OWNER/NAME"):
+        site.project_urls(bad)
+
+
+# ----------------------------------------------------------------------------- the replay
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    """A real (tiny) run of the lab's trainer with the lr moved from 1.0 to 0.2 mid-run, saved."""
+    from bnviz.config import Config
+    from bnviz.data import make_synthetic
+    from bnviz.train import Trainer
+
+    cfg = Config(train_size=256, test_size=128, epochs=3, batch_size=32, snapshot_every=2, lr=1.0, seed=3)
+    trainer = Trainer(cfg, data=make_synthetic(256, 128, seed=2))
+
+    class Lower:
+        def on_snapshot(self, tr, snap):
+            if snap.step >= 12 and not tr.history.changes:
+                tr.live.set(lr=0.2)
+
+    trainer.callbacks.append(Lower())
+    h = trainer.fit()
+    path = save_histories([h], tmp_path_factory.mktemp("runs") / "bnviz_runs.json", mode="overwrite")
+    return path, h
+
+
+def _frame_values(fig, k: int) -> dict:
+    fr = fig.frames[k]
+    return {i: d for i, d in zip(fr.traces, fr.data)}
+
+
+def test_replay_frames_follow_the_saved_run(lab_run):
+    from bnviz.lab_charts import replay
+
+    path, h = lab_run
+    fig = replay(path, layer="fc1")
+    (saved,) = load_histories(path)
+    snaps = [s for s in saved.snapshots if "fc1" in s.layers]
+    assert len(fig.frames) == len(snaps) >= 10
+    assert len(fig.layout.sliders[0].steps) == len(fig.frames)
+    assert [b.label for b in fig.layout.updatemenus[0].buttons][0].endswith("Play")
+    for k in (0, len(snaps) // 2, len(snaps) - 1):
+        s, v = snaps[k], _frame_values(fig, k)
+        steps_so_far = [p.step for p in saved.snapshots[:saved.snapshots.index(s) + 1] if p.kind == "step"]
+        assert list(v[0].x) == steps_so_far  # the loss curve grows frame by frame
+        np.testing.assert_allclose(np.asarray(v[4].x, float), s.layers["fc1"].gamma)  # γ now
+        np.testing.assert_allclose(np.asarray(v[8].y, float), s.layers["fc1"].batch_mean)  # batch mean
+        np.testing.assert_allclose(np.asarray(v[9].y, float), s.layers["fc1"].running_var)  # running var
+        assert f"step {s.step} " in fr_title(fig, k) and f"lr {s.lr:.3g}" in fr_title(fig, k)
+    np.testing.assert_allclose(np.asarray(fig.data[3].x, float), snaps[0].layers["fc1"].gamma)  # γ at the start
+    (change,) = h.changes
+    assert (change.name, change.old, change.new) == ("lr", 1.0, 0.2)
+    marks = [sh for sh in fig.layout.shapes if sh.x0 == change.step and sh.line.dash == "dash"]
+    assert len(marks) == 3, "the lr change is marked on the three curve panels"
+    assert any(a.text == "lr→0.2" for a in fig.layout.annotations)
+    assert "SYNTHETIC" in fig.layout.title.text
+
+
+def fr_title(fig, k: int) -> str:
+    return fig.frames[k].layout.title.text
+
+
+def test_replay_keeps_the_change_when_it_thins_frames(lab_run):
+    from bnviz.lab_charts import replay
+
+    path, h = lab_run
+    fig = replay(h, max_frames=5)
+    steps = [int(s.label) for s in fig.layout.sliders[0].steps]
+    assert len(steps) <= 7 and steps[0] == h.snapshots[0].step and steps[-1] == h.snapshots[-1].step
+    assert any(s >= h.changes[0].step for s in steps) and any(s < h.changes[0].step for s in steps)
+
+
+def test_replay_refuses_what_it_cannot_play(lab_run, tmp_path):
+    from bnviz.lab_charts import replay
+
+    path, h = lab_run
+    with pytest.raises(ValueError, match="not a file"):
+        replay(tmp_path / "missing.json")
+    (tmp_path / "other.json").write_text(json.dumps({"some": "thing"}))
+    with pytest.raises(ValueError, match="not a bnviz history file"):
+        replay(tmp_path / "other.json")
+    with pytest.raises(ValueError, match=r"out of range; valid: 0\.\.0"):
+        replay(path, run=3)
+    with pytest.raises(ValueError, match="matches no run"):
+        replay(path, run="nope")
+    with pytest.raises(ValueError, match=r"not a normalisation layer.*'conv1'"):
+        replay(path, layer="fc9")
+    with pytest.raises(ValueError, match="max_frames"):
+        replay(path, max_frames=1)
+    with pytest.raises(ValueError, match="file path, a History"):
+        replay(42)
+
+
+# ----------------------------------------------------------------------------- the built site
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs, self.ids = [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.add(a["id"])
+        if a.get("name") and tag == "a":
+            self.ids.add(a["name"])
+        for key in ("href", "src"):
+            if a.get(key) and not (tag == "link" and a.get("rel") in ("canonical",)):
+                self.refs.append((tag, key, a[key]))
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(path: Path) -> _Links:
+    p = _Links()
+    p.feed(path.read_text(errors="replace"))
+    return p
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The site, built in fast mode on the synthetic data (as CI does), in a temporary folder;
+    or, with ``BNVIZ_SITE_DIR=_build/site``, a site already built (e.g. by ``make site``)."""
+    if os.environ.get("BNVIZ_SITE_DIR"):
+        return Path(os.environ["BNVIZ_SITE_DIR"]).resolve()
+    out = tmp_path_factory.mktemp("site") / "site"
+    env = dict(os.environ, BNVIZ_FAST="1", BNVIZ_DATASET="synthetic", MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, "-m", "bnviz.site", "build", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, f"site build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+@pytest.mark.site
+@pytest.mark.timeout(1800)
+def test_every_page_is_built_and_states_its_run(built):
+    for page in PAGES + ["search.html", "notebooks/00_start_here.ipynb", "bnviz_runs.json",
+                         "batch_norm-student.zip", "_static/plotly.min.js", "_static/mathjax/tex-chtml.js"]:
+        assert (built / page).is_file(), f"{page} is missing from the site"
+    urls = site.project_urls()
+    for page in CHAPTER_PAGES:
+        text = (built / page).read_text()
+        assert re.search(r"real run on <strong>SYNTHETIC data \(not Fashion-MNIST\)</strong>, on <strong>a \d+-core "
+                         r"CPU.*</strong>, on <strong>\d{4}-\d\d-\d\d \d\d:\d\d UTC</strong>.*FAST MODE", text), page
+        colab = site.links(page[:-5] + ".ipynb", urls)["Open in Colab"]
+        assert f'href="{colab}"' in text and 'href="notebooks/' + page[:-5] + '.ipynb"' in text, page
+        assert 'href="run-locally.html"' in text, page
+    assert f'href="{urls["Repository"]}"' in (built / "run-locally.html").read_text()
+
+
+@pytest.mark.site
+def test_no_page_loads_anything_from_outside_the_site(built):
+    """Offline: every script, stylesheet, image and font the pages load is in the site."""
+    outside = []
+    for path in built.rglob("*.html"):
+        for tag, key, ref in _parse(path).refs:
+            if key == "src" or tag == "link":
+                if urlsplit(ref).scheme in ("http", "https") or ref.startswith("//"):
+                    outside.append(f"{path.name}: <{tag} {key}={ref}>")
+    assert not outside, outside
+    css = "\n".join(p.read_text(errors="replace") for p in built.rglob("*.css"))
+    assert not re.search(r"@import\s+url\(\s*['\"]?https?:", css)
+
+
+@pytest.mark.site
+def test_no_internal_link_is_broken(built):
+    broken = []
+    for path in sorted(built.rglob("*.html")):
+        if "_static" in path.parts:
+            continue
+        for tag, key, ref in _parse(path).refs:
+            parts = urlsplit(ref)
+            if parts.scheme or ref.startswith(("//", "mailto:", "javascript:")):
+                continue
+            target = path if not parts.path else (path.parent / unquote(parts.path)).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{path.relative_to(built)}: {ref} (no such file)")
+            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _parse(target).ids:
+                broken.append(f"{path.relative_to(built)}: {ref} (no such anchor)")
+    assert not broken, "\n".join(broken[:40])
+
+
+@pytest.mark.site
+def test_question_index_links_each_question_to_its_answer(built):
+    from bnviz.questions import QUESTIONS
+
+    refs = {ref for _, key, ref in _parse(built / "questions.html").refs if key == "href"}
+    for qid, (nb, _) in QUESTIONS.items():
+        ref = f"{nb[:-6]}.html#{qid}"
+        assert ref in refs, f"the question index does not link {qid} to {ref}"
+        assert qid in _parse(built / ref.split("#")[0]).ids, f"{ref}: no such anchor on the page"
+
+
+def _solution_and_hidden_lines() -> list[str]:
+    """Lines of the assignment's source that only its solutions and hidden tests contain."""
+    nb = nbformat.read(site.ASSIGNMENT_SRC, as_version=4)
+    secret, public, raw_solution = [], set(), False
+    for cell in nb.cells:
+        if cell.cell_type == "raw":
+            raw_solution = cell.source.strip() == "# BEGIN SOLUTION" or (raw_solution and cell.source.strip() != "# END SOLUTION")
+            continue
+        hidden = cell.cell_type == "code" and re.search(r"^hidden:\s*true", cell.source, re.M)
+        inside = False
+        for line in cell.source.splitlines():
+            s = line.strip()
+            if s.startswith("# BEGIN SOLUTION"):
+                inside = True
+            elif s.startswith("# END SOLUTION"):
+                inside = False
+            elif inside or hidden or s.endswith("# SOLUTION"):
+                secret.append(s)
+            else:
+                public.add(s)
+    return sorted({s for s in secret if len(s) >= 12 and s not in public})
+
+
+@pytest.mark.site
+def test_assignment_page_is_the_student_version(built):
+    import html as html_lib
+
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", (built / "assignment.html").read_text()))
+    secret = _solution_and_hidden_lines()
+    assert len(secret) > 30, "the solution and hidden-test lines could not be read from the source"
+    leaked = [s for s in secret if s in text]
+    assert not leaked, f"the assignment page shows solution or hidden-test lines: {leaked[:5]}"
+    assert "def batch_norm_forward(" in text and 'grader.check("q1")' in text
+
+
+# ----------------------------------------------------------------------------- in Chromium
+
+
+@pytest.fixture(scope="module")
+def served(built):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    from browser_helpers import chromium, require_browser
+
+    with chromium(require_browser(), width=1280, height=900) as page:
+        yield page
+
+
+JS_FIGURES = """() => {
+  const boxes = Array.from(document.querySelectorAll('.bnviz-plotly'));
+  const drawn = boxes.filter(b => { const gd = b.querySelector('.js-plotly-plot');
+    return gd && gd._fullLayout && gd.querySelector('svg.main-svg .trace, svg.main-svg .hm, svg.main-svg image'); });
+  const imgs = Array.from(document.querySelectorAll('div.cell_output img'));
+  const mathjax = document.querySelectorAll('mjx-container').length;
+  return {figures: boxes.length, drawn: drawn.length, images: imgs.length,
+          images_loaded: imgs.filter(i => i.complete && i.naturalWidth > 0).length, math: mathjax,
+          overflow: document.documentElement.scrollWidth - window.innerWidth};
+}"""
+
+JS_REPLAY = """() => {
+  const gd = document.querySelector('.bnviz-replay .js-plotly-plot');
+  if (!gd || !gd._fullLayout) return null;
+  return {active: gd._fullLayout.sliders[0].active, points: (gd.data[0].x || []).length,
+          frames: (gd._transitionData._frames || []).length};
+}"""
+
+
+def _visit(page, url: str) -> list[str]:
+    """Open ``url``; return the console errors, page errors and requests that left the site."""
+    problems = []
+    origin = url.split("/", 3)[:3]
+    on_console = lambda m: m.type == "error" and problems.append(f"console: {m.text}")  # noqa: E731
+    on_error = lambda e: problems.append(f"page error: {e}")  # noqa: E731
+    on_request = lambda r: r.url.split("/", 3)[:3] != origin and not r.url.startswith("data:") and \
+        problems.append(f"request outside the site: {r.url}")  # noqa: E731
+    page.on("console", on_console)
+    page.on("pageerror", on_error)
+    page.on("request", on_request)
+    try:
+        page.goto(url, wait_until="load")
+        page.wait_for_timeout(600)
+    finally:
+        page.remove_listener("console", on_console)
+        page.remove_listener("pageerror", on_error)
+        page.remove_listener("request", on_request)
+    return problems
+
+
+@pytest.mark.site
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_every_page_renders_in_chromium_with_its_figures(built, served, browser_page):
+    from browser_helpers import shot
+
+    page, failures = browser_page, {}
+    for name in PAGES:
+        problems = _visit(page, f"{served}/{name}")
+        seen = page.evaluate(JS_FIGURES)
+        expected = (built / name).read_text().count('class="bnviz-plotly')
+        if seen["figures"] != expected or seen["drawn"] != seen["figures"]:
+            problems.append(f"figures: {seen} (the page holds {expected})")
+        if seen["images_loaded"] != seen["images"]:
+            problems.append(f"images not loaded: {seen}")
+        if name in CHAPTER_PAGES and seen["figures"] + seen["images"] == 0:
+            problems.append("a chapter page without a single figure")
+        if problems:
+            failures[name] = problems
+    assert not failures, json.dumps(failures, indent=1)[:6000]
+    _visit(page, f"{served}/01_batch_norm_from_scratch.html")
+    assert page.evaluate(JS_FIGURES)["math"] > 5, "MathJax (served by the site) typeset no formula"
+    _visit(page, f"{served}/00_start_here.html")
+    shot(page, "site-chapter", full_page=False)
+
+
+@pytest.mark.site
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_replay_plays_in_the_lab_page(served, browser_page):
+    from browser_helpers import shot, wait_for
+
+    page = browser_page
+    assert not _visit(page, f"{served}/03_lab.html")
+    start = page.evaluate(JS_REPLAY)
+    assert start and start["frames"] >= 5 and start["active"] == 0, start
+    page.locator(".bnviz-replay").first.scroll_into_view_if_needed()
+    page.locator(".bnviz-replay .updatemenu-button", has_text="Play").first.click()
+    moved = wait_for(page, lambda: (r := page.evaluate(JS_REPLAY)) and r["active"] > 0 and
+                     r["points"] > start["points"] and r, 30, "the replay to move after ▶ Play")
+    assert moved["active"] > 0
+    page.locator(".bnviz-replay").first.scroll_into_view_if_needed()
+    shot(page, "site-replay", full_page=False)
+
+
+@pytest.mark.site
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_search_and_phone_width(served, browser_page):
+    from browser_helpers import wait_for
+
+    page = browser_page
+    assert not _visit(page, f"{served}/search.html?q=momentum")
+    wait_for(page, lambda: page.locator("#search-results li").count() > 0, 30, "search results for 'momentum'")
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        for name in ("05_optimisation.html", "03_lab.html", "questions.html"):
+            assert not _visit(page, f"{served}/{name}")
+            overflow = page.evaluate(JS_FIGURES)["overflow"]
+            assert overflow <= 1, f"{name} scrolls sideways by {overflow}px on a 390-px phone"
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
