@@ -11,6 +11,7 @@ bwrap the tests are skipped, or fail when ``BNVIZ_REQUIRE_SANDBOX=1`` (CI). Abou
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pwd
@@ -289,13 +290,21 @@ for _ in range(120):  # 120 busy processes, each in its own session, as in issue
 while True:
     pass
 '''
+SLOW_BUT_HONEST = r'''
+import time
+_t = time.process_time()
+while time.process_time() - _t < 2.0:  # an honest but slow experiment: 2 CPU-seconds, run while the hog runs
+    pass
+'''
 
 
 def test_honest_submission_keeps_its_marks_beside_a_cpu_hog(bwrap, solution, tmp_path):
     """GRADE_JOBS=2 and GRADE_TIMEOUT=60, as in issue 17: the hog's 121 processes share one
     sandbox's CPU share (cgroup cpu.max and weight, or one pinned core) for the whole minute.
-    Without a share the honest submission gets 2 cores / 122 processes, about 1 CPU-s in 60 s,
-    far too little to finish (it needs several); it timed out at 0/19."""
+    The honest notebook ends with 2 CPU-seconds of work of its own (run twice: the normal and the
+    strict pass), done while the hog runs. Without a share it gets 2 cores / 122 processes, about
+    1 CPU-s in 60 s: it timed out at 0/19 (checked with the share and the CPU-time limit taken
+    out of sandbox.py)."""
     probe = sandbox.Cgroups("probe-" + MARK, sandbox.Limits())
     has_cpu_cgroup = "cpu" in probe.dirs
     probe.close()
@@ -304,7 +313,10 @@ def test_honest_submission_keeps_its_marks_beside_a_cpu_hog(bwrap, solution, tmp
     subs = tmp_path / "subs"
     subs.mkdir()
     _write(subs / "a_hog.ipynb", _hostile(solution, CPU_HOG))
-    _write(subs / "b_honest.ipynb", solution)
+    honest_nb = copy.deepcopy(solution)
+    honest_nb["cells"].append({"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
+                               "source": SLOW_BUT_HONEST})
+    _write(subs / "b_honest.ipynb", honest_nb)
     limits = sandbox.Limits(timeout_s=60, threads=1)
     res = {r["student"]: r for r in grading.grade_folder(subs, tmp_path / "grades", jobs=2, limits=limits,
                                                          log=lambda *a: None)}
