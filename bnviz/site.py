@@ -198,7 +198,7 @@ def store_executed(path: Path, nb, ctx: dict | None = None, seconds: float | Non
                                 "seconds": None if seconds is None else round(seconds, 1)}
     out = cache_dir() / f"{Path(path).stem}-{cache_key(path, ctx)}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")  # concurrent runs
     import nbformat
 
     nbformat.write(nb, tmp)
