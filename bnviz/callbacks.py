@@ -47,7 +47,8 @@ class CancelFit(Exception):
 
 class LiveUpdates:
     """Applies :class:`bnviz.config.LiveParams` changes: lr, BN momentum and eps before the next
-    step, the batch size before the next epoch. Each applied change becomes a
+    step, the batch size before the next epoch, all pending values in one
+    ``trainer.set_hyperparameters`` call. Each applied change becomes a
     :class:`~bnviz.history.Change` whose ``step`` is the first step that used the new value."""
 
     STEP_NAMES = ("lr", "bn_momentum", "eps")
@@ -60,13 +61,15 @@ class LiveUpdates:
             self._apply(trainer, self.STEP_NAMES)
 
     def _apply(self, trainer, names) -> None:
+        """Every pending value at once: the trainer re-captures its graphs once for a BN
+        momentum + eps change, not once per name."""
         live = trainer.live
-        for name, new in live.take(names).items():
-            old = live.values[name]
-            if new == old:
-                continue
-            trainer.set_hyperparameter(name, new)  # raises ValueError before changing anything
-            live.values[name] = new
+        changes = {name: new for name, new in live.take(names).items() if new != live.values[name]}
+        if not changes:
+            return
+        trainer.set_hyperparameters(changes)  # raises ValueError before changing anything
+        for name, new in changes.items():
+            old, live.values[name] = live.values[name], new
             trainer.history.changes.append(Change(step=trainer.step_count + 1, epoch=trainer.epoch,
                                                   name=name, old=old, new=new))
 

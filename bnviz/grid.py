@@ -78,7 +78,7 @@ def solo_reason(config: Config) -> str | None:
 
 
 def _captures(config: Config, device: torch.device) -> bool:
-    return device.type == "cuda" and config.fast != "eager"
+    return fastpath.on_cuda(device) and config.fast != "eager"
 
 
 def group_key(config: Config, device: torch.device) -> tuple:
@@ -302,6 +302,8 @@ class _Group:
             with torch.no_grad():
                 for t, v in zip(self._state(), saved):
                     t.copy_(v)
+            if self.captured is not None:
+                self.captured.release()  # the graphs captured before the failure
             self.captured = None
             reason = (str(err).strip().splitlines() or [""])[0][:300]
             return f"The grid's CUDA graph failed ({type(err).__name__}: {reason}); the grid runs eagerly."
@@ -415,6 +417,9 @@ class _Group:
         finally:
             for h in self.histories:
                 h.wall_time_s = time.perf_counter() - t0
+            if self.captured is not None:  # free the graphs and their pools now (see fastpath)
+                self.captured.release()
+                self._recorded = {}
         for h, c in zip(self.histories, self.configs):
             h.setup_time_s, h.train_time_s = setup, self.clock.train_time
             if h.status != "running":

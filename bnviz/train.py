@@ -3,8 +3,9 @@
 * ``step(idx)`` is pure device work: gather the batch ``idx`` from the data set resident on the
   device, zero the grads, forward, cross-entropy, backward, plain SGD (as d2l's ``train_ch6``),
   and add the loss and correct count to device sums. No host sync. On CUDA the fast path
-  (:mod:`bnviz.fastpath`) compiles the loss and captures the whole step as a CUDA graph; on a
-  CPU or MPS the same ``step`` runs eagerly.
+  (:mod:`bnviz.fastpath`) compiles the forward (``_forward``: gather .. metric sums) and
+  captures the whole step as a CUDA graph per batch size, released at the end of ``fit()``; on
+  a CPU or MPS the same ``step`` runs eagerly.
 * Everything else is a callback (:mod:`bnviz.callbacks`): live hyperparameters, stop,
   divergence, per-layer statistics, progress, probes, the lab.
 * A snapshot (every ``Config.snapshot_every`` steps and at each epoch end) is the one moment
@@ -16,6 +17,7 @@ error in ``history.status``/``history.message`` instead. ``train(...)`` is the o
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -114,10 +116,14 @@ class Trainer:
     """
 
     def __init__(self, config: Config, data: Dataset | None = None, live: LiveParams | None = None,
-                 callbacks=(), model: nn.Module | None = None, progress: bool = False, on_snapshot=None):
+                 callbacks=(), model: nn.Module | None = None, progress: bool = False, on_snapshot=None,
+                 channels_last: bool = False):
         if not isinstance(config, Config):
             raise ValueError(f"config must be a bnviz Config, got {type(config).__name__}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"channels_last={channels_last!r} is not valid; valid: True or False")
         self.config, self.data, self._model = config, data, model
+        self.channels_last = channels_last  # NHWC layout for the model and its inputs (a GPU option)
         self.live = live or LiveParams.from_config(config)
         self.live.model_checks["batch_size"] = self.check_batch_size  # refused at the slider
         self.history = History(config=config)
@@ -131,6 +137,9 @@ class Trainer:
             self.callbacks.append(Progress())
         self.model: nn.Module | None = None
         self.captured: fastpath.CapturedStep | None = None
+        self.compiled = False  # the forward (gather .. metric sums) runs compiled
+        self.forward_fn = self._forward
+        self._warmed: set[int] = set()  # batch sizes the compiled forward has seen (compiled only)
         self.step_count = self.epoch = self.examples = 0
         self._thread: threading.Thread | None = None
 
@@ -194,6 +203,7 @@ class Trainer:
                                            self.current_config(), stuck=True), h.message)
         finally:
             h.wall_time_s = time.perf_counter() - t0
+            self._release_fast_path()
             self._call("on_fit_end")
         return h
 
@@ -237,16 +247,25 @@ class Trainer:
     # ------------------------------------------------------------------ the step
     def step(self, idx: torch.Tensor) -> StepOut:
         """One optimisation step on the training examples ``idx`` (a device index tensor)."""
-        x, y = to_float(self.data.train_x[idx]), self.data.train_y[idx]
-        n = len(idx)
         self.opt.zero_grad(set_to_none=False)
-        loss, correct = self.loss_fn(x, y)
+        loss, correct = self.forward_fn(idx)
         loss.backward()
         self.opt.step()
+        return StepOut(loss, correct, len(idx))
+
+    def _forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather the batch ``idx`` from the resident data set, uint8 -> float, the loss and
+        correct count (``loss_fn``), and add both to the metric sums: the part of the step that
+        the fast path compiles as one function."""
+        x, y = to_float(self.data.train_x[idx]), self.data.train_y[idx]
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss, correct = self.loss_fn(x, y)
+        n = idx.shape[0]
         with torch.no_grad():
             ld, cd = loss.detach() * n, correct.to(torch.float32)
             self.sums.view(2, 3).add_(torch.stack([ld, cd, torch.full_like(ld, n)]))
-        return StepOut(loss, correct, n)
+        return loss, correct
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and the number of correct predictions (0-d tensors)."""
@@ -290,10 +309,9 @@ class Trainer:
         h.dataset_label, h.device = self.data.label, str(self.device)
         self.model = self._build_model()
         self.norms = norm_layers(self.model)
-        cuda = self.device.type == "cuda"
-        lr = torch.tensor(float(cfg.lr), device=self.device) if cuda else cfg.lr
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
-                                   **({"fused": True} if cuda else {}))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        self.opt = fastpath.sgd(self.model.parameters(), cfg.lr, cfg.weight_decay, self.device)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
         if self._drop_last(cfg.batch_size) and not cfg.drop_last:
@@ -302,8 +320,7 @@ class Trainer:
         h.message = _join(h.message, note)
         self._record_always = compile_ or capture  # a per-step switch cannot enter a graph
         self._call("on_fit_start")
-        self.loss_fn = fastpath.compile_loss(self._loss) if compile_ else self._loss
-        self.evaluator = self._evaluate
+        self.loss_fn, self.evaluator = self._loss, self._evaluate
         self._prepare_fast_path(compile_, capture)
 
     def _build_model(self) -> nn.Module:
@@ -315,6 +332,8 @@ class Trainer:
         else:
             model = self._model
         model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         for m in norm_layers(model).values():
             if hasattr(m, "momentum") and cfg.model.norm != "d2l":
                 m.momentum = cfg.bn_momentum
@@ -337,72 +356,124 @@ class Trainer:
         return tensors + [self.sums] + [t for pair in self.recorder.buffers.values() for t in pair]
 
     def _prepare_fast_path(self, compile_: bool, capture: bool) -> None:
-        """Compile (one call per batch shape) and capture now, before the timed run. Both leave
-        no trace (the state is restored). On a failure the run goes on eagerly with a note; a
-        genuine error of the step then raises at the first eager step."""
+        """Compile (each batch shape) and capture now, before the timed run; both leave no trace
+        (:func:`bnviz.fastpath.preserved`). On a failure the run goes on eagerly with a note and
+        the numbers of an eager run; a genuine error of the step then raises at the first eager
+        step."""
         if not (compile_ or capture):
             return
-        sizes = self._batch_sizes(self.config.batch_size)
-        sample = torch.arange(max(sizes), device=self.device)
-        saved = [t.detach().clone() for t in self._state()]
         try:
+            if compile_:
+                self.forward_fn, self.compiled = fastpath.compile_fn(self._forward), True
             if capture:
                 self.captured = fastpath.CapturedStep(self.step, self._state, self.device)
-                self.captured.capture(sizes, sample)
+            self._prepare_sizes(self._batch_sizes(self.config.batch_size))
+            if capture:
                 self._capture_eval()
-            else:
-                for bs in sizes:
-                    self.step(sample[:bs])
-                self._restore(saved)
         except Exception as err:
-            self._restore(saved)
-            self.captured, self.loss_fn, self.evaluator = None, self._loss, self._evaluate
-            self._record_always = False
-            reason = (str(err).strip().splitlines() or [""])[0][:300]
-            self.history.message = _join(self.history.message, f"The fast path failed ({type(err).__name__}: "
-                                                                f"{reason}); the run continues eagerly.")
+            self._fast_path_failed(err, mid_run=False)
+
+    def _prepare_sizes(self, sizes: list[int]) -> None:
+        """Capture (or, compiled only, compile) the step for batch sizes not prepared yet."""
+        sample = torch.arange(max(sizes), device=self.device)
+        if self.captured is not None:
+            self.captured.capture(sizes, sample)
+        elif self.compiled:
+            for bs in sorted(set(sizes) - self._warmed, reverse=True):
+                with fastpath.preserved(self._state, self.device):
+                    self.step(sample[:bs])
+                self._warmed.add(bs)
 
     def _capture_eval(self) -> None:
-        self.evaluator = fastpath.CapturedEval(self.model, self.data.test_x, self.data.test_y,
-                                               lambda x: self.model(to_float(x)))
+        if isinstance(self.evaluator, fastpath.CapturedEval):
+            self.evaluator.release()
+        self.evaluator = self._evaluate
+        forward = functools.partial(_predict, self.model, self.channels_last)
+        self.evaluator = fastpath.CapturedEval(self.model, self.data.test_x, self.data.test_y, forward)
+        self.captured.info["eval_captures"] += 1
 
-    def _restore(self, saved: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for t, v in zip(self._state(), saved):
-                t.copy_(v)
+    def _fast_path_failed(self, err: Exception, mid_run: bool) -> None:
+        """Go on eagerly with a note (warm-up and capture restored the state themselves)."""
+        self._release_fast_path()
+        self.captured, self.forward_fn, self.compiled = None, self._forward, False
+        self._record_always = False
         for p in self.model.parameters():
             p.grad = None
+        reason = f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
+        at = f" at step {self.step_count + 1}" if mid_run else ""
+        self.history.message = _join(self.history.message, f"The fast path failed{at} ({reason}); "
+                                     f"{'from then on ' if mid_run else ''}the run continues eagerly.")
+
+    def _release_fast_path(self) -> None:
+        """Free the CUDA graphs and their memory pools now (the end of fit(), or a fallback):
+        the graphs' references to this trainer are cycles that kept them until the cyclic
+        garbage collector ran."""
+        if self.captured is not None:
+            self.captured.release()
+        evaluator = getattr(self, "evaluator", None)
+        if isinstance(evaluator, fastpath.CapturedEval):
+            evaluator.release()
+            self.evaluator = self._evaluate
+
+    def _mid_run(self, fn) -> None:
+        try:
+            fn()
+        except Exception as err:
+            self._fast_path_failed(err, mid_run=True)
 
     # ------------------------------------------------------------------ live changes
     def set_hyperparameter(self, name: str, value) -> None:
-        """Apply a live change now (called by :class:`~bnviz.callbacks.LiveUpdates`)."""
-        check(name, value)
-        if name == "batch_size":
-            self.check_batch_size(value)
-            if self.captured is not None:
-                self.captured.capture(self._batch_sizes(value), torch.arange(value, device=self.device))
-            return
-        if name == "lr":
-            for g in self.opt.param_groups:
-                if isinstance(g["lr"], torch.Tensor):
-                    g["lr"].fill_(value)  # read by the captured graph at its next replay
-                else:
-                    g["lr"] = value
-            return
-        attr = "momentum" if name == "bn_momentum" else "eps"
-        for m in self.norms.values():
-            if hasattr(m, attr) and not (attr == "momentum" and self.config.model.norm == "d2l"):
-                setattr(m, attr, value)
-        if self.captured is not None:
-            why = fastpath.capture_unavailable(self.model, self.device)
-            if why:
-                self.captured, self.evaluator = None, self._evaluate
-                self.history.message = _join(self.history.message, f"From step {self.step_count + 1} "
-                                                                    f"the step runs eagerly: {why}.")
+        """Apply one live change now (see :meth:`set_hyperparameters`)."""
+        self.set_hyperparameters({name: value})
+
+    def set_hyperparameters(self, changes: dict) -> None:
+        """Apply live changes now (:class:`~bnviz.callbacks.LiveUpdates` passes every pending
+        one). All are checked first (ValueError before anything changes). lr: a ``fill_`` of the
+        device tensor the graphs read. batch_size: its graphs (or compiled shapes) are made.
+        bn_momentum/eps: set on the layers, then the graphs are re-captured once for all."""
+        for name, value in changes.items():
+            check(name, value)
+            if name == "batch_size":
+                self.check_batch_size(value)
+        for name, value in changes.items():
+            if name == "batch_size":
+                if self.captured is not None or self.compiled:
+                    self._mid_run(functools.partial(self._prepare_sizes, self._batch_sizes(value)))
+            elif name == "lr":
+                for g in self.opt.param_groups:
+                    if isinstance(g["lr"], torch.Tensor):
+                        g["lr"].fill_(value)  # read by the captured graph at its next replay
+                    else:
+                        g["lr"] = value
             else:
-                sizes = list(self.captured.graphs)
-                self.captured.invalidate(torch.arange(max(sizes), device=self.device))
-                self._capture_eval()  # eps is baked into the evaluation graph too
+                attr = "momentum" if name == "bn_momentum" else "eps"
+                for m in self.norms.values():
+                    if hasattr(m, attr) and not (attr == "momentum" and self.config.model.norm == "d2l"):
+                        setattr(m, attr, value)
+        if {"bn_momentum", "eps"} & set(changes):
+            self._after_norm_change()
+
+    def _after_norm_change(self) -> None:
+        """BN momentum/eps are baked into the compiled forward and the graphs. Compiled: the
+        eager forward runs from the next step (a recompile takes seconds; the target for a live
+        change is 0.2 s), noted in the History. Captured: every graph is re-captured once, or
+        the step goes eager if the new value cannot be captured."""
+        at = self.step_count + 1
+        if self.compiled:
+            self.forward_fn, self.compiled = self._forward, False
+            self._record_always = self.captured is not None
+            self.history.message = _join(self.history.message, f"From step {at} the forward runs uncompiled "
+                                         "(a live BN momentum/eps change; recompiling would take seconds).")
+        if self.captured is None:
+            return
+        why = fastpath.capture_unavailable(self.model, self.device)
+        if why:
+            self._release_fast_path()
+            self.captured, self._record_always = None, False
+            self.history.message = _join(self.history.message, f"From step {at} the step runs eagerly: {why}.")
+            return
+        sample = torch.arange(max(self.captured.info["batch_sizes"]), device=self.device)
+        self._mid_run(lambda: (self.captured.invalidate(sample), self._capture_eval()))
 
     def current_config(self) -> Config:
         """The config with the live values now in use."""
@@ -465,6 +536,12 @@ class Trainer:
                 fn(self, *args)
             except Exception as err:
                 warnings.warn(f"{type(cb).__name__}.on_fit_end failed: {type(err).__name__}: {err}")
+
+
+def _predict(model: nn.Module, channels_last: bool, x: torch.Tensor) -> torch.Tensor:
+    """Logits of ``model`` for uint8 images ``x`` (the captured evaluation's forward)."""
+    x = to_float(x)
+    return model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
 def _join(*texts: str) -> str:

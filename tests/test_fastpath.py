@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnviz import Config, Trainer, make_synthetic, preset
+from bnviz import Config, Trainer, fastpath, make_synthetic, preset
 from bnviz.fastpath import plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,6 +223,58 @@ def test_compiled_step_matches_eager_and_compiles_once_per_batch_shape(norm, dat
     _assert_same_params(tr.model, eager_tr.model)
 
 
+def test_every_trainer_compiles_its_own_forward_and_a_run_past_the_limit_says_so(tiny_data, data600, monkeypatch):
+    """Dynamo's recompile limit is per code object. All Trainers used to compile the same one
+    (guards pin eps, momentum, model type, batch shape), so a sweep of eps filled it and each
+    later run trained uncompiled without a word. Each Trainer now compiles a fresh copy; one
+    that reaches the limit itself falls back to eager with a note. Dynamo runs without
+    inductor here (backend 'eager': the limit is dynamo's), with the limit lowered to keep it short."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    # (config.patch, not monkeypatch: monkeypatch's undo deletes a dynamo config entry)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for eps in (1e-5, 1e-4, 1e-3):  # 512 = 2 x 256: one batch shape per run
+            tr = Trainer(cfg(epochs=1, eps=eps, fast="compile"), data=tiny_data)
+            h = tr.fit()
+            assert tr.compiled and h.message == "", h.message
+    assert counters["stats"]["unique_graphs"] == 3  # all three compiled
+    eager = Trainer(cfg(epochs=1), data=data600).fit()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        tr = Trainer(cfg(epochs=1, fast="compile"), data=data600)  # 256 and 88: two shapes, limit 1
+        h = tr.fit()
+    assert not tr.compiled and "The fast path failed (FailOnRecompileLimitHit" in h.message
+    assert "continues eagerly" in h.message
+    assert [s.loss for s in h.snapshots] == [s.loss for s in eager.snapshots]
+
+
+def test_the_compiled_function_holds_the_gather_the_conversion_and_the_metric_sums(tiny_data, monkeypatch):
+    """The gather from the resident data set, uint8 -> float and the metric sums ran as eager
+    kernels around the compiled loss; they are inside the compiled function now. A dynamo
+    backend that records the graphs it is given (no inductor) shows what was compiled."""
+    import operator
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(fastpath, "COMPILE_BACKEND", recording_backend)
+    tr = Trainer(cfg(epochs=1, fast="compile"), data=tiny_data)  # 512 = 2 x 256: one batch shape
+    h = tr.fit()
+    assert tr.compiled and h.message == "", h.message
+    assert len(graphs) == 1
+    for gm in graphs:
+        calls = {(n.op, getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes}
+        assert ("call_function", operator.getitem.__name__) in calls  # data.train_x[idx]
+        assert ("call_method", "div_") in calls  # uint8 -> float in [0, 1]
+        assert ("call_method", "add_") in calls  # the metric sums
+        assert ("call_function", "cross_entropy") in calls
+
+
 # ----------------------------------------------------------------------------- CUDA graphs (gpu)
 
 
@@ -242,7 +294,8 @@ def test_captured_step_equals_eager_after_50_steps(norm, fast):
     tr = Trainer(base.replace(fast=fast), data=data)
     h = tr.fit()
     assert h.status == "finished", h.message
-    assert tr.captured is not None and sorted(tr.captured.graphs) == [208, 256], h.message
+    assert tr.captured is not None and tr.captured.info["batch_sizes"] == [208, 256], h.message
+    assert tr.captured.info["eval_captures"] == 1 and h.message == ""
     _assert_same_run(h, eager, loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
     _assert_same_params(tr.model, eager_tr.model, tol=2e-3)
 
@@ -306,6 +359,118 @@ def test_captured_momentum_change_recaptures_and_matches_eager():
     _assert_same_run(h, runs["eager"][1], loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
 
 
+@gpu
+@needs_cuda
+def test_captured_dropout_run_equals_eager():
+    """The warm-up's draws from the CUDA RNG are undone: the replays draw the eager run's masks."""
+    data = _cuda_data()
+    base = cfg(epochs=2, snapshot_every=4, device="cuda", model=preset("lenet-bn", dropout=0.3))
+    eager = Trainer(base, data=data).fit()
+    tr = Trainer(base.replace(fast="graph"), data=data)
+    h = tr.fit()
+    assert tr.captured is not None, h.message
+    _assert_same_run(h, eager, loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
+
+
+@gpu
+@needs_cuda
+def test_a_real_capture_failure_mid_run_goes_eager_with_the_same_numbers():
+    """An error inside a real capture (the re-capture after a momentum change): the capture
+    ends, the stream is left, the state restored, and the run goes on eagerly."""
+    data = _cuda_data()
+
+    class FailInCapture:
+        def on_fit_start(self, trainer):
+            def hook(module, inputs):
+                if torch.cuda.is_current_stream_capturing() and trainer.step_count >= 3:
+                    raise RuntimeError("injected: fails inside the capture")
+            trainer.model.register_forward_pre_hook(hook)
+
+        def before_step(self, trainer):
+            if trainer.step_count == 3:
+                trainer.live.set(bn_momentum=0.5)
+
+    class Change:
+        def before_step(self, trainer):
+            if trainer.step_count == 3:
+                trainer.live.set(bn_momentum=0.5)
+
+    base = cfg("scratch", epochs=2, snapshot_every=4, device="cuda")
+    eager = Trainer(base, data=data, callbacks=[Change()]).fit()
+    tr = Trainer(base.replace(fast="graph"), data=data, callbacks=[FailInCapture()])
+    h = tr.fit()
+    assert tr.captured is None and "The fast path failed at step 5 (RuntimeError: injected" in h.message
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    _assert_same_run(h, eager, loss_abs=2e-3, acc_flips=5, n_train=2000, n_test=500)
+
+
+@gpu
+@needs_cuda
+def test_twenty_finished_runs_do_not_grow_gpu_memory():
+    """fit() releases its graphs and their pools (they held the eval activations for the
+    whole test set): memory after run 20 is memory after run 2, with the garbage collector off."""
+    import gc
+
+    data = _cuda_data()
+    c = cfg(epochs=1, snapshot_every=100, device="cuda", fast="graph")
+    gc.collect()
+    gc.disable()
+    try:
+        used = []
+        for i in range(20):
+            h = Trainer(c, data=data).fit()
+            assert h.status == "finished" and h.message == "", h.message
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            used.append((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
+    finally:
+        gc.enable()
+    # A leaked run keeps its graphs' private pools reserved (~30 MB here: the eval graph holds the
+    # activations of 500 test images). A finished Trainer itself (model, grads, optimizer: about
+    # 0.5 MB) is a reference cycle that may wait for the GC: allow 1 MiB allocated per run.
+    assert used[-1][0] - used[1][0] < 18 * 2**20, used
+    assert used[-1][1] - used[1][1] < 64 * 2**20, used
+
+
+def _grid_configs(k, **kw):
+    return [cfg(epochs=2, snapshot_every=4, device="cuda", fast="graph", seed=s, lr=(0.5, 1.0)[s % 2], **kw)
+            for s in range(k)]
+
+
+@gpu
+@needs_cuda
+def test_captured_grid_equals_solo_runs():
+    from bnviz.grid import _Group
+
+    data = _cuda_data()
+    configs = _grid_configs(4)
+    group = _Group(configs, data, None)
+    hists = group.fit()
+    assert group.captured is not None and group.captured.info["batch_sizes"] == [208, 256], hists[0].message
+    for c, h in zip(configs, hists):
+        _assert_same_run(h, Trainer(c.replace(fast="eager"), data=data).fit(), loss_abs=5e-3, acc_flips=8,
+                         n_train=2000, n_test=500)
+
+
+@gpu
+@needs_cuda
+def test_captured_grid_with_a_diverging_member_equals_solo_runs():
+    from bnviz.grid import _Group
+
+    data = _cuda_data()
+    lenet = preset("lenet")
+    configs = [c.replace(model=lenet) for c in _grid_configs(3)]
+    configs[1] = configs[1].replace(lr=1e4)
+    group = _Group(configs, data, None)
+    hists = group.fit()
+    assert group.captured is not None, hists[0].message
+    solo = [Trainer(c.replace(fast="eager"), data=data).fit() for c in configs]
+    assert hists[1].status == solo[1].status == "diverged" and hists[1].message == solo[1].message
+    for k in (0, 2):
+        assert hists[k].status == "finished"
+        _assert_same_run(hists[k], solo[k], loss_abs=5e-3, acc_flips=8, n_train=2000, n_test=500)
+
+
 # ----------------------------------------------------------------------------- benchmark scripts
 
 
@@ -347,12 +512,16 @@ def test_gpu_speed_quick_mode_runs_on_cpu(tmp_path, capsys):
     result = gs.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     rows = result["rows"]
-    assert [(r["norm"], r["fast"]) for r in rows] == [
-        ("torch", "eager"), ("torch", "graph"), ("torch", "auto"),
-        ("scratch", "eager"), ("scratch", "graph"), ("scratch", "auto")]
+    assert [(r["norm"], r["fast"], r.get("channels_last", False)) for r in rows] == [
+        ("torch", "eager", False), ("torch", "graph", False), ("torch", "auto", False),
+        ("scratch", "eager", False), ("scratch", "graph", False), ("scratch", "auto", False),
+        ("torch", "graph", True), ("torch", "auto", True)]
     for r in rows:
-        if r["fast"] == "graph":  # a CUDA-only mode: a clear skip on a CPU
+        if r["fast"] == "graph" and not r.get("channels_last"):  # a CUDA-only mode: a clear skip on a CPU
             assert "needs CUDA" in r["error"]
+            continue
+        if r.get("channels_last"):
+            assert "measured on CUDA" in r["error"]
             continue
         assert "error" not in r, r.get("error")
         assert r["examples_per_s"] > 0
@@ -360,6 +529,16 @@ def test_gpu_speed_quick_mode_runs_on_cpu(tmp_path, capsys):
     assert result["dashboard"] is not None, result["dashboard_note"]
     assert 0 < result["dashboard"]["fraction"] < 10
     assert "| run | epochs | wall s | examples/s |" in out and "QUICK" in out
+    assert set(result["live"][0]["delays_s"]) == {"lr", "bn_momentum", "eps", "bn_momentum+eps"}
     saved = (tmp_path / "gpu_speed.json").read_text()
     assert '"quick": true' in saved
     assert "| d2l train_ch6" in (tmp_path / "gpu_speed.md").read_text()
+
+
+def test_gpu_smoke_refuses_clearly_without_cuda(capsys):
+    if CUDA:
+        pytest.skip("this machine has CUDA: run the script itself")
+    smoke = _import_bench("gpu_smoke")
+    assert smoke.main([]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA GPU" in err and "nothing was checked" in err and "SIMULATION" in err
