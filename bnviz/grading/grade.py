@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -29,12 +30,13 @@ import re
 import secrets
 import shutil
 import tempfile
+import threading
 import time
 import unicodedata
 from pathlib import Path
 from typing import Any
 
-from . import checker, ingest, report, rules, sandbox, similarity
+from . import checker, ingest, report, rules, sandbox, similarity, worker
 from .build import natural_key
 from .judge import GiB, Judge, JudgeError
 
@@ -109,12 +111,16 @@ class Session:
         # the strict pass: batch-norm kernels raise throughout; autograd during these questions' probes
         self.strict = {"batch_norm": any("batch_norm" in f for f in forbidden.values()),
                        "autograd_phases": sorted(q for q, f in forbidden.items() if "autograd" in f)} if forbidden else None
+        # two passes: the worker gives each the time limit; the sandbox as a whole gets both
+        self.run_limits = limits if not self.strict else dataclasses.replace(
+            limits, timeout_s=2 * limits.timeout_s + 15, cpu_seconds=2 * (limits.cpu_seconds or int(limits.timeout_s) + 1))
 
     def request(self, cells: list) -> bytes:
         import torch
 
         buf = io.BytesIO()
-        limits = {**self.limits.for_worker(), "report_bytes": self.limits.report_bytes}
+        limits = {**self.run_limits.for_worker(), "report_bytes": self.limits.report_bytes,
+                  "pass_seconds": self.limits.timeout_s if self.strict else None}
         torch.save({"cells": [(int(i), str(c)) for i, c in cells], "probes": self.probes, "limits": limits,
                     "strict": self.strict}, buf)
         return buf.getvalue()
@@ -268,11 +274,14 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> d
             errors += got["problems"]
             if session.forbidden and got["hand"]:
                 flags.append("look by hand (advisory, nothing withheld): " + "; ".join(got["hand"]))
-            run = sandbox.run_worker(session.request(got["cells"]), session.backend, session.limits,
+            run = sandbox.run_worker(session.request(got["cells"]), session.backend, session.run_limits,
                                      session.worker_root, session.masks, session.docker_image)
             log = run.log_tail
             if run.problem:
                 errors.append(run.problem)
+            elif run.returncode in worker.TIMED_OUT.values() and not run.report:
+                strict = " (the strict re-run)" if run.returncode == worker.TIMED_OUT[True] else ""
+                errors.append(f"timed out after {session.limits.timeout_s:g} s{strict} (killed; no score)")
             elif not run.report:
                 errors.append(f"the sandboxed run ended without a report (exit status {run.returncode}); no score")
             else:
@@ -409,7 +418,11 @@ class _Judges:
     def __init__(self, n: int, config: dict, memory_bytes: int, timeout_s: float):
         self.all = [Judge(config, memory_bytes, timeout_s) for _ in range(n)]
         self.free: queue.Queue = queue.Queue()
-        for j in self.all:
+        starting = [threading.Thread(target=j.warm) for j in self.all]
+        for t in starting:
+            t.start()
+        for j, t in zip(self.all, starting):
+            t.join()
             self.free.put(j)
 
     def close(self) -> None:

@@ -155,6 +155,14 @@ class Judge:
         write_frame(self.proc.stdin.fileno(), self.config)
         read_frame(self.proc.stdout.fileno(), time.monotonic() + max(self.timeout_s, 300.0))
 
+    def warm(self) -> None:
+        """Start the child now (its start-up, importing torch, then counts against no submission);
+        a failure here shows again, with its reason, on the first call."""
+        try:
+            self._start()
+        except Exception:
+            self.close()
+
     def call(self, op: str, msg: dict, blob: bytes = b"") -> dict:
         deadline = time.monotonic() + self.timeout_s
         try:

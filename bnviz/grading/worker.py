@@ -38,6 +38,7 @@ import resource
 import signal
 import struct
 import sys
+import time
 import types
 
 PROTOCOL = 2
@@ -472,19 +473,48 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
             "intact": bool(still_raises()), "kernels": len(libs)}
 
 
-def fork_pass(torch, request: dict, strict: bool, result_fd: int) -> bytes:
-    """Run a pass in a forked child that writes its encoded report to a private file; return it."""
+TIMED_OUT = {False: 124, True: 125}  # the worker's exit status when a pass ran past pass_seconds
+
+
+def _wait(pid: int, deadline: float | None) -> int | None:
+    """The child's wait status, or None after killing its process group at the deadline."""
+    delay = 0.005
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG if deadline else 0)
+        if done:
+            return status
+        if time.monotonic() > deadline:
+            for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    kill()
+                except OSError:
+                    pass
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def fork_pass(torch, request: dict, strict: bool, result_fd: int, started: float) -> bytes:
+    """Run a pass in a forked child (its own process group) that writes its encoded report to a
+    private file; return it. A pass that runs past ``limits["pass_seconds"]`` (counted from
+    ``started``) ends the worker with ``TIMED_OUT[strict]``."""
+    seconds = request["limits"].get("pass_seconds")
+    deadline = started + float(seconds) if seconds else None
     fd = os.memfd_create("bnviz-report") if hasattr(os, "memfd_create") else os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
+            os.setpgid(0, 0)
             os.close(result_fd)  # the child never sees the channel to the trusted side
             _write_all(fd, encode(torch, run_pass(torch, request, strict)))
             code = 0
         finally:
             os._exit(code)  # no atexit handlers or threads the submission left behind
-    _, status = os.waitpid(pid, 0)
+    status = _wait(pid, deadline)
+    if status is None:
+        os._exit(TIMED_OUT[strict])
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL):
         os.kill(os.getpid(), os.WTERMSIG(status))  # a limit killed the pass: the sandbox reports it
     size = os.lseek(fd, 0, os.SEEK_END)
@@ -505,6 +535,7 @@ def fork_pass(torch, request: dict, strict: bool, result_fd: int) -> bytes:
 
 
 def main() -> int:
+    started = time.monotonic()  # the normal pass's time limit counts from here, torch's import included
     result_fd = os.dup(1)  # the report goes here; everything printed goes to stderr
     os.dup2(2, 1)
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
@@ -514,7 +545,8 @@ def main() -> int:
     torch.set_num_threads(int(request["limits"].get("threads") or 1))
     apply_limits(request["limits"])
     passes = [False, True] if request.get("strict") else [False]
-    parts = [fork_pass(torch, request, strict, result_fd) for strict in passes]
+    parts = [fork_pass(torch, request, strict, result_fd, started if not strict else time.monotonic())
+             for strict in passes]
     _write_all(result_fd, MAGIC_PAIR + b"".join(struct.pack("<Q", len(p)) + p for p in parts))
     os.close(result_fd)
     sys.stdout.flush()
