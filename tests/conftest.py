@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 
@@ -32,3 +33,14 @@ def grading_dist(tmp_path_factory):
     manifest = grading.build_assignment(out, src / "batch_norm.ipynb")
     assert sorted(p.name for p in src.iterdir()) == before  # nothing written next to the source
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def bwrap():
+    """The grading sandbox's bubblewrap: skip the test without it, or fail under
+    ``BNVIZ_REQUIRE_SANDBOX=1`` (CI). Shared by tests/test_grading*.py and test_sandbox_escape.py."""
+    if shutil.which("bwrap") is None:
+        if os.environ.get("BNVIZ_REQUIRE_SANDBOX") == "1":
+            pytest.fail("bwrap (bubblewrap) is not installed and BNVIZ_REQUIRE_SANDBOX=1")
+        pytest.skip("bwrap (bubblewrap) is not installed: apt-get install bubblewrap")
+    return "bwrap"

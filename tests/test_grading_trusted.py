@@ -33,8 +33,6 @@ from bnviz.grading import grade, ingest, judge, report, rules, worker  # noqa: E
 pytestmark = pytest.mark.grading
 
 TIMEOUT_S = 150  # generous: on a loaded 2-core box one pass of an honest notebook took 40 s
-HAVE_BWRAP = shutil.which("bwrap") is not None
-REQUIRE_SANDBOX = os.environ.get("BNVIZ_REQUIRE_SANDBOX") == "1"
 CJK = "中" * 80  # 240 bytes of UTF-8: with ".ipynb" a legal 246-byte file name
 
 # ------------------------------------------------------------------ the four evasions of issue 17
@@ -147,14 +145,6 @@ def _write(path: Path, nb: dict) -> None:
     path.write_text(json.dumps(nb))
 
 
-@pytest.fixture(scope="module")
-def sandbox_ok():
-    if not HAVE_BWRAP:
-        if REQUIRE_SANDBOX:
-            pytest.fail("bwrap (bubblewrap) is not installed and BNVIZ_REQUIRE_SANDBOX=1")
-        pytest.skip("bwrap (bubblewrap) is not installed: apt-get install bubblewrap")
-
-
 def _honest_shapes(solution: dict, subs: Path) -> None:
     """Honest notebooks as students hand them in: each must get 19/19."""
     import nbformat
@@ -220,7 +210,7 @@ def _kill_during(name: str):
 
 
 @pytest.fixture(scope="module")
-def trusted(grading_dist, sandbox_ok, tmp_path_factory):
+def trusted(grading_dist, bwrap, tmp_path_factory):
     out_dist, manifest = grading_dist
     solution = json.loads((out_dist / "autograder" / "batch_norm.ipynb").read_text())
     subs, out = tmp_path_factory.mktemp("subs-trusted"), tmp_path_factory.mktemp("grades-trusted")
@@ -340,7 +330,7 @@ def test_results_are_written_as_judged_and_the_run_resumes(trusted):
     assert not list(out.glob(".w*.tmp"))
 
 
-def test_regrade_starts_over(grading_dist, sandbox_ok, tmp_path):
+def test_regrade_starts_over(grading_dist, bwrap, tmp_path):
     out_dist, manifest = grading_dist
     subs, out = tmp_path / "subs", tmp_path / "grades"
     subs.mkdir()

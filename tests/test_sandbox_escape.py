@@ -16,7 +16,6 @@ import json
 import os
 import pwd
 import re
-import shutil
 import threading
 import time
 import uuid
@@ -35,19 +34,8 @@ pytestmark = pytest.mark.grading
 
 REPO = Path(__file__).resolve().parent.parent
 SOLUTION = REPO / "notebooks" / "assignments" / "batch_norm" / "batch_norm.ipynb"
-HAVE_BWRAP = shutil.which("bwrap") is not None
-REQUIRE_SANDBOX = os.environ.get("BNVIZ_REQUIRE_SANDBOX") == "1"
 MARK = uuid.uuid4().hex[:12]
 SHM_BYTES = 16 << 20
-
-
-@pytest.fixture(scope="module")
-def bwrap():
-    if not HAVE_BWRAP:
-        if REQUIRE_SANDBOX:
-            pytest.fail("bwrap (bubblewrap) is not installed and BNVIZ_REQUIRE_SANDBOX=1")
-        pytest.skip("bwrap (bubblewrap) is not installed: apt-get install bubblewrap")
-    return "bwrap"
 
 
 @pytest.fixture(scope="module")
