@@ -7,7 +7,7 @@ on-device random permutation, converted to float in [0, 1] (``x / 255``, what to
 
 Which data set (``name`` argument, else the ``BNVIZ_DATASET`` environment variable):
 
-* ``fashion-mnist`` / ``mnist``: through torchvision, in ``data/`` (or ``BNVIZ_DATA``),
+* ``fashion-mnist`` / ``mnist``: through torchvision, in :func:`data_root` (``data/`` in a clone),
   downloaded if missing. Offline and missing: a :class:`DataUnavailable` error that says how to
   place the files by hand.
 * ``synthetic``: a deterministic, made-up data set of the same shape (see
@@ -67,11 +67,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def data_root() -> Path:
-    """Where data sets live: ``$BNVIZ_DATA`` if set, else the repository's ``data/`` folder."""
+    """Where data sets live: ``$BNVIZ_DATA`` if set; else, in a source checkout (a clone, or
+    ``pip install -e``), the repository's ``data/`` folder; else (a wheel install, e.g. Colab's
+    ``pip install git+...``, where the package sits in site-packages) a per-user cache folder,
+    ``$XDG_CACHE_HOME/bnviz/data`` (default ``~/.cache/bnviz/data``), never site-packages."""
     env = os.environ.get("BNVIZ_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "data"
+    repo = Path(__file__).resolve().parent.parent
+    if (repo / "pyproject.toml").is_file() and (repo / "bnviz").is_dir():
+        return repo / "data"
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "bnviz" / "data"
 
 
 @dataclass

@@ -3,6 +3,7 @@ import gzip
 import struct
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,6 +55,22 @@ def test_bnviz_data_env_var_sets_the_root(tmp_path, monkeypatch):
     monkeypatch.setenv("BNVIZ_DATA", str(tmp_path))
     assert D.data_root() == tmp_path
     assert len(D.load_dataset("fashion-mnist", download=False).train_x) == 20
+
+
+def test_data_root_is_the_clone_s_data_folder_but_never_site_packages(tmp_path, monkeypatch):
+    monkeypatch.delenv("BNVIZ_DATA", raising=False)
+    repo = Path(D.__file__).resolve().parent.parent
+    assert D.data_root() == repo / "data"                      # this clone has pyproject.toml
+    wheel = tmp_path / "site-packages" / "bnviz" / "data.py"   # a wheel install (Colab's pip install git+...)
+    wheel.parent.mkdir(parents=True)
+    wheel.write_text("")
+    monkeypatch.setattr(D, "__file__", str(wheel))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert D.data_root() == tmp_path / "cache" / "bnviz" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert D.data_root() == tmp_path / "home" / ".cache" / "bnviz" / "data"
+    assert "site-packages" not in str(D.data_root())
 
 
 def test_missing_fashion_mnist_offline_says_how_to_fix(tmp_path):
