@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from .norms import BatchNorm, D2LBatchNorm, LiteBatchNorm
+from .norms import BatchNorm, D2LBatchNorm, GhostBatchNorm, LiteBatchNorm
 
 __all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "INITS", "build_lenet", "init_weights", "norm_layers", "preset"]
 
 NORM_KINDS = ("none", "scratch", "torch", "layer", "group", "instance",
-              "lite-center", "lite-scale", "d2l")
+              "lite-center", "lite-scale", "d2l", "ghost")
 NORM_LAYER_NAMES = ("conv1", "conv2", "fc1", "fc2")
-BN_KINDS = ("scratch", "torch", "lite-center", "lite-scale", "d2l")
+BN_KINDS = ("scratch", "torch", "lite-center", "lite-scale", "d2l", "ghost")
 # Weight initialisation schemes for init_weights: d2l's train_ch6 (xavier) or PyTorch's default.
 INITS = ("d2l", "pytorch")
 
@@ -42,13 +42,17 @@ class LeNetSpec:
         ``nn.BatchNorm1d/2d``, 'layer' = LayerNorm over (C, H, W) / features, 'group' =
         GroupNorm (``groups`` groups; fully connected layers use groups of the features),
         'instance' = InstanceNorm2d with affine (fc layers: LayerNorm), 'lite-*' = BN that only
-        centres or only scales, 'd2l' = the d2l book's scratch layer.
+        centres or only scales, 'd2l' = the d2l book's scratch layer, 'ghost' = ghost BN
+        (:class:`bnviz.norms.GhostBatchNorm`, Hoffer et al. 2017: each ``ghost_batch``
+        consecutive examples of a training batch are normalised with their own statistics).
     norm_layers: which of conv1, conv2, fc1, fc2 get the norm.
     norm_position: 'before' the activation (d2l, Ioffe & Szegedy) or 'after' it.
     bias: keep the bias of each conv/linear layer that has a norm (False removes it; with
         the norm *before* the activation BN's mean subtraction cancels that bias exactly, with
         the norm *after* the activation it does not: chapter 05, q-bias, shows both). Layers
         without a norm always keep their bias.
+    ghost_batch: examples per ghost (virtual) batch of ``norm='ghost'``: an int >= 2 (a batch
+        of at most that many examples is normalised exactly as BN). Ignored by other norms.
     """
 
     norm: str = "torch"
@@ -62,6 +66,7 @@ class LeNetSpec:
     hidden: tuple[int, ...] = (120, 84)
     groups: int = 2
     affine: bool = True
+    ghost_batch: int = 32
 
     def __post_init__(self):
         def bad(field, value, valid):
@@ -88,6 +93,8 @@ class LeNetSpec:
             bad("hidden", self.hidden, "one or two positive widths, e.g. (120, 84) or (84,)")
         if self.norm == "group" and 6 % self.groups:
             bad("groups", self.groups, "a divisor of 6 (conv1 has 6 channels): 1, 2, 3 or 6")
+        if not isinstance(self.ghost_batch, int) or isinstance(self.ghost_batch, bool) or self.ghost_batch < 2:
+            bad("ghost_batch", self.ghost_batch, "an int >= 2 (examples per ghost batch of norm='ghost'), e.g. 32")
 
     @property
     def uses_norm(self) -> bool:
@@ -108,7 +115,8 @@ class LeNetSpec:
         return cls(**d)
 
     def label(self) -> str:
-        parts = [self.norm if self.uses_norm else "no norm", f"{self.pool} pool", self.activation]
+        norm = f"ghost BN (virtual batch {self.ghost_batch})" if self.norm == "ghost" else self.norm
+        parts = [norm if self.uses_norm else "no norm", f"{self.pool} pool", self.activation]
         if self.padding:
             parts.append(f"pad {self.padding}")
         if self.uses_norm and tuple(self.norm_layers) != NORM_LAYER_NAMES:
@@ -150,6 +158,8 @@ def _make_norm(spec: LeNetSpec, channels: int, conv: bool, spatial: tuple[int, i
         return (nn.BatchNorm2d if conv else nn.BatchNorm1d)(channels, affine=spec.affine)
     if kind in ("lite-center", "lite-scale"):
         return LiteBatchNorm(channels, mode=kind.split("-")[1], affine=spec.affine)
+    if kind == "ghost":
+        return GhostBatchNorm(channels, ghost_batch=spec.ghost_batch, affine=spec.affine)
     if kind == "d2l":
         return D2LBatchNorm(channels, num_dims=4 if conv else 2)
     if kind == "layer":

@@ -18,11 +18,13 @@ Conventions (the same as PyTorch's; each one is a trap when reading other code):
   ``.to(device)``, but the optimiser never sees them.
 
 The d2l-book variant (:class:`D2LBatchNorm`) is here too, so a notebook can show every
-difference numerically.
+difference numerically. :class:`GhostBatchNorm` (Hoffer, Hubara & Soudry 2017) normalises
+consecutive virtual batches ("ghost batches") of a large batch separately.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -31,6 +33,8 @@ __all__ = [
     "LiteBatchNorm",
     "d2l_batch_norm",
     "D2LBatchNorm",
+    "GhostBatchNorm",
+    "ghost_batch_norm",
     "channel_stats",
 ]
 
@@ -240,6 +244,157 @@ class LiteBatchNorm(BatchNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode!r}"
+
+
+def _check_ghost_batch(ghost_batch) -> None:
+    if not isinstance(ghost_batch, int) or isinstance(ghost_batch, bool) or ghost_batch < 2:
+        raise ValueError(f"ghost_batch={ghost_batch!r} is not valid; valid: an int >= 2 (examples per "
+                         "ghost batch), e.g. 32")
+
+
+def _ghost_split(n: int, ghost_batch: int, values_per_example: int) -> tuple[int, int]:
+    """``(k, rest)``: the first ``k * ghost_batch`` examples form ``k`` full ghost batches, the
+    last ``rest`` examples one smaller ghost batch (``rest`` 0: none). A remainder with a single
+    value per channel (one example of a 2-d input: no variance) joins the last full batch."""
+    k, rest = divmod(n, ghost_batch)
+    if rest and rest * values_per_example == 1 and k:
+        k, rest = k - 1, ghost_batch + rest
+    return k, rest
+
+
+def ghost_batch_norm(x, weight, bias, running_mean, running_var, num_batches_tracked=None,
+                     ghost_batch: int = 32, training: bool = True, momentum: float | None = 0.1,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017) of ``x`` (N, C, *).
+
+    Training (or no running statistics): the batch is cut into consecutive ghost batches of
+    ``ghost_batch`` examples (:func:`_ghost_split`: the last one may be smaller and is normalised
+    with its own statistics; a last one of a single 2-d example joins the previous one) and each
+    is normalised with **its own** mean and biased variance, as BN normalises a batch. The full
+    ghost batches are done at once, reshaped to (k, ghost_batch, C, *), not in a Python loop.
+
+    Running statistics (training, buffers given) are updated **once per call**, with PyTorch's
+    convention ``new = (1 - f) * old + f * batch_value``, ``f = momentum`` (or
+    ``1/num_batches_tracked``, the cumulative average, when ``momentum is None``); the batch
+    values are the **mean over ghost batches** (equal weights, the smaller one included) of the
+    ghost batches' means and of their **unbiased** variances.
+
+    With ``N <= ghost_batch`` (one ghost batch) this is BN exactly: ``F.batch_norm``, the
+    function ``nn.BatchNorm1d/2d`` calls. Eval mode with running statistics: ``F.batch_norm``
+    with them, as BN.
+    """
+    _check_inputs(x, weight, bias, running_mean, running_var, momentum, eps)
+    _check_ghost_batch(ghost_batch)
+    n, c = x.shape[0], x.shape[1]
+    per_example = x.numel() // max(n * c, 1)  # values per channel of one example (H*W, or 1)
+    tracked = running_mean is not None and running_var is not None
+    if not training and tracked:  # prediction: the running statistics, exactly as BN
+        return F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if n <= ghost_batch:  # one ghost batch: BN's own kernel
+        return _one_ghost_batch(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                                training and tracked, momentum, eps)
+    k, rest = _ghost_split(n, ghost_batch, per_example)
+    head = k * ghost_batch
+    xs = x[:head].reshape(k, ghost_batch, *x.shape[1:])  # (k, g, C, *)
+    dims = [1] + list(range(3, xs.dim()))
+    var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)  # (k, 1, C, 1, ...)
+    means, vars_, sizes = [mean.reshape(k, c)], [var.reshape(k, c)], [ghost_batch * per_example]
+    outs = [_affine(xs, mean, var, weight, bias, eps, 2).reshape(head, *x.shape[1:])]
+    if rest:  # the last, smaller ghost batch (at least 2 values per channel: see _ghost_split)
+        xr = x[head:]
+        var_r, mean_r = torch.var_mean(xr, dim=_reduce_dims(xr), correction=0, keepdim=True)
+        means.append(mean_r.reshape(1, c))
+        vars_.append(var_r.reshape(1, c))
+        sizes.append(rest * per_example)
+        outs.append(_affine(xr, mean_r, var_r, weight, bias, eps, 1))
+    if training and tracked:
+        _update_running(running_mean, running_var, num_batches_tracked, momentum, means, vars_, sizes)
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+def _one_ghost_batch(x, weight, bias, running_mean, running_var, num_batches_tracked, update: bool,
+                     momentum, eps) -> torch.Tensor:
+    """A batch of at most ``ghost_batch`` examples: ``F.batch_norm``, as ``nn.BatchNorm`` calls it
+    (bit for bit the same output, gradients and, with a numeric momentum, running statistics).
+    With ``momentum=None`` the cumulative average uses a tensor factor ``1/num_batches_tracked``
+    (no host read, unlike ``nn.BatchNorm``): equal up to rounding."""
+    if update and momentum is not None:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+    y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if update:
+        mean, var = channel_stats(x.detach())
+        _update_running(running_mean, running_var, num_batches_tracked, momentum, [mean[None]], [var[None]],
+                        [x.numel() // x.shape[1]])
+    return y
+
+
+def _affine(x, mean, var, weight, bias, eps, channel_axis: int) -> torch.Tensor:
+    """``weight * (x - mean) / sqrt(var + eps) + bias`` as ``x * a + b`` (see :func:`batch_norm`);
+    ``mean``/``var`` keep the reduced axes, weight/bias are laid along ``channel_axis``."""
+    shape = [1] * x.dim()
+    shape[channel_axis] = -1
+    a = torch.rsqrt(var + eps)
+    if weight is not None:
+        a = a * weight.view(shape)
+    b = -mean * a
+    if bias is not None:
+        b = b + bias.view(shape)
+    return torch.addcmul(b, x, a)
+
+
+@torch.no_grad()
+def _update_running(running_mean, running_var, num_batches_tracked, momentum, means, vars_, sizes) -> None:
+    """One update of the running buffers with the mean over ghost batches of their means and
+    unbiased variances (``sizes``: values per channel of each ghost batch)."""
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:  # cumulative average; a tensor factor: no host sync
+        factor = (num_batches_tracked.to(running_mean.dtype).reciprocal()
+                  if num_batches_tracked is not None else 0.0)
+    else:
+        factor = momentum
+    unbiased = [v * (m / max(m - 1, 1)) for v, m in zip(vars_, sizes)]
+    mean = torch.cat(means).mean(0)
+    var = torch.cat(unbiased).mean(0)
+    running_mean.mul_(1 - factor).add_(mean * factor)
+    running_var.mul_(1 - factor).add_(var * factor)
+
+
+class GhostBatchNorm(BatchNorm):
+    """Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize
+    better"): in training, each consecutive group of ``ghost_batch`` examples of a batch is
+    normalised with its own statistics (see :func:`ghost_batch_norm` for the last, smaller group
+    and the running statistics). A large batch then keeps the noise of BN at a small batch while
+    its throughput stays that of the large batch.
+
+    Same parameters (γ = ``weight``, β = ``bias``), buffers and ``state_dict`` keys as
+    :class:`BatchNorm` / ``nn.BatchNorm2d``; eval mode normalises with the running statistics
+    exactly as BN. With batches of at most ``ghost_batch`` examples it *is* BN. Inputs:
+    (N, C), (N, C, L) or (N, C, H, W).
+    """
+
+    def __init__(self, num_features: int, ghost_batch: int = 32, **kwargs):
+        _check_ghost_batch(ghost_batch)
+        super().__init__(num_features, **kwargs)
+        self.ghost_batch = ghost_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(
+                f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input)"
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels on axis 1, got input of shape {tuple(x.shape)}"
+            )
+        return ghost_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                self.num_batches_tracked, ghost_batch=self.ghost_batch,
+                                training=self.training, momentum=self.momentum, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ghost_batch={self.ghost_batch}"
 
 
 def d2l_batch_norm(X, gamma, beta, moving_mean, moving_var, eps, momentum, old_convention=False):
