@@ -731,37 +731,80 @@ def batch_size_grid(base: Config, norms: dict[str, dict], batch_sizes: Iterable[
 
 def tune_lr(base: Config, norms: dict[str, dict], batch_sizes: Iterable[int], steps: int | None = None,
             factors=(1 / 3, 1.0, 3.0), seed: int = 100, data: Dataset | None = None, progress: bool = True,
-            precise_bn: int | None = PRECISE_BN_IMAGES):
+            precise_bn: int | None = PRECISE_BN_IMAGES, max_extend: int = 2):
     """A small lr sweep per (norm, batch size): lr = base.lr·√(B / base.batch_size)·f for each
     factor f (square-root scaling as the centre), one run each with ``seed``, a seed the
     comparison should not use (picking the best lr on the same seeds would favour their luck).
-    ``steps`` as in :func:`batch_size_grid`. Returns ``(best, table)``: ``best[(norm, B)]`` is the
-    lr with the highest :data:`ACCURACY` among runs that did not diverge (the centre lr if none
-    finished); ``table`` a DataFrame (norm, batch_size, lr, acc, status)."""
+    ``steps`` as in :func:`batch_size_grid`.
+
+    **Extension at the edge.** When a cell's best lr is the largest (smallest) lr tried, the sweep
+    goes one factor further in that direction: the edge factor times (divided by) the sweep's
+    geometric step (the ratio of the two outermost factors on that side; 3 for the default, 3
+    for a single factor), one extra run per cell and direction, up to ``max_extend`` rounds (0:
+    no extension). The runs of all cells that extend in a round train in one :func:`run_grid`
+    call. An edge lr that diverged is never the best, so it stops the extension in that direction.
+
+    Returns ``(best, table)``: ``best[(norm, B)]`` is the lr with the highest :data:`ACCURACY`
+    among runs that did not diverge (the centre lr if none finished); ``table`` a DataFrame with
+    **every lr tried**, sorted by cell and lr: norm, batch_size, lr, factor, acc, status and
+    ``round`` (0: the first sweep, r: added by the r-th extension)."""
     import pandas as pd
 
     batch_sizes = [int(b) for b in batch_sizes]
     if not factors or min(factors) <= 0:
         raise ValueError(f"factors={factors!r} is not valid; valid: positive multipliers, e.g. (1/3, 1, 3)")
+    if not isinstance(max_extend, int) or isinstance(max_extend, bool) or max_extend < 0:
+        raise ValueError(f"max_extend={max_extend!r} is not valid; valid: an int >= 0 (extra rounds), e.g. 2")
     data = _data_for(base, data)
-    variants, tags = {}, {}
-    for name, changes in norms.items():
-        for b in batch_sizes:
-            size = dict(zip(("train_size", "epochs"), fixed_steps(steps, b, len(data.train_x)))) if steps else {}
-            for f in factors:
-                lr = base.lr * math.sqrt(b / base.batch_size) * f
-                label = f"{name}, bs {b}, lr {lr:.4g}"
-                variants[label] = {**changes, "batch_size": b, "lr": lr, "seed": seed, **size}
-                tags[label] = {"norm": name, "batch_size": b, "lr": lr, "seed": seed}
-    grid = run_grid(base, variants, data=data, progress=progress, tags=tags, desc="lr tuning", precise_bn=precise_bn)
-    table = pd.DataFrame([{**{k: r.tags[k] for k in ("norm", "batch_size", "lr")}, "acc": r.acc, "status": r.status}
-                          for r in grid])
+    factors = sorted(float(f) for f in factors)
+    up = factors[-1] / factors[-2] if len(factors) > 1 else 3.0
+    down = factors[1] / factors[0] if len(factors) > 1 else 3.0
+    cells = [(name, b) for name in norms for b in batch_sizes]
+    todo = [(name, b, f) for name, b in cells for f in factors]
+    rows: list[dict] = []
+    for rnd in range(max_extend + 1):
+        rows += _tune_round(base, norms, todo, rnd, steps, seed, data, progress, precise_bn)
+        if rnd == max_extend:
+            break
+        todo = [(name, b, f) for name, b in cells for f in _edge_factors(rows, name, b, up, down)]
+        if not todo:
+            break
+    order = {c: i for i, c in enumerate(cells)}
+    table = pd.DataFrame(sorted(rows, key=lambda r: (order[(r["norm"], r["batch_size"])], r["lr"])))
     best = {}
-    for (name, b), g in table.groupby(["norm", "batch_size"], sort=False):
-        ok = g[g["acc"].notna()]
+    for name, b in cells:
+        ok = [r for r in rows if (r["norm"], r["batch_size"]) == (name, b) and r["acc"] is not None]
         centre = base.lr * math.sqrt(b / base.batch_size)
-        best[(name, int(b))] = float(ok.loc[ok["acc"].astype(float).idxmax(), "lr"]) if len(ok) else centre
+        best[(name, b)] = float(max(ok, key=lambda r: r["acc"])["lr"]) if ok else centre
     return best, table
+
+
+def _tune_round(base, norms, todo, rnd, steps, seed, data, progress, precise_bn) -> list[dict]:
+    """One run per (norm, batch size, factor) of ``todo``, all in one :func:`run_grid` call:
+    the rows of :func:`tune_lr`'s table."""
+    variants, tags = {}, {}
+    for name, b, f in todo:
+        size = dict(zip(("train_size", "epochs"), fixed_steps(steps, b, len(data.train_x)))) if steps else {}
+        lr = base.lr * math.sqrt(b / base.batch_size) * f
+        label = f"{name}, bs {b}, lr {lr:.4g}"
+        variants[label] = {**norms[name], "batch_size": b, "lr": lr, "seed": seed, **size}
+        tags[label] = {"norm": name, "batch_size": b, "lr": lr, "seed": seed, "factor": f}
+    grid = run_grid(base, variants, data=data, progress=progress, tags=tags,
+                    desc="lr tuning" + (f" (extension {rnd})" if rnd else ""), precise_bn=precise_bn)
+    return [{**{k: r.tags[k] for k in ("norm", "batch_size", "lr", "factor")}, "acc": r.acc,
+             "status": r.status, "round": rnd} for r in grid]
+
+
+def _edge_factors(rows: list[dict], name: str, b: int, up: float, down: float) -> list[float]:
+    """The factors to add for one cell: one step beyond the largest (smallest) factor tried when
+    the best finished run is that edge; none when the best is inside or nothing finished."""
+    cell = [r for r in rows if (r["norm"], r["batch_size"]) == (name, b)]
+    ok = [r for r in cell if r["acc"] is not None]
+    if not ok:
+        return []
+    best = max(ok, key=lambda r: r["acc"])["factor"]
+    tried = [r["factor"] for r in cell]
+    return ([min(tried) / down] if best == min(tried) else []) + ([max(tried) * up] if best == max(tried) else [])
 
 
 def status_table(results):

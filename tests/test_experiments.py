@@ -366,9 +366,78 @@ def test_fixed_steps_batch_grid_gives_every_batch_size_the_same_steps(data):
         assert r.tags["steps"] == 8
     with pytest.raises(ValueError, match="no learning rate"):
         ex.batch_size_grid(base(), {"BN": {}}, (2,), data=data, steps=8, lrs={"GN": 0.1}, progress=False)
-    best, table = ex.tune_lr(base(), {"BN": {}}, (2,), steps=4, factors=(0.5, 1.0), data=data, progress=False)
+    best, table = ex.tune_lr(base(), {"BN": {}}, (2,), steps=4, factors=(0.5, 1.0), data=data, progress=False,
+                             max_extend=0)
     assert list(table["lr"]) == pytest.approx([0.5 * math.sqrt(2 / 64) * f for f in (0.5, 1.0)])
     assert best[("BN", 2)] == table.loc[table["acc"].astype(float).idxmax(), "lr"]
+
+
+def test_tune_lr_extends_the_sweep_only_when_the_best_lr_is_at_an_edge(data, monkeypatch):
+    """A fake grid with a known accuracy curve per norm (peak factor; a factor that diverges):
+    the sweep goes ×3 beyond an edge best (up or down), not beyond an inside best, stops at a
+    diverged edge, batches each round into one run_grid call and lists every lr it tried."""
+    peak = {"up": 9.0, "inside": 1.0, "down": 1 / 9, "diverges": 100.0}
+    calls = []
+
+    def fake_run_grid(base_cfg, variants, data=None, progress=True, tags=None, desc="", precise_bn=None):
+        calls.append(sorted((t["norm"], round(t["factor"], 6)) for t in tags.values()))
+        runs = []
+        for label, t in tags.items():
+            f, norm = t["factor"], t["norm"]
+            diverged = norm == "diverges" and f > 5
+            h = ex.History(config=base_cfg)
+            h.status = "diverged" if diverged else "finished"
+            run = ex.Run(label, dict(t), h)
+            runs.append((run, None if diverged else 0.9 - abs(math.log(f / peak[norm])) / 10))
+        return ex.GridResult([FakeAcc(r, a) for r, a in runs])
+
+    class FakeAcc(ex.Run):
+        def __init__(self, run, acc):
+            super().__init__(run.label, run.tags, run.history)
+            self._acc = acc
+
+        @property
+        def acc(self):
+            return self._acc
+
+    monkeypatch.setattr(ex, "run_grid", fake_run_grid)
+    norms = {k: {} for k in peak}
+    best, table = ex.tune_lr(base(), norms, (64,), data=data, progress=False, max_extend=3)
+    lr = lambda f: 0.5 * f  # noqa: E731  (base lr 0.5 at the base batch size 64)
+    tried = {n: sorted(round(f, 6) for f in table[table["norm"] == n]["factor"]) for n in peak}
+    assert tried["up"] == [round(f, 6) for f in (1 / 3, 1, 3, 9, 27)]  # 3 is an edge, 9 too, 27 is worse
+    assert tried["inside"] == [round(f, 6) for f in (1 / 3, 1, 3)]  # no extension
+    assert tried["down"] == [round(f, 6) for f in (1 / 27, 1 / 9, 1 / 3, 1, 3)]
+    assert tried["diverges"] == [round(f, 6) for f in (1 / 3, 1, 3, 9)]  # 9 diverged: stop
+    assert best[("up", 64)] == pytest.approx(lr(9)) and best[("inside", 64)] == pytest.approx(lr(1))
+    assert best[("down", 64)] == pytest.approx(lr(1 / 9)) and best[("diverges", 64)] == pytest.approx(lr(3))
+    # one run_grid call per round; a round holds exactly the cells that extend, one run each
+    assert len(calls) == 3 and len(calls[0]) == 12  # round 3: no cell at an edge, no call
+    assert calls[1] == [("diverges", 9.0), ("down", round(1 / 9, 6)), ("up", 9.0)]
+    assert calls[2] == [("down", round(1 / 27, 6)), ("up", 27.0)]
+    rounds = table.set_index(["norm", table["factor"].round(6)])["round"]
+    assert rounds[("up", 27.0)] == 2 and rounds[("up", 9.0)] == 1 and rounds[("up", 3.0)] == 0
+    assert list(table[table["norm"] == "up"]["lr"]) == sorted(table[table["norm"] == "up"]["lr"])
+    assert table.set_index(["norm", table["factor"].round(6)]).loc[("diverges", 9.0), "status"] == "diverged"
+    calls.clear()
+    ex.tune_lr(base(), norms, (64,), data=data, progress=False, max_extend=1)
+    assert len(calls) == 2  # max_extend rounds at most
+    with pytest.raises(ValueError, match="max_extend=-1 is not valid"):
+        ex.tune_lr(base(), norms, (64,), data=data, progress=False, max_extend=-1)
+
+
+def test_tune_lr_extension_follows_the_rule_on_real_runs(data):
+    best, table = ex.tune_lr(base(), {"BN": {}}, (8,), steps=3, factors=(0.3, 1.0), data=data, progress=False,
+                             max_extend=1)
+    first = table[table["round"] == 0]
+    ok = first[first["acc"].notna()]
+    top = ok.loc[ok["acc"].astype(float).idxmax(), "factor"] if len(ok) else None
+    added = sorted(table[table["round"] == 1]["factor"])
+    expected = [] if top is None else [0.3 / (1 / 0.3)] if top == 0.3 else [1.0 / 0.3] if top == 1.0 else []
+    assert added == pytest.approx(expected)
+    assert len(table) == 2 + len(expected)
+    done = table[table["acc"].notna()]
+    assert best[("BN", 8)] == pytest.approx(done.loc[done["acc"].astype(float).idxmax(), "lr"])
 
 
 def test_summarize_groups_over_seeds(data):
