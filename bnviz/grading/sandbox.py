@@ -396,7 +396,13 @@ class Cgroups:
         for controller, files in settings.items():
             base = self._base(controller)
             if base is not None:
-                self._make(controller, base / f"bnviz-{token}", files)
+                self._make(controller, base / f"{self.prefix()}{token}", files)
+
+    @staticmethod
+    def prefix() -> str:
+        """Sandbox cgroups are named ``bnviz-<grader pid>-<token>``: what one grader made (or
+        left behind) can be told from another grader's on the same host."""
+        return f"bnviz-{os.getpid()}-"
 
     def _make(self, controller: str, d: Path, files: dict) -> None:
         shared = next((p for p in self.dirs.values() if p.resolve() == d.resolve()), None)  # v2, or v1 cpu,cpuacct
