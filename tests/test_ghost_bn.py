@@ -15,7 +15,8 @@ from bnviz.data import make_synthetic
 from bnviz.grid import train_grid
 from bnviz.models import LeNetSpec
 from bnviz.norms import GhostBatchNorm, ghost_batch_norm
-from bnviz.stats import bn_layers
+from bnviz.precise import PreciseBNEval
+from bnviz.stats import bn_layers, recompute_bn_stats
 from bnviz.train import Trainer
 
 # (shape, ghost_batch): N a multiple of g, N with a smaller last ghost batch, a last ghost batch
@@ -107,6 +108,16 @@ def test_cumulative_average_with_momentum_none():
                        torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0)))
     torch.testing.assert_close(m.running_mean, (values[0][0] + values[1][0]) / 2)
     torch.testing.assert_close(m.running_var, (values[0][1] + values[1][1]) / 2)
+
+
+def test_recomputed_statistics_average_every_ghost_batch_with_equal_weight():
+    m, x = make((192, 6), 16, torch.float64)
+    m.running_mean.fill_(5.0)
+    recompute_bn_stats(nn.Sequential(m), x.detach(), batch_size=64)  # 3 batches of 4 ghost batches
+    chunks = x.detach().split(16)
+    torch.testing.assert_close(m.running_mean, torch.stack([c.mean(0) for c in chunks]).mean(0))
+    torch.testing.assert_close(m.running_var, torch.stack([c.var(0, unbiased=True) for c in chunks]).mean(0))
+    assert m.momentum == 0.1 and m.training  # restored
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -222,7 +233,7 @@ def test_a_vmapped_grid_run_equals_the_solo_run():
     try:
         hists = train_grid(configs, data=data, progress=False, vectorize=True, precise_bn=100)
         for c, h in zip(configs, hists):
-            ref = Trainer(c, data=data).fit()
+            ref = Trainer(c, data=data, callbacks=[PreciseBNEval(100)]).fit()
             assert h.status == ref.status == "finished"
             assert [(s.kind, s.step) for s in h.snapshots] == [(s.kind, s.step) for s in ref.snapshots]
             assert [s.loss for s in h.snapshots] == pytest.approx([s.loss for s in ref.snapshots], rel=1e-4)
@@ -230,6 +241,8 @@ def test_a_vmapped_grid_run_equals_the_solo_run():
                 a, b = h.snapshots[-1].layers[name], ref.snapshots[-1].layers[name]
                 assert a.running_var == pytest.approx(b.running_var, rel=1e-3, abs=5e-4)
                 assert a.running_mean == pytest.approx(b.running_mean, rel=1e-3, abs=5e-4)
-            assert h.epochs[-1].precise_test_acc is not None
+            assert all(s.precise_test_acc is not None for s in h.epochs)  # PreciseBN recomputes ghost BN
+            assert [s.precise_test_acc for s in h.epochs] == pytest.approx(
+                [s.precise_test_acc for s in ref.epochs], abs=1.01 / 100)
     finally:
         torch.set_num_threads(threads)
