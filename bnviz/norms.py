@@ -199,7 +199,8 @@ class BatchNorm(nn.Module):
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, x: torch.Tensor) -> None:
+        """(N, C), (N, C, L) or (N, C, H, W) with ``num_features`` channels, else a clear error."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(
                 f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input)"
@@ -208,6 +209,9 @@ class BatchNorm(nn.Module):
             raise ValueError(
                 f"expected {self.num_features} channels on axis 1, got input of shape {tuple(x.shape)}"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         return batch_norm(
             x,
             self.weight,
@@ -381,14 +385,7 @@ class GhostBatchNorm(BatchNorm):
         self.ghost_batch = ghost_batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (2, 3, 4):
-            raise ValueError(
-                f"expected 2D (N, C), 3D (N, C, L) or 4D (N, C, H, W) input (got {x.dim()}D input)"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels on axis 1, got input of shape {tuple(x.shape)}"
-            )
+        self._check_input(x)
         return ghost_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                                 self.num_batches_tracked, ghost_batch=self.ghost_batch,
                                 training=self.training, momentum=self.momentum, eps=self.eps)
