@@ -120,27 +120,13 @@ def batch_norm(
         mean, var = channel_stats(x)
         if training and running_mean is not None and running_var is not None:
             with torch.no_grad():
-                if num_batches_tracked is not None:
-                    num_batches_tracked.add_(1)
-                if momentum is None:  # cumulative average; a tensor factor: no host sync
-                    factor = (num_batches_tracked.to(running_mean.dtype).reciprocal()
-                              if num_batches_tracked is not None else 0.0)
-                else:
-                    factor = momentum
-                unbiased = var * (values_per_channel / max(values_per_channel - 1, 1))
-                running_mean.mul_(1 - factor).add_(mean * factor)
-                running_var.mul_(1 - factor).add_(unbiased * factor)
+                _update_running(running_mean, running_var, num_batches_tracked, momentum, mean,
+                                var * (values_per_channel / max(values_per_channel - 1, 1)))
     else:
         mean, var = running_mean, running_var
 
-    a = torch.rsqrt(var + eps) if scale else torch.ones_like(var)
-    if weight is not None:
-        a = a * weight
-    b = -mean * a if center else torch.zeros_like(mean)
-    if bias is not None:
-        b = b + bias
     shape = _channel_shape(x)
-    return torch.addcmul(b.view(shape), x, a.view(shape))
+    return _affine(x, mean.view(shape), var.view(shape), weight, bias, eps, 1, center, scale)
 
 
 class BatchNorm(nn.Module):
@@ -311,8 +297,10 @@ def ghost_batch_norm(x, weight, bias, running_mean, running_var, num_batches_tra
         vars_.append(var_r.reshape(1, c))
         sizes.append(rest * per_example)
         outs.append(_affine(xr, mean_r, var_r, weight, bias, eps, 1))
-    if training and tracked:
-        _update_running(running_mean, running_var, num_batches_tracked, momentum, means, vars_, sizes)
+    if training and tracked:  # the mean over ghost batches of their means and unbiased variances
+        with torch.no_grad():
+            _update_running(running_mean, running_var, num_batches_tracked, momentum, torch.cat(means).mean(0),
+                            torch.cat([v * (m / max(m - 1, 1)) for v, m in zip(vars_, sizes)]).mean(0))
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
@@ -329,41 +317,41 @@ def _one_ghost_batch(x, weight, bias, running_mean, running_var, num_batches_tra
     y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
     if update:
         mean, var = channel_stats(x.detach())
-        _update_running(running_mean, running_var, num_batches_tracked, momentum, [mean[None]], [var[None]],
-                        [x.numel() // x.shape[1]])
+        n = x.numel() // x.shape[1]
+        _update_running(running_mean, running_var, num_batches_tracked, momentum, mean, var * (n / max(n - 1, 1)))
     return y
 
 
-def _affine(x, mean, var, weight, bias, eps, channel_axis: int) -> torch.Tensor:
+def _affine(x, mean, var, weight, bias, eps, channel_axis: int, center: bool = True,
+            scale: bool = True) -> torch.Tensor:
     """``weight * (x - mean) / sqrt(var + eps) + bias`` as ``x * a + b`` (see :func:`batch_norm`);
-    ``mean``/``var`` keep the reduced axes, weight/bias are laid along ``channel_axis``."""
+    ``mean``/``var`` broadcast against ``x`` (they keep the reduced axes), weight/bias are laid
+    along ``channel_axis``. ``center``/``scale`` False drop the mean / the division (lite BN)."""
     shape = [1] * x.dim()
     shape[channel_axis] = -1
-    a = torch.rsqrt(var + eps)
+    a = torch.rsqrt(var + eps) if scale else torch.ones_like(var)
     if weight is not None:
         a = a * weight.view(shape)
-    b = -mean * a
+    b = -mean * a if center else torch.zeros_like(mean)
     if bias is not None:
         b = b + bias.view(shape)
     return torch.addcmul(b, x, a)
 
 
-@torch.no_grad()
-def _update_running(running_mean, running_var, num_batches_tracked, momentum, means, vars_, sizes) -> None:
-    """One update of the running buffers with the mean over ghost batches of their means and
-    unbiased variances (``sizes``: values per channel of each ghost batch)."""
+def _update_running(running_mean, running_var, num_batches_tracked, momentum, mean, var_unbiased) -> None:
+    """One in-place update of the running buffers (call under ``torch.no_grad()``):
+    ``num_batches_tracked += 1``; ``running = (1-f)*running + f*value`` with ``f = momentum``, or
+    ``f = 1/num_batches_tracked`` when ``momentum is None`` (cumulative average; a tensor factor:
+    no host sync)."""
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    if momentum is None:  # cumulative average; a tensor factor: no host sync
+    if momentum is None:
         factor = (num_batches_tracked.to(running_mean.dtype).reciprocal()
                   if num_batches_tracked is not None else 0.0)
     else:
         factor = momentum
-    unbiased = [v * (m / max(m - 1, 1)) for v, m in zip(vars_, sizes)]
-    mean = torch.cat(means).mean(0)
-    var = torch.cat(unbiased).mean(0)
     running_mean.mul_(1 - factor).add_(mean * factor)
-    running_var.mul_(1 - factor).add_(var * factor)
+    running_var.mul_(1 - factor).add_(var_unbiased * factor)
 
 
 class GhostBatchNorm(BatchNorm):
