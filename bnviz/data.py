@@ -319,7 +319,13 @@ _TV_CLASS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> Dataset:
-    import torchvision
+    try:
+        import torchvision
+    except Exception as err:  # not installed, or built for another torch ("operator ... does not exist")
+        raise DataUnavailable(
+            f"torchvision cannot be imported ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}), "
+            f"so {name} cannot be loaded. Fix: `pip install torchvision` matching your torch, or use "
+            "BNVIZ_DATASET=synthetic to train on the synthetic stand-in.") from err
 
     cls = getattr(torchvision.datasets, _TV_CLASS[name])
     try:

@@ -1,5 +1,7 @@
-"""The lab's charts: three plotly FigureWidgets drawn from :class:`~bnviz.history.History`
-objects only (no trainer, no lab, no widgets other than the figures).
+"""The lab's charts: three plotly figures drawn from :class:`~bnviz.history.History` objects only
+(no trainer, no lab, no widgets other than the figures). They are FigureWidgets
+(:class:`LiveFigure`, updated in place) or plain figures (:class:`ShownFigure`, re-sent through
+a display handle) depending on how the lab draws (:mod:`bnviz.lab_views`).
 
 * ``fig_curves``: training loss (log), training accuracy and test accuracy against the step, for
   the current run (bold) and up to ``EARLIER_SLOTS`` earlier runs (faded); a dashed red line in
@@ -30,7 +32,7 @@ from plotly.subplots import make_subplots
 
 from .history import History
 
-__all__ = ["LabCharts", "LiveFigure", "EARLIER_SLOTS", "CURVES_WIDTH", "PANEL_WIDTH", "fmt_value", "replay"]
+__all__ = ["LabCharts", "LiveFigure", "ShownFigure", "dataset_label", "EARLIER_SLOTS", "CURVES_WIDTH", "PANEL_WIDTH", "fmt_value", "replay"]
 
 CURVES_WIDTH, CURVES_HEIGHT = 840, 400  # px: fits a 1280-px JupyterLab with its sidebar open
 PANEL_WIDTH, PANEL_HEIGHT = 525, 360
@@ -123,6 +125,28 @@ class LiveFigure(go.FigureWidget):
             return LiveFigure(data=[t.to_plotly_json() for t in self.data], layout=self.layout.to_plotly_json())
 
 
+class ShownFigure(go.Figure):
+    """A plain plotly figure with :class:`LiveFigure`'s drawing interface, for the lab's
+    ``"display"`` drawing: a draw changes the figure in memory and marks it ``dirty``; the lab's
+    view re-sends dirty figures through their display handles (:class:`bnviz.lab_views.DisplayView`).
+    It has no browser model, so it is never stale."""
+
+    dirty = True  # declared on the class: plotly figures refuse unknown attributes
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._sync_lock = threading.RLock()
+
+    def sent(self) -> None:
+        self.dirty = True
+
+    def stale(self, timeout: float) -> bool:
+        return False
+
+    def waiting(self) -> bool:
+        return False
+
+
 def series(h: History):
     """(steps, loss, train acc) of the step snapshots and (steps, test acc) of the epoch ends."""
     steps = h.steps
@@ -130,6 +154,16 @@ def series(h: History):
     return (np.array([s.step for s in steps], dtype=float), np.array([s.loss for s in steps], dtype=float),
             np.array([s.train_acc for s in steps], dtype=float),
             np.array([s.step for s in ep], dtype=float), np.array([s.test_acc for s in ep], dtype=float))
+
+
+DATASET_LABELS = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "synthetic": "SYNTHETIC data (not Fashion-MNIST)"}
+
+
+def dataset_label(h: History | None, chosen: str) -> str:
+    """The data set the charts' titles name: the run's own label, else what the control chose."""
+    if h is not None and h.dataset_label:
+        return h.dataset_label
+    return DATASET_LABELS.get(chosen, "data set: auto (Fashion-MNIST if available, else SYNTHETIC)")
 
 
 def legend_name(h: History, current: History | None) -> str:
@@ -179,7 +213,9 @@ def _curves_figure(dataset_label: str):
 class LabCharts:
     """The three figures and how to draw Histories into them (any thread)."""
 
-    def __init__(self, dataset_label: str, layer: str = "fc1"):
+    def __init__(self, dataset_label: str, layer: str = "fc1", widgets: bool = True):
+        """``widgets``: FigureWidgets (:class:`LiveFigure`) if True, else :class:`ShownFigure`."""
+        self.figure_class = LiveFigure if widgets else ShownFigure
         fig, self.slots = _curves_figure(dataset_label)
         self.base_annotations = [a.to_plotly_json() for a in fig.layout.annotations]
         # chance level (0.1) on both accuracy panels
@@ -191,7 +227,7 @@ class LabCharts:
                                      font=dict(size=15)),
                           legend=dict(orientation="h", yanchor="top", y=-0.2, x=0, font=dict(size=11)),
                           hovermode="closest", uirevision="keep")
-        self.fig_curves = LiveFigure(fig)
+        self.fig_curves = self.figure_class(fig)
         self.fig_params, self.param_annotations = self._params_figure(dataset_label, layer)
         self.fig_stats = self._stats_figure(dataset_label, layer)
         self._drawn: dict = {}  # what each figure part last showed, to skip unchanged parts
@@ -202,8 +238,7 @@ class LabCharts:
     def figures(self) -> tuple:
         return tuple(getattr(self, n) for n in self.NAMES)
 
-    @staticmethod
-    def _params_figure(dataset_label: str, layer: str):
+    def _params_figure(self, dataset_label: str, layer: str):
         fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                             subplot_titles=("γ (scale) across channels", "β (shift) across channels"))
         for col in (1, 2):
@@ -219,10 +254,9 @@ class LabCharts:
                           margin=dict(l=55, r=15, t=85, b=40),
                           title=dict(text=_title("γ and β", layer, dataset_label), x=0.01, font=dict(size=14)),
                           legend=dict(orientation="h", x=0, y=-0.22, font=dict(size=11)))
-        return LiveFigure(fig), [a.to_plotly_json() for a in fig.layout.annotations]
+        return self.figure_class(fig), [a.to_plotly_json() for a in fig.layout.annotations]
 
-    @staticmethod
-    def _stats_figure(dataset_label: str, layer: str) -> LiveFigure:
+    def _stats_figure(self, dataset_label: str, layer: str):
         fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                             subplot_titles=("mean of the layer input", "variance of the layer input"))
         for col in (1, 2):
@@ -237,7 +271,7 @@ class LabCharts:
                           title=dict(text=_title("running vs batch statistics", layer, dataset_label), x=0.01,
                                      font=dict(size=14)),
                           legend=dict(orientation="h", x=0, y=-0.22, font=dict(size=11)), bargap=0.15)
-        return LiveFigure(fig)
+        return self.figure_class(fig)
 
     # ------------------------------------------------------------------ rebuilding a deaf figure
     def stale(self, timeout: float) -> list[LiveFigure]:
@@ -269,6 +303,7 @@ class LabCharts:
         runs = dict(enumerate(earlier))
         runs[EARLIER_SLOTS] = current
         title = _title("Training curves", None, dataset_label)
+        changed = False
         with fig._sync_lock, fig.batch_update():
             for k in range(EARLIER_SLOTS + 1):
                 h = runs.get(k)
@@ -276,11 +311,14 @@ class LabCharts:
                 if force or self._drawn.get(("curve", k)) != key:
                     self._drawn[("curve", k)] = key
                     self._draw_slot([fig.data[i] for i in self.slots[k]], h, current)
-            self._draw_changes(fig, current, force)
+                    changed = True
+            changed |= self._draw_changes(fig, current, force)
             if self._drawn.get("curves_title") != title:
                 self._drawn["curves_title"] = title
                 fig.layout.title.text = title
-        fig.sent()
+                changed = True
+        if changed:
+            fig.sent()
 
     @staticmethod
     def _draw_slot(traces, h: History | None, current: History | None) -> None:
@@ -298,11 +336,12 @@ class LabCharts:
             tr.name = name
         traces[0].showlegend = True
 
-    def _draw_changes(self, fig, current: History | None, force: bool) -> None:
-        """A dashed line in each panel at the first step that used a new value, labelled."""
+    def _draw_changes(self, fig, current: History | None, force: bool) -> bool:
+        """A dashed line in each panel at the first step that used a new value, labelled.
+        Returns whether anything was drawn."""
         changes = tuple((c.step, c.name, c.new) for c in current.changes) if current is not None else ()
         if not force and self._drawn.get("marks") == changes:
-            return
+            return False
         self._drawn["marks"] = changes
         shapes, notes = list(self.base_shapes), list(self.base_annotations)
         for i, (step, name, new) in enumerate(changes):
@@ -315,6 +354,7 @@ class LabCharts:
                               bgcolor="rgba(255,255,255,0.8)"))
         fig.layout.shapes = shapes
         fig.layout.annotations = notes
+        return True
 
     @staticmethod
     def layer_snapshots(h: History | None, layer: str):

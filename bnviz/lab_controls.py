@@ -18,7 +18,7 @@ from .data import DATASET_NAMES, resolve_device
 from .models import NORM_LAYER_NAMES, preset
 
 __all__ = ["LabControls", "check_settings", "default_settings", "SETTINGS", "BATCH_SIZES",
-           "NORM_CHOICES", "PACES", "WATCHABLE_S", "UNTIL_STOPPED_EPOCHS", "MAX_EPOCHS", "POINTS_PER_EPOCH"]
+           "NORM_CHOICES", "PACES", "pace_text", "WATCHABLE_S", "UNTIL_STOPPED_EPOCHS", "MAX_EPOCHS", "POINTS_PER_EPOCH"]
 
 BATCH_SIZES = tuple(2 ** i for i in range(11))  # 1 .. 1024
 NORM_CHOICES = (("no normalisation", "none"), ("BN from scratch (bnviz)", "scratch"),
@@ -40,6 +40,15 @@ SETTINGS = ("norm", "pool", "activation", "batch_size", "lr", "bn_momentum", "ep
 CONFIG_FIELDS = ("batch_size", "lr", "bn_momentum", "eps", "epochs", "dataset", "device", "seed",
                  "train_size", "test_size")
 LIVE_NAMES = {"lr": "learning rate", "bn_momentum": "BN momentum", "eps": "BN eps", "batch_size": "batch size"}
+
+
+def pace_text(pace: str, epochs: int | None, watchable_s: float = WATCHABLE_S) -> str:
+    """The pace as the lab's messages say it."""
+    if pace == "fast":
+        return "as fast as possible"
+    if epochs is None:
+        return f"watchable, {UNTIL_STOPPED_EPOCHS} epochs per {watchable_s:g} s"
+    return f"watchable, about {watchable_s:g} s a run"
 
 
 def _is_cuda(device: str) -> bool:
@@ -118,6 +127,9 @@ class LabControls:
         self.w_layer = W.Dropdown(options=list(NORM_LAYER_NAMES), value="fc1", description="show layer",
                                   style={"description_width": "80px"}, layout=W.Layout(width="220px"))
         self._buttons(s)
+        # "cumulative" and "until stopped" switch off the slider they replace
+        self.w_cumulative.observe(lambda c: setattr(self.w_momentum, "disabled", bool(c["new"])), "value")
+        self.w_until.observe(lambda c: setattr(self.w_epochs, "disabled", bool(c["new"])), "value")
 
     def _optimisation(self, s: dict, kw: dict) -> None:
         self.w_lr = W.FloatLogSlider(value=s["lr"], base=10, min=-3, max=2, step=0.05,

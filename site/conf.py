@@ -1,6 +1,6 @@
 """Sphinx configuration of the course site (myst-nb + sphinx-book-theme, built offline).
 
-Built by ``make site`` / ``python -m bnviz.site build``: that script executes the notebooks
+Built by ``make site`` / ``python site/build.py build``: that script executes the notebooks
 (with its execution cache), copies this folder and the executed notebooks into a staging folder,
 and runs Sphinx there. Nothing is executed or downloaded by Sphinx itself
 (``nb_execution_mode = "off"``); MathJax and plotly.js are served from ``_static``.
@@ -15,7 +15,7 @@ root_doc = "index"
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "notebooks"]
 source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb"}
 
-# ---- notebooks: executed beforehand by bnviz.site (its own cache); Sphinx only renders them
+# ---- notebooks: executed beforehand by site/build.py (its own cache); Sphinx only renders them
 nb_execution_mode = "off"
 nb_ipywidgets_js = {}  # no widget JS from a CDN: widget outputs are replaced at staging
 nb_merge_streams = True

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+MAKE_LAB_START = "notebooks/00_start_here.ipynb"  # the Makefile's START_PAGE
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -131,16 +132,18 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 @contextmanager
-def jupyter_lab(tmp: Path):
-    """JupyterLab on 127.0.0.1:<free port> with a token; yields the base URL (with token)."""
+def jupyter_lab(tmp: Path, as_make_lab: bool = False):
+    """JupyterLab on 127.0.0.1:<free port> with a token; yields the base URL (with token).
+    ``as_make_lab``: the settings `make lab` gives (its default URL, the venv's overrides.json for
+    the news prompt) instead of this helper's own user settings."""
     port, token = free_port(), secrets.token_hex(16)
     env = _server_env(tmp)
     settings = tmp / "settings"
-    # no "news" toast, no update check: nothing may cover the notebook
     note = settings / "@jupyterlab" / "apputils-extension"
     note.mkdir(parents=True, exist_ok=True)
-    (note / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    if not as_make_lab:  # no "news" toast, no update check: nothing may cover the notebook
+        (note / "notification.jupyterlab-settings").write_text(
+            json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     # never autosave: the notebook in the repository must stay without outputs
     docs = settings / "@jupyterlab" / "docmanager-extension"
     docs.mkdir(parents=True, exist_ok=True)
@@ -149,6 +152,8 @@ def jupyter_lab(tmp: Path):
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
            f"--ServerApp.root_dir={ROOT}", f"--LabApp.user_settings_dir={settings}",
            f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--ServerApp.disable_check_xsrf=False"]
+    if as_make_lab:
+        cmd.append(f"--LabApp.default_url=/lab/tree/{MAKE_LAB_START}")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")  # containers and CI often run as root
     base = f"http://127.0.0.1:{port}"

@@ -10,8 +10,10 @@ Debian's chromium (apt-get install chromium); skipped without it unless BNVIZ_RE
 """
 from __future__ import annotations
 
+import json
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -207,4 +209,36 @@ def test_lab_in_voila(chromium_path, tmp_path):
             stop_and_check(page, "voila")
         except Exception:
             shot(page, "voila-failure")
+            raise
+
+
+def test_make_lab_opens_the_start_page_unmodified_without_a_news_prompt(chromium_path, tmp_path):
+    """What `make lab` gives: the URL JupyterLab prints opens 00_start_here.ipynb (not the
+    Launcher); opening it does not mark it modified; no "Jupyter news" prompt (the Makefile's
+    overrides.json in the venv)."""
+    import sys
+
+    overrides = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.json"
+    make = (ROOT / "Makefile").read_text()
+    assert re.search(r"^START_PAGE := notebooks/00_start_here.ipynb$", make, re.M)
+    assert "--LabApp.default_url=/lab/tree/$(START_PAGE)" in make
+    if not overrides.exists():
+        pytest.skip(f"{overrides} is written by `make install`; this venv was not made by make")
+    assert json.loads(overrides.read_text())["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
+    with jupyter_lab(tmp_path, as_make_lab=True) as (base, token, proc), chromium(chromium_path, 1280, 800) as page:
+        try:
+            log = (tmp_path / "jupyterlab.log").read_text()
+            printed = re.findall(r"http://127\.0\.0\.1:\d+(/\S*)\?token=", log)
+            assert printed and printed[0] == "/lab/tree/notebooks/00_start_here.ipynb", log[-2000:]
+            page.goto(f"{base}/?token={token}")  # what the printed URL's server root redirects to
+            page.wait_for_selector(".jp-Notebook", timeout=90_000)
+            wait_kernel_idle(page)
+            tab = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.lm-mod-current")
+            assert "00_start_here.ipynb" in tab.inner_text()
+            page.wait_for_timeout(8000)  # the news prompt shows a few seconds after start
+            shot(page, "make-lab-start-page")
+            assert page.locator("text=official Jupyter news").count() == 0, "the news prompt appeared"
+            assert "jp-mod-dirty" not in (tab.get_attribute("class") or ""), "opening the start page modified it"
+        except Exception:
+            shot(page, "make-lab-failure")
             raise

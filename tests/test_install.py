@@ -27,9 +27,9 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
     assert "conda-forge" in env["channels"]
     assert any(str(d).startswith("python") for d in env["dependencies"] if isinstance(d, str))
     (pip_section,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
-    runtime = [r for r in pip_section if not r.startswith(("-e", "--"))]
+    runtime = [r.split("#")[0].strip() for r in pip_section if not r.startswith(("-e", "--"))]
     assert sorted(runtime) == sorted(project["dependencies"])  # same names and same ranges
-    assert "-e ." in pip_section and "--no-deps d2l==1.0.3" in pip_section
+    assert "-e .[lab]" in pip_section and "--no-deps d2l==1.0.3" in pip_section
 
 
 def test_makefile_installs_d2l_without_its_pins():
@@ -48,3 +48,26 @@ def test_pyproject_ranges_admit_this_machines_torch():
     from packaging.version import Version
 
     assert Version(version("torch").split("+")[0]) >= Version(torch_req.split(">=")[1])
+
+
+def test_runtime_requirements_leave_colabs_runtime_alone():
+    """A library must not replace the IPython, kernel or front end of the runtime it is installed
+    into (Colab's IPython 7.34, ipykernel 6.17, notebook 6.5, ipywidgets 7.7, plotly 5.24): the
+    front ends are in the `lab` extra, and every floor admits Colab's version
+    (tests/test_colab.py installs into Colab's published versions)."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
+    assert not {"jupyterlab", "notebook", "ipykernel", "voila", "jupyter-client"} & set(runtime)
+    colab = {}
+    for line in (ROOT / "tests" / "colab" / "pip-freeze.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            colab[name.strip().lower().replace("_", "-")] = version.strip()
+    for name, req in runtime.items():
+        if name in colab:
+            assert req.specifier.contains(colab[name], prereleases=True), f"{req} refuses Colab's {name} {colab[name]}"
+    lab = {Requirement(r).name.lower() for r in project["optional-dependencies"]["lab"]}
+    assert {"jupyterlab", "notebook", "voila", "ipykernel"} <= lab

@@ -57,9 +57,9 @@ def test_notebook_runs_in_fast_mode(path, monkeypatch, tmp_path):
     try:
         client.execute()
         # the course site (tests/test_site.py, make site) reuses this run instead of executing again
-        from bnviz.site import store_executed
+        from sitebuild import site
 
-        store_executed(path, nb)
+        site.store_executed(path, nb)
     except (CellExecutionError, CellTimeoutError) as err:
         for i, cell in enumerate(nb.cells):
             errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]

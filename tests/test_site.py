@@ -1,4 +1,4 @@
-"""The course site (bnviz.site), the replay of a lab run (bnviz.lab_charts.replay), and the one
+"""The course site (site/build.py), the replay of a lab run (bnviz.lab_charts.replay), and the one
 place the repository URL lives (pyproject's [project.urls]).
 
 * Unmarked: the replay against the History it was made from; the setup-cell sync tool on copies
@@ -30,7 +30,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from bnviz import site
+from sitebuild import site
 from bnviz.course import REPO_URL
 from bnviz.history import load_histories, save_histories
 
@@ -54,11 +54,11 @@ def test_repository_url_is_set_once_in_pyproject():
 
 @pytest.mark.parametrize("path", site.chapters(), ids=lambda p: p.name)
 def test_setup_cell_is_generated_from_pyproject(path):
-    """Run `python -m bnviz.site sync-setup-cells` after changing the URL or the template."""
+    """Run `python site/build.py sync-setup-cells` after changing the URL or the template."""
     first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
     assert first.source == site.setup_cell_source(), (
         f"{path.name}: its setup cell is not the one generated from pyproject.toml; run "
-        "`.venv/bin/python -m bnviz.site sync-setup-cells`")
+        "`.venv/bin/python site/build.py sync-setup-cells`")
 
 
 def test_sync_rewrites_only_the_setup_cell(tmp_path):
@@ -213,7 +213,7 @@ def built(tmp_path_factory):
         return Path(os.environ["BNVIZ_SITE_DIR"]).resolve()
     out = tmp_path_factory.mktemp("site") / "site"
     env = dict(os.environ, BNVIZ_FAST="1", BNVIZ_DATASET="synthetic", MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, "-m", "bnviz.site", "build", "--out", str(out)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "site" / "build.py"), "build", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, f"site build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
