@@ -170,7 +170,7 @@ def chapter(name: str) -> Chapter:
     """Print the header every chapter starts with (the chapter, the data set, the sizes and their
     mode, the seeds a comparison uses, the machine) and return the chapter's :class:`Chapter`."""
     env = environment_report()
-    mode = "FAST (BNVIZ_FAST=1: tiny sizes, numbers are rough)" if env["fast_mode"] else "full"
+    mode = "fast (BNVIZ_FAST=1)" if env["fast_mode"] else "full"
     seeds = default_seeds()
     print(f"chapter {name}")
     print(f"  data set: {env['dataset']}")
