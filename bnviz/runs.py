@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -78,14 +78,11 @@ class Run:
     tags: dict
     history: History
 
-    @property
-    def status(self) -> str:
-        return self.history.status
-
-    @property
-    def test_acc(self) -> float | None:
-        """The final epoch's test accuracy (eval mode, running statistics)."""
-        return self.history.final_test_acc
+    # the final epoch's numbers (test_acc: eval mode, on the running statistics)
+    status = property(lambda self: self.history.status)
+    test_acc = property(lambda self: self.history.final_test_acc)
+    train_acc = property(lambda self: self.history.final_train_acc)
+    loss = property(lambda self: self.history.final_loss)
 
     @property
     def acc(self) -> float | None:
@@ -102,14 +99,6 @@ class Run:
         """The final epoch's test accuracy with recomputed BN statistics (None if not measured)."""
         e = self.history.epochs
         return e[-1].precise_test_acc if e else None
-
-    @property
-    def train_acc(self) -> float | None:
-        return self.history.final_train_acc
-
-    @property
-    def loss(self) -> float | None:
-        return self.history.final_loss
 
     @property
     def gap(self) -> float | None:

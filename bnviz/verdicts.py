@@ -27,7 +27,7 @@ from typing import Iterable
 
 __all__ = ["ALPHA", "CHANCE_LIMIT", "STILL_IMPROVING", "FAR_BELOW", "SATURATION_LIMIT", "SeedStats",
            "fmt_stats", "seed_stats", "pooled_std", "Paired", "paired", "welch", "holm", "multiplicity_note",
-           "CauseKind", "Cause", "describe", "cell_causes", "improvement", "Outcome", "Verdict", "verdict"]
+           "CauseKind", "Cause", "describe", "cell_causes", "Outcome", "Verdict", "verdict"]
 
 ALPHA = 0.05  # each verdict is a two-sided test at 5%: the 95% t-interval of the paired difference
 CHANCE_LIMIT = 0.15  # a cell whose best seed stays below this (chance is 0.1) never left chance
@@ -159,7 +159,8 @@ class Cause:
         if k is CauseKind.NEVER_LEFT_CHANCE:
             return f"never left chance (best seed {v:.3f} < {r:g})"
         if k is CauseKind.STILL_IMPROVING:
-            return f"not converged: still improving (training accuracy {v:+.3f} ± {r:.3f} over the last quarter of the steps)"
+            return (f"not converged: still improving (training accuracy {v:+.3f} ± {r:.3f} over the last quarter "
+                    "of the steps)")
         if k is CauseKind.FAR_BELOW_FULL_SIZE:
             return f"not converged: far below its full-size accuracy ({v:.3f} vs {r:.3f})"
         if k is CauseKind.DIVERGED:
@@ -195,14 +196,6 @@ def _gain(history) -> tuple[float, float] | None:
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     var = lambda v: sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)  # noqa: E731
     return mean(last) - mean(before), math.sqrt(var(last) / len(last) + var(before) / len(before))
-
-
-def improvement(history) -> float | None:
-    """Training accuracy gained over the last quarter of a run: the mean of the step snapshots'
-    training accuracy in the last quarter of the steps minus the mean in the quarter before
-    (None with fewer than 8 step snapshots)."""
-    g = _gain(history)
-    return None if g is None else g[0]
 
 
 def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[Cause]:
@@ -293,7 +286,8 @@ class Paired:
         """'within noise (Δ +0.004, 95% CI -0.010 to +0.018)', from the numbers."""
         if self.n < 2:
             return f"no comparison: {self.n} seed(s) where both runs finished (2 needed)"
-        return f"{self.outcome.value} (Δ {self.delta:+.3f}, {1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f})"
+        ci = f"{1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
+        return f"{self.outcome.value} (Δ {self.delta:+.3f}, {ci})"
 
 
 def paired(reference, other, alpha: float = ALPHA) -> Paired:

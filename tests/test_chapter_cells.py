@@ -27,6 +27,7 @@ from bnviz.grid import train_grid
 from bnviz.models import init_weights
 from bnviz.plain_loop import plain_train as library_plain_train
 from bnviz.precise import precise_bn_accuracy
+from run_helpers import hand_run
 
 NB = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -173,22 +174,6 @@ def test_the_batch_stat_noise_cell_of_07_equals_the_library(data):
     assert model.training  # the probe leaves the model's mode as it found it
 
 
-def _hand_run(curve, final_accs, status="finished", saturated=None, seed=0):
-    """Step snapshots with training accuracy ``curve``; epochs whose recomputed accuracy is ``final_accs``."""
-    from bnviz.history import History, Snapshot
-
-    h = History(config=Config(model=preset("lenet"), seed=seed, epochs=len(final_accs)))
-    snap = dict(epoch=1, examples=0, time_s=0.0, loss=1.0, test_acc=None, examples_per_s=1.0, lr=0.1,
-                bn_momentum=0.1, eps=1e-5, batch_size=8)
-    for i, a in enumerate(curve, 1):
-        h.snapshots.append(Snapshot(kind="step", step=10 * i, train_acc=a, **snap))
-    for j, a in enumerate(final_accs, 1):
-        h.snapshots.append(Snapshot(kind="epoch", step=10 * len(curve), train_acc=a, **{**snap, "epoch": j,
-                                    "test_acc": a - 0.05}, precise_test_acc=a, saturated=saturated))
-    h.status = status
-    return ex.Run(f"seed {seed}", {"variant": "v", "seed": seed}, h)
-
-
 def test_the_caution_rule_of_07_equals_the_library(data):
     from bnviz import verdicts as vd
 
@@ -196,20 +181,21 @@ def test_the_caution_rule_of_07_equals_the_library(data):
     flat, rising = [0.5] * 12, [0.3 + 0.03 * i for i in range(12)]
     noisy = [0.5 + (0.2 if i % 2 else -0.2) for i in range(11)] + [0.7]
     cells = {
-        "none": ([_hand_run(flat, [0.6] * 3, seed=s) for s in range(3)], None),
-        "chance": ([_hand_run([0.1] * 12, [a] * 3, seed=s) for s, a in enumerate((0.10, 0.11, 0.113))], None),
-        "rising": ([_hand_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)], None),
-        "noisy": ([_hand_run(noisy, [0.6] * 3, seed=s) for s in range(3)], None),
-        "rising, one diverged": ([_hand_run(rising, [0.6] * 3), _hand_run(rising, [0.6] * 3, "diverged", seed=1),
-                                  _hand_run(rising, [0.7] * 3, seed=2)], None),
-        "far": ([_hand_run(flat, [0.53] * 3, seed=s) for s in range(3)], 0.88),
-        "saturated": ([_hand_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)], None),
+        "none": ([hand_run(flat, [0.6] * 3, seed=s) for s in range(3)], None),
+        "chance": ([hand_run([0.1] * 12, [a] * 3, seed=s) for s, a in enumerate((0.10, 0.11, 0.113))], None),
+        "rising": ([hand_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)], None),
+        "noisy": ([hand_run(noisy, [0.6] * 3, seed=s) for s in range(3)], None),
+        "rising, one diverged": ([hand_run(rising, [0.6] * 3), hand_run(rising, [0.6] * 3, "diverged", seed=1),
+                                  hand_run(rising, [0.7] * 3, seed=2)], None),
+        "far": ([hand_run(flat, [0.53] * 3, seed=s) for s in range(3)], 0.88),
+        "saturated": ([hand_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)], None),
     }
     kinds = set()
     for name, (runs, full) in cells.items():
         mine, lib = rule(runs, full_size=full), vd.cell_causes(runs, full_size=full)
         assert [c.kind for c in mine] == [c.kind for c in lib], name
-        assert [x for c in mine for x in (c.value, c.ref)] == pytest.approx([x for c in lib for x in (c.value, c.ref)]), name
+        numbers = lambda causes: [x for c in causes for x in (c.value, c.ref)]  # noqa: E731
+        assert numbers(mine) == pytest.approx(numbers(lib)), name
         kinds |= {c.kind for c in lib}
     assert kinds == set(vd.CauseKind)  # every kind was exercised
     # and on real runs
