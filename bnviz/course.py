@@ -120,3 +120,62 @@ def environment_report() -> dict:
         "fast_mode": fast_mode(),
         "notes": notes,
     }
+
+
+def default_seeds(cuda: bool | None = None) -> tuple[int, ...]:
+    """The seeds of a comparison: 5 on a GPU, 3 on a CPU (2 in fast mode, only to check the
+    notebooks run)."""
+    if fast_mode():
+        return (0, 1)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return (0, 1, 2, 3, 4) if cuda else (0, 1, 2)
+
+
+class Chapter:
+    """One chapter's setup: the header every chapter prints (:func:`chapter`) and the chapter's
+    p-value ledger, the family Holm's correction runs over. ``record(name, v)`` keeps the p-value of
+    a verdict (anything with ``.p``: a :class:`~bnviz.verdicts.Verdict` or
+    :class:`~bnviz.verdicts.Paired`) and returns it; a name recorded twice is one test, kept once.
+    ``holm()`` gives the adjusted p-values, ``kept()`` the names that hold after Holm, ``report()``
+    prints the count of comparisons and those names."""
+
+    def __init__(self, name: str, seeds: tuple[int, ...]):
+        self.name, self.seeds = name, tuple(seeds)
+        self.pvalues: dict[str, float] = {}
+
+    def record(self, name: str, v):
+        self.pvalues[name] = float(v.p)
+        return v
+
+    def holm(self) -> dict[str, float]:
+        from .verdicts import holm
+
+        return dict(zip(self.pvalues, holm(list(self.pvalues.values()))))
+
+    def kept(self, alpha: float = 0.05) -> list[str]:
+        return [k for k, p in self.holm().items() if p < alpha]
+
+    def report(self, what: str = "this chapter") -> None:
+        from .verdicts import multiplicity_note
+
+        print(multiplicity_note(list(self.pvalues.values()), what=what))
+        kept = self.kept()
+        print("verdicts that hold after Holm's correction: " + ("; ".join(kept) if kept else "none"))
+
+
+def chapter(name: str) -> Chapter:
+    """Print the header every chapter starts with (the chapter, the data set, the sizes and their
+    mode, the seeds a comparison uses, the machine) and return the chapter's :class:`Chapter`."""
+    env = environment_report()
+    mode = "fast (BNVIZ_FAST=1)" if env["fast_mode"] else "full"
+    seeds = default_seeds()
+    print(f"chapter {name}")
+    print(f"  data set: {env['dataset']}")
+    print(f"  mode: {mode}; sizes: {sizes()}; seeds of a comparison: {list(seeds)}")
+    print(f"  machine: {env['device']}; python {env['python']}, torch {env['torch']}")
+    for note in env["notes"]:
+        print(f"  note: {note}")
+    return Chapter(name, seeds)

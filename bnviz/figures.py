@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
-from .experiments import Comparison, GridResult, MaxLR, Run, sweep_summary
+from .comparisons import Comparison
+from .runs import GridResult, Run
+from .sweeps import MaxLR, sweep_summary
 from .history import History
 
 __all__ = ["READABLE", "readable", "curves_figure", "bar_figure", "comparison_figure", "lr_sweep_figure",
@@ -156,7 +158,7 @@ def comparison_figure(cmp: Comparison, title: str | None = None, chance: float =
         elif not verdicts or ref is None or ref == v:
             sub = ""
         else:
-            sub = cmp.contrast(ref, v)["verdict"].split(" — CAUTION")[0].split(" (")[0] + f" vs {ref}"
+            sub = f"{cmp.contrast(ref, v).outcome.value} vs {ref}"
         names.append(f"{v}{flag}" + (f"<br><i>{sub}</i>" if sub else ""))
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=table["mean"], name="mean over seeds",

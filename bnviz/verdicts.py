@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Iterable
 
 __all__ = ["ALPHA", "CHANCE_LIMIT", "STILL_IMPROVING", "FAR_BELOW", "SATURATION_LIMIT", "SeedStats",
            "fmt_stats", "seed_stats", "pooled_std", "Paired", "paired", "welch", "holm", "multiplicity_note",
-           "cell_causes", "improvement", "verdict"]
+           "CauseKind", "Cause", "describe", "cell_causes", "Outcome", "Verdict", "verdict"]
 
 ALPHA = 0.05  # each verdict is a two-sided test at 5%: the 95% t-interval of the paired difference
 CHANCE_LIMIT = 0.15  # a cell whose best seed stays below this (chance is 0.1) never left chance
@@ -48,7 +49,7 @@ class SeedStats:
     values: list[float]
     failed: int = 0
     raw: list[float | None] | None = None
-    causes: list[str] = field(default_factory=list)
+    causes: list[Cause] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -119,12 +120,65 @@ def pooled_std(*groups: SeedStats) -> float:
 # ----------------------------------------------------------------------------- causes
 
 
-def _value_causes(s: SeedStats, limit: float = CHANCE_LIMIT) -> list[str]:
+class CauseKind(Enum):
+    """Why a verdict about a cell needs a CAUTION (each measured, see :class:`Cause`)."""
+
+    NEVER_LEFT_CHANCE = "never left chance"
+    STILL_IMPROVING = "still improving"
+    FAR_BELOW_FULL_SIZE = "far below full size"
+    DIVERGED = "diverged"
+    SATURATION = "saturation"
+
+
+@dataclass(frozen=True)
+class Cause:
+    """One measured reason for a CAUTION: its ``kind``, the measured ``value`` and what it was held
+    against (``ref``):
+
+    * NEVER_LEFT_CHANCE: value = the best seed's accuracy, ref = the limit (:data:`CHANCE_LIMIT`);
+    * STILL_IMPROVING: value = the mean training-accuracy gain over the last quarter, ref = its
+      standard error;
+    * FAR_BELOW_FULL_SIZE: value = the cell's mean accuracy, ref = its full-size accuracy;
+    * DIVERGED: value = the seeds that diverged, ref = the seeds run;
+    * SATURATION: value = the share of sigmoid outputs saturated at the end, ref =
+      :data:`SATURATION_LIMIT`.
+
+    Code decides on ``kind`` and the numbers; ``str(cause)`` is the sentence shown (made here only)."""
+
+    kind: CauseKind
+    value: float
+    ref: float
+
+    @property
+    def unconverged(self) -> bool:
+        """True for the two 'not converged' kinds (still improving, far below full size)."""
+        return self.kind in (CauseKind.STILL_IMPROVING, CauseKind.FAR_BELOW_FULL_SIZE)
+
+    def __str__(self) -> str:
+        k, v, r = self.kind, self.value, self.ref
+        if k is CauseKind.NEVER_LEFT_CHANCE:
+            return f"never left chance (best seed {v:.3f} < {r:g})"
+        if k is CauseKind.STILL_IMPROVING:
+            return (f"not converged: still improving (training accuracy {v:+.3f} ± {r:.3f} over the last quarter "
+                    "of the steps)")
+        if k is CauseKind.FAR_BELOW_FULL_SIZE:
+            return f"not converged: far below its full-size accuracy ({v:.3f} vs {r:.3f})"
+        if k is CauseKind.DIVERGED:
+            return f"diverged seeds ({v:.0f} of {r:.0f})"
+        return f"saturation ({v:.0%} of sigmoid outputs saturated at the end)"
+
+
+def describe(causes: Iterable[Cause]) -> str:
+    """The causes as one text: 'never left chance (...); diverged seeds (1 of 3)' ('' for none)."""
+    return "; ".join(str(c) for c in causes)
+
+
+def _value_causes(s: SeedStats, limit: float = CHANCE_LIMIT) -> list[Cause]:
     causes = []
     if s.n and s.max < limit:
-        causes.append(f"never left chance (best seed {s.max:.3f} < {limit})")
+        causes.append(Cause(CauseKind.NEVER_LEFT_CHANCE, s.max, limit))
     if s.failed:
-        causes.append(f"diverged seeds ({s.failed} of {s.n + s.failed})")
+        causes.append(Cause(CauseKind.DIVERGED, s.failed, s.n + s.failed))
     return causes
 
 
@@ -144,40 +198,31 @@ def _gain(history) -> tuple[float, float] | None:
     return mean(last) - mean(before), math.sqrt(var(last) / len(last) + var(before) / len(before))
 
 
-def improvement(history) -> float | None:
-    """Training accuracy gained over the last quarter of a run: the mean of the step snapshots'
-    training accuracy in the last quarter of the steps minus the mean in the quarter before
-    (None with fewer than 8 step snapshots)."""
-    g = _gain(history)
-    return None if g is None else g[0]
-
-
-def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[str]:
+def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[Cause]:
     """The measured reasons a verdict about this cell (runs that differ only by seed) needs a
-    CAUTION, each with its number: 'never left chance (best seed 0.113 < 0.15)'; 'not converged:
-    still improving (training accuracy +0.041 ± 0.008 over the last quarter of the steps)' (the
-    mean gain over the finished seeds is above :data:`STILL_IMPROVING` and above twice its
-    standard error, from the spread of the snapshots: small batches' accuracy is noisy); 'not converged: far below its full-size
-    accuracy (0.532 vs 0.880)' (more than :data:`FAR_BELOW` below ``full_size``); 'diverged
-    seeds (1 of 3)'; 'saturation (62% of sigmoid outputs saturated at the end)' (mean of the last
-    epoch's ``Snapshot.saturated`` > :data:`SATURATION_LIMIT`). Empty when none applies."""
+    CAUTION, as :class:`Cause` values, in this order: never left chance (the best seed below
+    ``limit``); still improving (the mean gain over the finished seeds is above
+    :data:`STILL_IMPROVING` and above twice its standard error, from the spread of the snapshots:
+    small batches' accuracy is noisy); diverged seeds; far below ``full_size`` (more than
+    :data:`FAR_BELOW`); saturation (mean of the last snapshot's ``saturated`` above
+    :data:`SATURATION_LIMIT`). A cell that never left chance is not also 'not converged'.
+    Empty when none applies."""
     runs = list(runs)
     s = SeedStats([r.acc for r in runs if r.acc is not None], sum(r.acc is None for r in runs))
     causes = _value_causes(s, limit)
     ok = [r for r in runs if r.acc is not None]
-    stuck = bool(causes) and causes[0].startswith("never")
+    stuck = any(c.kind is CauseKind.NEVER_LEFT_CHANCE for c in causes)
     gains = [g for g in (_gain(r.history) for r in ok) if g is not None]
     if gains and not stuck:
         g = sum(x for x, _ in gains) / len(gains)
         se = math.sqrt(sum(e ** 2 for _, e in gains)) / len(gains)
         if g > STILL_IMPROVING and g > 2 * se:  # a real rise, not the noise of small batches' accuracy
-            causes.insert(len(causes) - bool(s.failed), f"not converged: still improving (training accuracy "
-                                                        f"{g:+.3f} ± {se:.3f} over the last quarter of the steps)")
+            causes.insert(len(causes) - bool(s.failed), Cause(CauseKind.STILL_IMPROVING, g, se))
     if full_size is not None and s.n and not stuck and s.mean < full_size - FAR_BELOW:
-        causes.append(f"not converged: far below its full-size accuracy ({s.mean:.3f} vs {full_size:.3f})")
+        causes.append(Cause(CauseKind.FAR_BELOW_FULL_SIZE, s.mean, full_size))
     sats = [e.saturated for r in ok for e in r.history.snapshots[-1:] if e.saturated is not None]
     if sats and sum(sats) / len(sats) > SATURATION_LIMIT:
-        causes.append(f"saturation ({sum(sats) / len(sats):.0%} of sigmoid outputs saturated at the end)")
+        causes.append(Cause(CauseKind.SATURATION, sum(sats) / len(sats), SATURATION_LIMIT))
     return causes
 
 
@@ -194,6 +239,15 @@ def _t_sf(t: float, dof: int) -> float:
     from scipy.stats import t as student
 
     return float(student.sf(t, dof))
+
+
+class Outcome(Enum):
+    """What a comparison concluded (the sentence is made from it, never the other way round)."""
+
+    BETTER = "better"
+    WORSE = "worse"
+    WITHIN_NOISE = "within noise"
+    NOT_COMPARABLE = "not comparable"
 
 
 @dataclass
@@ -219,13 +273,21 @@ class Paired:
         return self.n >= 2 and self.delta != 0 and abs(self.delta) > self.half_width
 
     @property
-    def verdict(self) -> str:
+    def outcome(self) -> "Outcome":
+        """NOT_COMPARABLE with fewer than 2 pairs; BETTER/WORSE when the interval excludes 0; else
+        WITHIN_NOISE."""
+        if self.n < 2:
+            return Outcome.NOT_COMPARABLE
+        if not self.significant:
+            return Outcome.WITHIN_NOISE
+        return Outcome.BETTER if self.delta > 0 else Outcome.WORSE
+
+    def __str__(self) -> str:
+        """'within noise (Δ +0.004, 95% CI -0.010 to +0.018)', from the numbers."""
         if self.n < 2:
             return f"no comparison: {self.n} seed(s) where both runs finished (2 needed)"
         ci = f"{1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
-        if not self.significant:
-            return f"within noise (Δ {self.delta:+.3f}, {ci})"
-        return f"{'better' if self.delta > 0 else 'worse'} (Δ {self.delta:+.3f}, {ci})"
+        return f"{self.outcome.value} (Δ {self.delta:+.3f}, {ci})"
 
 
 def paired(reference, other, alpha: float = ALPHA) -> Paired:
@@ -295,34 +357,106 @@ def multiplicity_note(pvalues: Iterable[float], alpha: float = ALPHA, what: str 
             f"(family-wise error 5%) keeps {kept} of them.")
 
 
-def _cell_caution(name: str, s: SeedStats) -> str:
-    return f"{name}: {'; '.join(s.causes)}" if s.causes else ""
+@dataclass(frozen=True)
+class Verdict:
+    """One cell against a reference, over the same seeds: the paired numbers, the outcome and the
+    measured causes of both cells.
+
+    ``names`` = (reference, other); ``reference``/``other``: their :class:`SeedStats` (seed order);
+    ``test``: the :class:`Paired` interval (None when a side has no finished run); ``outcome``:
+    :class:`Outcome`; ``causes``: name -> that cell's :class:`Cause` list. Code reads the fields
+    (``v.outcome is Outcome.WORSE``, ``v.delta``, ``v.p``, ``v.cautioned``); ``str(v)`` is the
+    sentence, produced here from them (rewording it changes no outcome)."""
+
+    names: tuple[str, str]
+    reference: SeedStats
+    other: SeedStats
+    test: Paired | None
+    outcome: Outcome
+    causes: dict = field(default_factory=dict)
+
+    # the paired numbers (NaN where there is no test)
+    @property
+    def delta(self) -> float:
+        return self.test.delta if self.test else float("nan")
+
+    @property
+    def half_width(self) -> float:
+        """The threshold applied: the half-width of the 95% t-interval of the per-seed differences."""
+        return self.test.half_width if self.test else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return self.test.ci if self.test else (float("nan"), float("nan"))
+
+    @property
+    def p(self) -> float:
+        return self.test.p if self.test else float("nan")
+
+    @property
+    def n_pairs(self) -> int:
+        return self.test.n if self.test else 0
+
+    @property
+    def kind(self) -> str:
+        """'paired', 'welch' or 'none'."""
+        return self.test.kind if self.test else "none"
+
+    @property
+    def decided(self) -> bool:
+        """True for better/worse (the interval excludes 0)."""
+        return self.outcome in (Outcome.BETTER, Outcome.WORSE)
+
+    @property
+    def cautioned(self) -> bool:
+        """True when either cell has a measured cause."""
+        return any(self.causes.get(n) for n in self.names)
+
+    def has(self, kind: CauseKind, name: str | None = None) -> bool:
+        """True when a cell (``name``, or either) has a cause of this kind."""
+        return any(c.kind is kind for n in ([name] if name else self.names) for c in self.causes.get(n, ()))
+
+    # the sentences, made from the fields above
+    def headline(self) -> str:
+        """'better (Δ +0.012, 95% CI +0.004 to +0.020)', without the CAUTION."""
+        if self.test is None:
+            who = self.names[1] if self.other.n == 0 else self.names[0]
+            return f"no comparison: every run of {who} diverged"
+        if all(self.has(CauseKind.NEVER_LEFT_CHANCE, n) for n in self.names):
+            return "no comparison: both never left chance"
+        return str(self.test)
+
+    def caution(self) -> str:
+        """'no BN, lr 30: never left chance (...)' for each cell with a cause, joined by '; '."""
+        return "; ".join(f"{n}: {describe(self.causes[n])}" for n in self.names if self.causes.get(n))
+
+    def __str__(self) -> str:
+        caution = self.caution() if self.test is not None else ""
+        return self.headline() + (f" — CAUTION: {caution}" if caution else "")
+
+    def say(self) -> str:
+        """'b vs a: Δ +0.012 ± 0.022 (threshold: 95% t-interval over 3 paired seeds) → <verdict>'."""
+        a, b = self.names
+        if self.n_pairs < 2 or math.isnan(self.half_width):
+            return f"{b} vs {a}: {self}"
+        return (f"{b} vs {a}: Δ {self.delta:+.3f} ± {self.half_width:.3f} (threshold: 95% t-interval over "
+                f"{self.n_pairs} {'paired ' if self.kind == 'paired' else ''}seeds) → {self}")
 
 
-def verdict(reference: SeedStats, other: SeedStats, k: float | None = None, alpha: float = ALPHA,
-            names: tuple[str, str] = ("reference", "this variant")) -> dict:
+def verdict(reference: SeedStats, other: SeedStats, alpha: float = ALPHA,
+            names: tuple[str, str] = ("reference", "this variant")) -> Verdict:
     """``other`` against ``reference``: the paired t-interval (:func:`paired`) over the seeds,
     when both were built in the same seed order (``raw`` of equal length, as :func:`seed_stats`
-    and every experiment builds them); else Welch's unpaired interval. Returns ``delta``,
-    ``noise`` (the threshold applied: the interval's half-width), ``ci``, ``p``, ``n_pairs``,
-    ``test`` ('paired'/'welch'), ``caution`` (both cells' causes) and ``verdict`` (the text,
-    ending with the CAUTION when there is one). ``k`` is ignored (the pre-issue-15 "2 × pooled
-    std" rule); kept so that old calls run."""
+    and every experiment builds them); else Welch's unpaired interval. The outcome is
+    NOT_COMPARABLE when a side has no finished run, fewer than 2 pairs finished, or both cells
+    never left chance; else better/worse when the interval excludes 0, within noise otherwise."""
+    causes = {names[0]: list(reference.causes), names[1]: list(other.causes)}
     if reference.n == 0 or other.n == 0:
-        who = names[1] if other.n == 0 else names[0]
-        return {"delta": float("nan"), "noise": float("nan"), "ci": (float("nan"),) * 2, "p": float("nan"),
-                "n_pairs": 0, "test": "none", "caution": "",
-                "verdict": f"no comparison: every run of {who} diverged"}
+        return Verdict(tuple(names), reference, other, None, Outcome.NOT_COMPARABLE, causes)
     if reference.raw is not None and other.raw is not None and len(reference.raw) == len(other.raw):
         c = paired(reference.raw, other.raw, alpha)
     else:
         c = welch(reference, other, alpha)
-    text = c.verdict
-    both_stuck = all(s.causes and s.causes[0].startswith("never") for s in (reference, other))
-    if both_stuck:
-        text = "no comparison: both never left chance"
-    caution = "; ".join(x for x in (_cell_caution(names[0], reference), _cell_caution(names[1], other)) if x)
-    if caution:
-        text += f" — CAUTION: {caution}"
-    return {"delta": c.delta, "noise": c.half_width, "ci": c.ci, "p": c.p, "n_pairs": c.n, "test": c.kind,
-            "caution": caution, "verdict": text}
+    stuck = lambda s: any(x.kind is CauseKind.NEVER_LEFT_CHANCE for x in s.causes)  # noqa: E731
+    outcome = Outcome.NOT_COMPARABLE if stuck(reference) and stuck(other) else c.outcome
+    return Verdict(tuple(names), reference, other, c, outcome, causes)

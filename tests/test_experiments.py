@@ -7,8 +7,10 @@ from torch import nn
 
 from bnviz import Config, build_lenet, make_synthetic, preset
 from bnviz import experiments as ex
+from bnviz import sweeps
 from bnviz import figures as fg
 from bnviz.data import to_float
+from bnviz.history import History
 
 
 @pytest.fixture(scope="module")
@@ -298,15 +300,18 @@ def test_pooled_std_and_verdict_follow_their_definitions():
     assert math.isclose(ex.pooled_std(a, b), math.sqrt(0.001))
     # paired: d = (0.06, 0.08, 0.10), mean 0.08, sd 0.02, threshold t(0.975, 2) * 0.02 / sqrt(3)
     v = ex.verdict(a, b)
-    assert math.isclose(v["delta"], 0.08) and math.isclose(v["noise"], 4.302652729749464 * 0.02 / math.sqrt(3))
-    assert v["verdict"].startswith("better (Δ +0.080, 95% CI +0.030 to +0.130)")
-    assert ex.verdict(b, a)["verdict"].startswith("worse (Δ -0.080")
+    assert math.isclose(v.delta, 0.08) and math.isclose(v.half_width, 4.302652729749464 * 0.02 / math.sqrt(3))
+    assert v.outcome is ex.Outcome.BETTER and v.ci == pytest.approx((0.030317, 0.129683), abs=1e-6)
+    assert str(v).startswith("better (Δ +0.080, 95% CI +0.030 to +0.130)")  # the sentence, made from the numbers
+    assert ex.verdict(b, a).outcome is ex.Outcome.WORSE and str(ex.verdict(b, a)).startswith("worse (Δ -0.080")
     c = ex.seed_stats([0.83, 0.81, 0.87])  # d = (0.03, -0.01, 0.03): the interval holds 0
-    assert ex.verdict(a, c)["verdict"].startswith("within noise")
-    assert ex.verdict(a, a)["verdict"].startswith("within noise")  # Δ = 0 with no spread
-    failed = ex.seed_stats([0.9, None, None])
-    assert "diverged seeds (2 of 3)" in ex.verdict(a, failed)["verdict"]
-    assert "no comparison" in ex.verdict(a, ex.seed_stats([None, None, None]))["verdict"]
+    assert ex.verdict(a, c).outcome is ex.Outcome.WITHIN_NOISE
+    assert ex.verdict(a, a).outcome is ex.Outcome.WITHIN_NOISE  # Δ = 0 with no spread
+    failed = ex.verdict(a, ex.seed_stats([0.9, None, None]))
+    assert failed.outcome is ex.Outcome.NOT_COMPARABLE and failed.n_pairs == 1
+    assert [(c.kind, c.value, c.ref) for c in failed.causes["this variant"]] == [(ex.CauseKind.DIVERGED, 2, 3)]
+    assert "diverged seeds (2 of 3)" in str(failed)
+    assert ex.verdict(a, ex.seed_stats([None, None, None])).outcome is ex.Outcome.NOT_COMPARABLE
 
 
 def test_compare_runs_every_seed_and_reuses_included_runs(data):
@@ -321,13 +326,14 @@ def test_compare_runs_every_seed_and_reuses_included_runs(data):
     t = cmp.table().set_index("variant")
     m = cmp.stats("max pool")
     assert math.isclose(t.loc["max pool", "mean"], m.mean) and t.loc["base", "verdict"] == "(reference)"
-    assert t.loc["max pool", "verdict"] == cmp.contrast("base", "max pool")["verdict"]
+    assert t.loc["max pool", "verdict"] == cmp.contrast("base", "max pool").headline()
+    assert cmp.contrast("base", "max pool").other.raw == cmp.cell("max pool").values()
     # The accuracy is the mean of the last 3 epochs with recomputed statistics; acc_ema the eval-mode one.
     r = cmp.runs_of("max pool")[0]
     precise = [e.precise_test_acc for e in r.history.epochs][-3:]
     assert None not in precise and r.acc == pytest.approx(sum(precise) / len(precise))
     assert r.acc_ema == r.history.mean_test_acc(3)
-    assert cmp.threshold("base", "max pool") == t.loc["max pool", "threshold"]
+    assert cmp.contrast("base", "max pool").half_width == t.loc["max pool", "threshold"]
     with pytest.raises(ValueError, match="seeds"):
         ex.compare(base(), {"x": {}}, seeds=(0, 1), data=data, include=floor, progress=False)
 
@@ -344,9 +350,11 @@ def test_caution_names_each_cell_with_its_measured_cause(data):
     best = max(cmp.values("tiny lr"))
     text = cmp.caution()
     assert f"CAUTION: tiny lr: never left chance (best seed {best:.3f} < 0.15)" in text
-    assert ex.caution(cmp.runs, by="variant") == text
-    assert cmp.causes("tiny lr") == [f"never left chance (best seed {best:.3f} < 0.15)"]
-    assert "CAUTION: tiny lr: never left chance" in cmp.contrast("tiny lr", "BN")["verdict"]
+    assert ex.caution(cmp.runs) == text
+    assert [str(c) for c in cmp.causes("tiny lr")] == [f"never left chance (best seed {best:.3f} < 0.15)"]
+    assert cmp.causes("tiny lr")[0].kind is ex.CauseKind.NEVER_LEFT_CHANCE and cmp.causes("tiny lr")[0].value == best
+    assert cmp.contrast("tiny lr", "BN").has(ex.CauseKind.NEVER_LEFT_CHANCE, "tiny lr")
+    assert "CAUTION: tiny lr: never left chance" in str(cmp.contrast("tiny lr", "BN"))
     assert cmp.table().set_index("variant").loc["tiny lr", "caution"].startswith("never left chance")
     assert cmp.caution(limit=0.0) == "" or "never left chance" not in cmp.caution(limit=0.0)
 
@@ -379,13 +387,13 @@ def test_tune_lr_extends_the_sweep_only_when_the_best_lr_is_at_an_edge(data, mon
     peak = {"up": 9.0, "inside": 1.0, "down": 1 / 9, "diverges": 100.0}
     calls = []
 
-    def fake_run_grid(base_cfg, variants, data=None, progress=True, tags=None, desc="", precise_bn=None):
+    def fake_run_grid(base_cfg, variants, seeds=None, data=None, progress=True, tags=None, precise_bn=None):
         calls.append(sorted((t["norm"], round(t["factor"], 6)) for t in tags.values()))
         runs = []
         for label, t in tags.items():
             f, norm = t["factor"], t["norm"]
             diverged = norm == "diverges" and f > 5
-            h = ex.History(config=base_cfg)
+            h = History(config=base_cfg)
             h.status = "diverged" if diverged else "finished"
             run = ex.Run(label, dict(t), h)
             runs.append((run, None if diverged else 0.9 - abs(math.log(f / peak[norm])) / 10))
@@ -400,7 +408,7 @@ def test_tune_lr_extends_the_sweep_only_when_the_best_lr_is_at_an_edge(data, mon
         def acc(self):
             return self._acc
 
-    monkeypatch.setattr(ex, "run_grid", fake_run_grid)
+    monkeypatch.setattr(sweeps, "run_grid", fake_run_grid)
     norms = {k: {} for k in peak}
     best, table = ex.tune_lr(base(), norms, (64,), data=data, progress=False, max_extend=3)
     lr = lambda f: 0.5 * f  # noqa: E731  (base lr 0.5 at the base batch size 64)
