@@ -1,7 +1,7 @@
 """Training throughput: bnviz's Trainer vs d2l's ``train_ch6`` on the same data and device.
 
-    .venv/bin/python benchmarks/throughput.py              # what `make bench` runs
-    .venv/bin/python benchmarks/throughput.py --epochs 2 --train-size 20000 --profile
+    .venv/bin/python benchmarks/throughput.py              # what `make bench` runs (5 rounds)
+    .venv/bin/python benchmarks/throughput.py --rounds 9 --epochs 2 --train-size 20000 --profile
 
 What is timed (same model, batch size, learning rate, examples and device for every row):
 
@@ -20,8 +20,13 @@ Examples/s = training examples (epochs × train size) / wall-clock seconds of th
 per-epoch test evaluation included for every row (each tool's own figure, which leaves the
 evaluation out, is printed too). Every run is preceded by a warm-up run on a few hundred
 examples. The data is the SYNTHETIC stand-in (same shape as Fashion-MNIST): throughput does not
-depend on pixel values. The last line is ``ratio bnviz/d2l: X.XX`` (bnviz nn.BatchNorm / d2l).
-The machine may be shared: run it twice and compare.
+depend on pixel values.
+
+One run of each side is too noisy to judge a threshold (five single runs on an idle 2-core CPU
+gave ratios 1.86-3.57). So ``--rounds N`` (default 5) times bnviz nn.BatchNorm and d2l N times
+each, alternately (the order swaps every round, so a slow spell of the machine hits both sides),
+prints each round's ratio and ends with ``ratio bnviz/d2l: median X.XX (range A-B over N rounds)``,
+the median of the per-round ratios. The scratch-BN row is timed once.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import io
 import os
 import platform
 import re
+import statistics
 import time
 import warnings
 
@@ -272,7 +278,11 @@ def main(argv=None) -> dict:
                     help="torch intra-op threads (default: torch's choice, the number of cores)")
     ap.add_argument("--skip-d2l", action="store_true", help="time bnviz only (no ratio line)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one step")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="bnviz and d2l timed alternately this many times; the median ratio is reported (default 5)")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     for name in ("epochs", "train_size", "test_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -295,28 +305,46 @@ def main(argv=None) -> dict:
     print(f"data: {data.label}, {args.train_size} train / {args.test_size} test, batch 256, lr 1.0, "
           f"{args.epochs} epoch(s), LeNet-BN (avg pool, sigmoid), test evaluated every epoch")
     rows = []
-    for norm in ("torch", "scratch"):
-        r = time_bnviz(data, norm, args.epochs, warmup=args.warmup)
-        rows.append(r)
-        print(f"{r['name']:<22} {r['examples_per_s']:>9.0f} examples/s  ({r['wall_s']:.2f} s wall; "
-              f"trainer's own figure without evaluation {r['own_examples_per_s']:.0f}/s; "
-              f"test acc {r['test_acc']:.3f})", flush=True)
+    r = time_bnviz(data, "scratch", args.epochs, warmup=args.warmup)
+    rows.append(r)
+    _print_bnviz(r)
     if args.profile:
         for norm in ("torch", "scratch"):
             print("\n" + profile_step(data, norm))
     result = {"machine": info, "rows": rows, "args": vars(args)}
     if args.skip_d2l:
+        r = time_bnviz(data, "torch", args.epochs, warmup=args.warmup)
+        rows.insert(0, r)
+        _print_bnviz(r)
         return result
-    d = time_d2l(data, args.epochs, device, warmup=args.warmup, workers=args.workers)
-    rows.append(d)
-    own = f"{d['own_examples_per_s']:.0f}/s" if d["own_examples_per_s"] else "?"
-    print(f"{d['name']:<22} {d['examples_per_s']:>9.0f} examples/s  ({d['wall_s']:.2f} s wall; "
-          f"d2l's own printed figure without data loading and drawing {own}; "
-          f"{d['svg_renders']} SVG redraws; test acc {d['test_acc']})", flush=True)
-    result["ratio"] = rows[0]["examples_per_s"] / d["examples_per_s"]
-    print(f"ratio bnviz/d2l: {result['ratio']:.2f}")
+    ratios = []
+    for k in range(args.rounds):
+        order = ("bnviz", "d2l") if k % 2 == 0 else ("d2l", "bnviz")
+        got = {}
+        for side in order:
+            if side == "bnviz":
+                got[side] = time_bnviz(data, "torch", args.epochs, warmup=args.warmup)
+                _print_bnviz(got[side], f"round {k + 1}: ")
+            else:
+                got[side] = d = time_d2l(data, args.epochs, device, warmup=args.warmup, workers=args.workers)
+                own = f"{d['own_examples_per_s']:.0f}/s" if d["own_examples_per_s"] else "?"
+                print(f"round {k + 1}: {d['name']:<22} {d['examples_per_s']:>9.0f} examples/s  ({d['wall_s']:.2f} s "
+                      f"wall; d2l's own printed figure without data loading and drawing {own}; "
+                      f"{d['svg_renders']} SVG redraws; test acc {d['test_acc']})", flush=True)
+        ratios.append(got["bnviz"]["examples_per_s"] / got["d2l"]["examples_per_s"])
+        print(f"round {k + 1}: ratio {ratios[-1]:.2f}", flush=True)
+        rows += [got["bnviz"], got["d2l"]]
+    result["ratios"] = ratios
+    result["ratio"] = statistics.median(ratios)
+    print(f"ratio bnviz/d2l: median {result['ratio']:.2f} (range {min(ratios):.2f}-{max(ratios):.2f} over "
+          f"{len(ratios)} round(s), load avg {machine_info(device).get('load_avg_1min', '?')} at the end)")
     return result
 
+
+def _print_bnviz(r: dict, prefix: str = "") -> None:
+    print(f"{prefix}{r['name']:<22} {r['examples_per_s']:>9.0f} examples/s  ({r['wall_s']:.2f} s wall; "
+          f"trainer's own figure without evaluation {r['own_examples_per_s']:.0f}/s; "
+          f"test acc {r['test_acc']:.3f})", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -319,6 +319,13 @@ def test_chapter_runs_in_emulated_colab(colab, name, tmp_path):
     setup_out = _text(next(c for c in nb.cells if c.cell_type == "code"))
     assert "no restart needed" in setup_out, setup_out
     assert colab["log"].read_text() == "", f"{name} enabled Colab's custom widget manager without a custom widget"
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+               if o.get("output_type") in ("display_data", "execute_result")]
+    assert not [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})], \
+        "a figure used plotly's mimetype, which Colab does not render: it must go through Colab's renderer"
+    if name == "05_optimisation.ipynb":
+        assert [o for o in outputs if "Plotly.newPlot" in o.get("data", {}).get("text/html", "")], \
+            "05's figures, drawn by plotly's Colab renderer"
     nbformat.write(nb, tmp_path / name)
 
 

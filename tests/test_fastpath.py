@@ -483,16 +483,27 @@ def _import_bench(name):
 
 
 @pytest.mark.timeout(600)
-def test_throughput_script_small_run_ends_with_the_ratio_line(capsys):
+def test_throughput_script_small_run_ends_with_the_median_ratio_line(capsys):
     tp = _import_bench("throughput")
-    result = tp.main(["--train-size", "1280", "--test-size", "256", "--warmup", "256"])
+    result = tp.main(["--train-size", "1280", "--test-size", "256", "--warmup", "256", "--rounds", "3"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"ratio bnviz/d2l: \d+\.\d\d", out[-1]), out[-1]
-    assert float(out[-1].split()[-1]) == pytest.approx(result["ratio"], abs=0.006)
+    m = re.fullmatch(r"ratio bnviz/d2l: median (\d+\.\d\d) \(range (\d+\.\d\d)-(\d+\.\d\d) over 3 round\(s\), "
+                     r"load avg .* at the end\)", out[-1])
+    assert m, out[-1]
+    ratios = result["ratios"]
+    assert len(ratios) == 3 and float(m.group(1)) == pytest.approx(sorted(ratios)[1], abs=0.006)
+    assert (float(m.group(2)), float(m.group(3))) == pytest.approx((min(ratios), max(ratios)), abs=0.006)
     names = [r["name"] for r in result["rows"]]
-    assert names == ["bnviz nn.BatchNorm", "bnviz scratch BN", "d2l train_ch6"]
+    # scratch BN once; then each round times both sides, the order swapping every round
+    assert names == ["bnviz scratch BN"] + ["bnviz nn.BatchNorm", "d2l train_ch6"] * 3
+    rounds = [ln.split(":")[0] + ":" + ln.split()[2] for ln in out if ln.startswith("round") and "examples/s" in ln]
+    assert rounds == ["round 1:bnviz", "round 1:d2l", "round 2:d2l", "round 2:bnviz", "round 3:bnviz",
+                      "round 3:d2l"], rounds
     for r in result["rows"]:
         assert r["examples"] == 1280 and r["examples_per_s"] > 0
+    for k, ratio in enumerate(ratios):
+        bn, d2l = result["rows"][1 + 2 * k], result["rows"][2 + 2 * k]
+        assert ratio == pytest.approx(bn["examples_per_s"] / d2l["examples_per_s"])
     d2l = result["rows"][-1]
     assert "examples/sec" in d2l["printed"] and d2l["svg_renders"] >= 5  # it drew
     assert any("SYNTHETIC" in line for line in out)

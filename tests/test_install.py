@@ -61,13 +61,21 @@ def test_runtime_requirements_leave_colabs_runtime_alone():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = {Requirement(r).name.lower(): Requirement(r) for r in project["dependencies"]}
     assert not {"jupyterlab", "notebook", "ipykernel", "voila", "jupyter-client"} & set(runtime)
-    colab = {}
-    for line in (ROOT / "tests" / "colab" / "pip-freeze.txt").read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==", 1)
-            colab[name.strip().lower().replace("_", "-")] = version.strip()
-    for name, req in runtime.items():
-        if name in colab:
-            assert req.specifier.contains(colab[name], prereleases=True), f"{req} refuses Colab's {name} {colab[name]}"
+    for freeze in ("pip-freeze.txt", "pip-freeze.gpu.txt"):  # Colab's CPU and GPU runtimes
+        colab = {}
+        for line in (ROOT / "tests" / "colab" / freeze).read_text().splitlines():
+            if " @ " in line and "/torch" in line:  # torch @ https://.../torch-2.11.0%2Bcpu-cp313-...
+                name = line.split(" @ ")[0].strip().lower()
+                m = re.search(rf"/{name}-([0-9][^-/]*?)(%2B|\+|-)", line)
+                if m:
+                    colab[name] = m.group(1)
+            elif "==" in line and not line.startswith("#"):
+                name, version = line.split("==", 1)
+                colab[name.strip().lower().replace("_", "-")] = version.strip()
+        assert {"torch", "torchvision", "ipython", "plotly", "ipywidgets"} <= set(colab), freeze
+        for name, req in runtime.items():
+            if name in colab:
+                assert req.specifier.contains(colab[name], prereleases=True), \
+                    f"{req} refuses Colab's {name} {colab[name]} ({freeze})"
     lab = {Requirement(r).name.lower() for r in project["optional-dependencies"]["lab"]}
     assert {"jupyterlab", "notebook", "voila", "ipykernel"} <= lab
