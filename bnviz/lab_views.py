@@ -49,6 +49,8 @@ class WidgetView:
     def show(self) -> None:
         from IPython.display import display
 
+        if not _in_ipython():
+            return
         enable_custom_widgets()  # Colab shows a FigureWidget only with its custom widget manager
         display(self.widget)
 
@@ -105,6 +107,8 @@ class DisplayView:
         two layer figures, the log last)."""
         from IPython.display import display
 
+        if not _in_ipython():
+            return
         with self._lock:
             display(self.widget)
             self.handles["fig_curves"] = display(_bundle(self.charts.fig_curves), raw=True, display_id=True)
@@ -125,6 +129,15 @@ class DisplayView:
                 fig.dirty = False
                 handle.update(_bundle(fig), raw=True)
                 self.updates += 1
+
+
+def _in_ipython() -> bool:
+    """True inside IPython or a Jupyter kernel. In plain Python there is no page to show the lab
+    on (``display`` would print its parts as text): the lab still trains, keeps ``lab.histories``
+    and updates its figures in memory."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    return InteractiveShell.initialized()
 
 
 def _bundle(fig) -> dict:

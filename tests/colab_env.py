@@ -67,7 +67,7 @@ def installed(python: Path) -> dict[str, str]:
     return {_norm(p["name"]): p["version"] for p in json.loads(out)}
 
 
-BUILD = 2  # bump when colab_venv() builds differently
+BUILD = 3  # bump when colab_venv() builds differently
 
 
 def _key() -> str:
@@ -92,7 +92,7 @@ def colab_venv(cache: Path = ROOT / ".cache") -> Path:
     # Colab's versions of everything (torch and what only this machine has aside)
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in pins.items()
                                    if not n.startswith(NOT_PINNED)))
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile"]
     subprocess.run(pip + ["--upgrade", f"pip=={pins.get('pip', '24.1.2')}"], check=False)
     subprocess.run(pip + ["-c", str(constraints)] + list(TORCH), check=True)  # its requirements at Colab's versions
     missing = [p for p in STACK if _norm(p) not in pins]

@@ -382,3 +382,19 @@ def test_chapters_store_the_kernel_metadata_the_course_kernel_reports():
     spec = kernel_json("/x/python")
     assert spec["argv"][:3] == ["/x/python", "-m", "bnviz.kernel"] and spec["display_name"] == KERNELSPEC["display_name"]
     assert "version" not in LANGUAGE_INFO
+
+
+def test_lab_in_plain_python_prints_no_figure_json():
+    """Without IPython there is no page: the lab trains and keeps its runs, and prints nothing
+    (neither the widgets' repr nor a figure's JSON). In a fresh process: this one has a shell."""
+    code = """
+from bnviz.dashboard import show_lab
+for drawing in ("display", "widget"):
+    lab = show_lab(drawing=drawing, dataset="synthetic", train_size=256, test_size=128, epochs=1, device="cpu")
+    h = lab.run_clicked(); lab.wait(300)
+    assert h.status == "finished" and lab.histories == [h], h.message
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "", proc.stdout[:500]
