@@ -52,11 +52,11 @@ from . import fastpath
 from .callbacks import Divergence, at_chance_note, input_stats_hook
 from .config import Config, LiveParams, check_batch_size, resolve_dataset
 from .data import Dataset, accuracy, batch_slices, drops_last, resolve_device, to_float
-from .history import History, Snapshot, SnapshotLayout
+from .history import History, Snapshot
 from .models import norm_layers
 from .precise import PreciseBNEval, precise_bn_stacked
 from .stats import num_channels
-from .train import DROP_NOTE, Clock, Trainer, build_model, cached_dataset
+from .train import DROP_NOTE, Meter, Trainer, build_model, cached_dataset
 
 __all__ = ["train_grid", "group_key", "solo_reason", "VmapGroup"]
 
@@ -347,7 +347,7 @@ class VmapGroup:
                 self.fast.release()
                 self._recorded = {}
         for h, c in zip(self.histories, self.configs):
-            h.setup_time_s, h.train_time_s = setup, self.clock.train_time
+            h.setup_time_s, h.train_time_s = setup, self.meter.train_time
             if h.status == "running":
                 h.status = "finished"
                 h.note(at_chance_note(h, c, self.step_count), first=True)
@@ -356,8 +356,7 @@ class VmapGroup:
     def _loop(self) -> None:
         cfg, n = self.cfg, len(self.data.train_x)
         self.divergence = [Divergence(c.divergence_factor) for c in self.configs]
-        self.clock = Clock()
-        self._since_snapshot = 0
+        self.meter = Meter(self.sums)
         for self.epoch in range(1, cfg.epochs + 1):
             orders = torch.stack([torch.randperm(n, device=self.device, generator=g) for g in self.gens])
             for batch in self.slices:
@@ -365,10 +364,10 @@ class VmapGroup:
                 self.fast(orders[:, batch].t())
                 self.step_count += 1
                 self.examples += batch.stop - batch.start
-                self._since_snapshot += 1
+                self.meter.since_snapshot += 1
                 if due:
                     self._snapshot("step")
-            if self._since_snapshot:
+            if self.meter.since_snapshot:
                 self._snapshot("step")
             self._snapshot("epoch")
             if self.bar is not None:
@@ -388,13 +387,7 @@ class VmapGroup:
                                              chunk=max(1, 10000 // self.K))
                 epoch_values["precise_test_acc"], epoch_values["saturated"] = precise.unbind(1)
         layers = {s: self._layer_state(s) for s in self.batch_stats}
-        layout = SnapshotLayout(self.K)
-        rows = layout.pack(self.sums.t(), epoch_values, layers).tolist()  # the one host copy
-        now = time.perf_counter()
-        (self.sums[:3] if kind == "step" else self.sums[3:]).zero_()
-        if kind == "step":
-            self._since_snapshot = 0
-        rate = self.clock.tick(kind, self.examples, started, now)
+        rows, layout, now, rate = self.meter.read(kind, self.examples, started, epoch_values, layers)
         for k, row in enumerate(rows):
             if self.active[k]:
                 self._add_snapshot(k, kind, layout.unpack(row, kind), now, rate)
@@ -414,7 +407,7 @@ class VmapGroup:
         if rate is None:
             rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.clock.t0, examples_per_s=rate,
+                     time_s=now - self.meter.t0, examples_per_s=rate,
                      **{name: getattr(c, name) for name in LiveParams.NAMES}, **values)
         h.snapshots.append(s)
         why = self.divergence[k].reason(s)

@@ -87,24 +87,36 @@ def build_model(config: Config, device: torch.device, model: nn.Module | None = 
     return configure_norms(model, config.bn_momentum, config.eps)
 
 
-class Clock:
-    """Training time between snapshots: :meth:`tick` at each snapshot returns a step
-    snapshot's examples/s since the previous one and takes an epoch end's evaluation out."""
+class Meter:
+    """The device side of the snapshots of one run or K runs: the metric sums (loss, correct, n
+    since the previous snapshot | in this epoch: (6,) or (6, K)), the steps since the previous
+    snapshot, and the training time (evaluation excluded)."""
 
-    def __init__(self):
+    def __init__(self, sums: torch.Tensor):
+        self.sums, self.since_snapshot = sums, 0
         self.t0 = self.mark = time.perf_counter()
         self.examples_mark, self.train_time = 0, 0.0
 
-    def tick(self, kind: str, examples: int, started: float, now: float) -> float | None:
-        """``started``: when the snapshot began; ``now``: when its host copy ended."""
+    def read(self, kind: str, examples: int, started: float, epoch_values: dict,
+             layers: dict) -> tuple[list[list[float]], SnapshotLayout, float, float | None]:
+        """The one host copy of the sums, ``epoch_values`` and ``layers`` (see
+        :class:`~bnviz.history.SnapshotLayout`): ``(rows, layout, now, rate)``. The sums read are
+        zeroed; ``rate``: a step snapshot's examples/s since the previous one (None at an epoch
+        end, whose evaluation since ``started`` is taken out of the training time)."""
+        runs = self.sums.numel() // 6
+        layout = SnapshotLayout(runs)
+        rows = layout.pack(self.sums.reshape(6, runs).t(), epoch_values, layers).tolist()
+        now = time.perf_counter()
         if kind != "step":
-            self.mark += time.perf_counter() - started  # evaluation is not training time
-            return None
-        dt = now - self.mark
+            self.sums[3:].zero_()
+            self.mark += time.perf_counter() - started
+            return rows, layout, now, None
+        self.sums[:3].zero_()
+        dt, self.since_snapshot = now - self.mark, 0
         rate = (examples - self.examples_mark) / dt if dt > 0 else 0.0
         self.train_time += dt
         self.mark, self.examples_mark = now, examples
-        return rate
+        return rows, layout, now, rate
 
 
 def _predict(model: nn.Module, channels_last: bool, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +219,7 @@ class Trainer:
 
     def _loop(self) -> None:
         cfg, n = self.config, len(self.data.train_x)
-        self.clock = Clock()
-        self._since_snapshot = self._epoch_examples = 0
+        self.meter, self._epoch_examples = Meter(self.sums), 0
         self.model.train()
         for self.epoch in range(1, cfg.epochs + 1) if cfg.epochs else itertools.count(1):
             self.apply_live(LiveParams.AT_EPOCH)
@@ -228,7 +239,7 @@ class Trainer:
                     self.step_count += 1
                     self.examples += batch.stop - batch.start
                     self._epoch_examples += batch.stop - batch.start
-                    self._since_snapshot += 1
+                    self.meter.since_snapshot += 1
                     if due:
                         self._snapshot("step")
             except CancelFit as end:
@@ -238,7 +249,7 @@ class Trainer:
             self._end_epoch()
 
     def _end_epoch(self) -> None:
-        if self._since_snapshot:
+        if self.meter.since_snapshot:
             self._snapshot("step")
         if self._epoch_examples:  # a stop before the epoch's first step has nothing to report
             self._snapshot("epoch")
@@ -343,20 +354,14 @@ class Trainer:
         started, h = time.perf_counter(), self.history
         epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" else {}
         layers = {name: {**layer_state(m), **self.recorder.stats(name)} for name, m in self.norms.items()}
-        layout = SnapshotLayout()
-        (row,) = layout.pack(self.sums, epoch_values, layers).tolist()  # the one host copy
-        now = time.perf_counter()
-        (self.sums[:3] if kind == "step" else self.sums[3:]).zero_()
-        if kind == "step":
-            self._since_snapshot = 0
-        rate = self.clock.tick(kind, self.examples, started, now)
+        (row,), layout, now, rate = self.meter.read(kind, self.examples, started, epoch_values, layers)
         if rate is None:
             rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.clock.t0, examples_per_s=rate, **self.live.values,
+                     time_s=now - self.meter.t0, examples_per_s=rate, **self.live.values,
                      **layout.unpack(row, kind))
         h.snapshots.append(s)
-        h.train_time_s = self.clock.train_time
+        h.train_time_s = self.meter.train_time
         self._call("on_snapshot", s)
         return s
 
