@@ -328,6 +328,8 @@ class LiveParams:
     def take(self, names=NAMES) -> dict:
         """Remove the pending changes among ``names`` and return those that differ from the
         values in use."""
+        if not self._pending:  # every step asks: no lock when nothing is queued
+            return {}
         with self._lock:
             taken = {k: v for k, v in self._pending.items() if k in names}
             for k in taken:

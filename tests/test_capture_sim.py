@@ -460,3 +460,22 @@ def test_the_grids_capture_with_a_diverging_member(sim):
     assert [s.step for s in hists[1].snapshots] == [s.step for s in ref[1].snapshots]
     for k in (0, 2):
         assert_grid_run_close(hists[k], ref[k])
+
+
+def test_a_grid_capture_error_falls_back_to_eager_like_a_trainer(sim):
+    """The grid shares the Trainer's FastPath: the same fallback, the same note in every
+    History, and the numbers of the uncaptured group."""
+    from bnviz.grid import VmapGroup
+
+    data = make_synthetic(200, 100, seed=3)
+    configs = [_grid_cfg(seed=s) for s in (0, 1)]
+    ref = VmapGroup([c.replace(fast="eager") for c in configs], data, None).fit()
+    sim.fail["end"] = 2  # the second graph (batch 8) fails after the first was captured
+    group = VmapGroup(configs, data, None)
+    hists = group.fit()
+    assert group.captured is None and sim.stack == [sim.default] and sim.capturing is None
+    assert all(g() is None or g().fn is None for g in sim.graphs)  # the first graph was released
+    for h, r in zip(hists, ref):
+        assert "The fast path failed (RuntimeError: SIM: injected end failure" in h.message
+        assert "continues eagerly" in h.message
+        assert [s.loss for s in h.snapshots] == [s.loss for s in r.snapshots]  # the eager step exactly
