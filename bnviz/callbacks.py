@@ -3,7 +3,7 @@
 A callback is any object with some of these methods (each gets the trainer; missing ones are
 skipped). The trainer calls them in list order::
 
-    on_fit_start(trainer)              after the model, data and fast path are ready
+    on_fit_start(trainer)              after the model and data are ready (before compile/capture)
     before_epoch(trainer)              a new epoch is about to start (trainer.epoch is set)
     before_step(trainer)               before every step: keep it cheap (no host sync)
     on_snapshot(trainer, snapshot)     after each snapshot was added to trainer.history
@@ -12,10 +12,13 @@ skipped). The trainer calls them in list order::
 To end a run early a callback raises :class:`CancelFit` with the final status ('stopped' or
 'diverged') and a message; the trainer records both in the History.
 
-Here: stopping from another thread (:class:`StopSignal`), divergence detection with its explanation (:class:`Divergence`,
-:func:`diagnose`), the per-layer batch statistics written inside the step
-(:class:`BatchStatsRecorder`), a tqdm progress bar (:class:`Progress`) and a probe that calls a
-function on every snapshot (:class:`Probe`).
+Here: the calling rule (:func:`dispatch`), stopping from another thread (:class:`StopSignal`),
+divergence detection with its explanation (:class:`Divergence`, :func:`diagnose`,
+:func:`at_chance_note`), the per-layer input statistics (:func:`input_stats_hook`, the grid's
+too) written inside the step (:class:`BatchStatsRecorder`), a tqdm progress bar
+(:class:`Progress`) and a probe that calls a function on every snapshot (:class:`Probe`).
+Live hyperparameters are not a callback: the trainer applies them at the top of a step
+(:meth:`bnviz.train.Trainer.apply_live`).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """What a run produced: :class:`Snapshot` (a curve point), :class:`Change` (a live
-hyperparameter change), :class:`History` (one run), and JSON save/load.
+hyperparameter change), :class:`History` (one run), and JSON save/load; and
+:class:`SnapshotLayout`, how a snapshot's device values travel to the host in one copy.
 
 Snapshot semantics: a ``'step'`` snapshot every ``Config.snapshot_every`` steps holds the mean
 loss and accuracy of the training batches since the previous snapshot; an ``'epoch'`` snapshot
