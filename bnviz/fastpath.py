@@ -310,7 +310,7 @@ class CapturedStep:
 
 class CapturedEval:
     """The test accuracy of ``model`` (eval mode, running statistics) on the uint8 images ``x``
-    and labels ``y``, recorded once as a CUDA graph over the whole test set; ``evaluator()``
+    and labels ``y``, recorded once as a CUDA graph over the whole test set; ``captured_eval()``
     replays it and returns the accuracy as a 0-d device tensor. It reads the parameters and
     buffers where the training step writes them, so it always sees the current model.
     ``forward(x)``: the model's logits for float images (default: ``model``)."""
