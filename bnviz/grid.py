@@ -387,10 +387,10 @@ class VmapGroup:
                                              chunk=max(1, 10000 // self.K))
                 epoch_values["precise_test_acc"], epoch_values["saturated"] = precise.unbind(1)
         layers = {s: self._layer_state(s) for s in self.batch_stats}
-        rows, layout, now, rate = self.meter.read(kind, self.examples, started, epoch_values, layers)
+        rows, layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         for k, row in enumerate(rows):
             if self.active[k]:
-                self._add_snapshot(k, kind, layout.unpack(row, kind), now, rate)
+                self._add_snapshot(k, kind, layout.unpack(row, kind), now)
 
     def _layer_state(self, short: str) -> dict[str, torch.Tensor | None]:
         """Stacked (K, C) per-channel tensors, as :func:`bnviz.stats.layer_state` per model."""
@@ -402,12 +402,10 @@ class VmapGroup:
                 "running_var": per_channel(self.buffers.get(f"{path}.running_var")),
                 "batch_mean": mean, "batch_var": var}
 
-    def _add_snapshot(self, k: int, kind: str, values: dict, now: float, rate: float | None) -> None:
+    def _add_snapshot(self, k: int, kind: str, values: dict, now: float) -> None:
         h, c = self.histories[k], self.configs[k]
-        if rate is None:
-            rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=rate,
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
                      **{name: getattr(c, name) for name in LiveParams.NAMES}, **values)
         h.snapshots.append(s)
         why = self.divergence[k].reason(s)

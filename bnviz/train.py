@@ -95,14 +95,14 @@ class Meter:
     def __init__(self, sums: torch.Tensor):
         self.sums, self.since_snapshot = sums, 0
         self.t0 = self.mark = time.perf_counter()
-        self.examples_mark, self.train_time = 0, 0.0
+        self.examples_mark, self.train_time, self.rate = 0, 0.0, 0.0
 
     def read(self, kind: str, examples: int, started: float, epoch_values: dict,
-             layers: dict) -> tuple[list[list[float]], SnapshotLayout, float, float | None]:
+             layers: dict) -> tuple[list[list[float]], SnapshotLayout, float]:
         """The one host copy of the sums, ``epoch_values`` and ``layers`` (see
-        :class:`~bnviz.history.SnapshotLayout`): ``(rows, layout, now, rate)``. The sums read are
-        zeroed; ``rate``: a step snapshot's examples/s since the previous one (None at an epoch
-        end, whose evaluation since ``started`` is taken out of the training time)."""
+        :class:`~bnviz.history.SnapshotLayout`): ``(rows, layout, now)``. The sums read are
+        zeroed; :attr:`rate` becomes a step snapshot's examples/s since the previous one (an
+        epoch end keeps it, and its evaluation since ``started`` is not training time)."""
         runs = self.sums.numel() // 6
         layout = SnapshotLayout(runs)
         rows = layout.pack(self.sums.reshape(6, runs).t(), epoch_values, layers).tolist()
@@ -110,13 +110,13 @@ class Meter:
         if kind != "step":
             self.sums[3:].zero_()
             self.mark += time.perf_counter() - started
-            return rows, layout, now, None
+            return rows, layout, now
         self.sums[:3].zero_()
         dt, self.since_snapshot = now - self.mark, 0
-        rate = (examples - self.examples_mark) / dt if dt > 0 else 0.0
+        self.rate = (examples - self.examples_mark) / dt if dt > 0 else 0.0
         self.train_time += dt
         self.mark, self.examples_mark = now, examples
-        return rows, layout, now, rate
+        return rows, layout, now
 
 
 def _predict(model: nn.Module, channels_last: bool, x: torch.Tensor) -> torch.Tensor:
@@ -354,11 +354,9 @@ class Trainer:
         started, h = time.perf_counter(), self.history
         epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" else {}
         layers = {name: {**layer_state(m), **self.recorder.stats(name)} for name, m in self.norms.items()}
-        (row,), layout, now, rate = self.meter.read(kind, self.examples, started, epoch_values, layers)
-        if rate is None:
-            rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
+        (row,), layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=rate, **self.live.values,
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate, **self.live.values,
                      **layout.unpack(row, kind))
         h.snapshots.append(s)
         h.train_time_s = self.meter.train_time
