@@ -51,7 +51,7 @@ from torch.func import functional_call, stack_module_state
 from . import fastpath
 from .callbacks import Divergence, at_chance_note, input_stats_hook
 from .config import Config, LiveParams, check_batch_size, resolve_dataset
-from .data import Dataset, accuracy, batch_slices, drops_last, resolve_device, to_float
+from .data import Dataset, accuracy, batch_sizes, batch_slices, drops_last, resolve_device, to_float
 from .history import History, Snapshot
 from .models import norm_layers
 from .precise import PreciseBNEval, precise_bn_stacked
@@ -257,8 +257,8 @@ class VmapGroup:
         self.plist = list(self.params.values())
         self.skeleton = copy.deepcopy(models[0]).to("meta").train()
         norms = norm_layers(self.skeleton)
-        self.batch_stats = {s: (torch.zeros(K, num_channels(m), device=dev), torch.zeros(K, num_channels(m), device=dev))
-                            for s, m in norms.items()}
+        zeros = lambda m: torch.zeros(K, num_channels(m), device=dev)  # noqa: E731
+        self.batch_stats = {s: (zeros(m), zeros(m)) for s, m in norms.items()}  # input mean, var
         self._recorded: dict[str, tuple] = {}
         for short, m in norms.items():
             m.register_forward_pre_hook(input_stats_hook(
@@ -270,7 +270,8 @@ class VmapGroup:
         self.sums = torch.zeros(6, K, device=dev)  # loss, correct, n: since snapshot | epoch; per run
         self.train_fn = torch.vmap(self._loss)
         self.predict_fn = torch.vmap(self._predict, in_dims=(0, 0, None))
-        self.slices = batch_slices(n, cfg.batch_size, drops_last(n, cfg.batch_size, cfg.drop_last))
+        drop = drops_last(n, cfg.batch_size, cfg.drop_last)
+        self.slices = batch_slices(n, cfg.batch_size, drop)
         if drops_last(n, cfg.batch_size):
             self.note(DROP_NOTE)
         if any(c.fast in ("compile", "graph+compile") for c in self.configs):
@@ -279,7 +280,7 @@ class VmapGroup:
             "graph" if _captures(cfg, dev) else "eager", self.skeleton, dev, step=self.step, state=self._state,
             evaluate=self._evaluate, note=self.note,
             sample=lambda b: torch.arange(b, device=dev)[:, None].expand(-1, K).contiguous())
-        self.fast.prepare(sorted({s.stop - s.start for s in self.slices}, reverse=True))
+        self.fast.prepare(batch_sizes(n, cfg.batch_size, drop))
 
     def _state(self) -> list[torch.Tensor]:
         return self.plist + list(self.buffers.values()) + [self.sums] + \
@@ -395,7 +396,8 @@ class VmapGroup:
     def _layer_state(self, short: str) -> dict[str, torch.Tensor | None]:
         """Stacked (K, C) per-channel tensors, as :func:`bnviz.stats.layer_state` per model."""
         path, (mean, var) = f"norm_{short}", self.batch_stats[short]
-        per_channel = lambda t: None if t is None else t.detach().reshape(self.K, mean.shape[1], -1).mean(2)  # noqa: E731
+        shape = (self.K, mean.shape[1], -1)
+        per_channel = lambda t: None if t is None else t.detach().reshape(shape).mean(2)  # noqa: E731
         return {"gamma": per_channel(self.params.get(f"{path}.weight")),
                 "beta": per_channel(self.params.get(f"{path}.bias")),
                 "running_mean": per_channel(self.buffers.get(f"{path}.running_mean")),
