@@ -1,4 +1,4 @@
-"""Evaluation with recomputed BN statistics ("PreciseBN", Wu & Johnson 2021), run by run.
+"""Evaluation with recomputed BN statistics ("PreciseBN", Wu & Johnson 2021).
 
 A BN network in eval mode normalises with its **moving averages**, which average the batch
 statistics of many earlier steps, i.e. of earlier weights: while the weights still move, that
@@ -9,13 +9,15 @@ Conventions:
 
 * The statistics are recomputed on the first :data:`PRECISE_BN_IMAGES` (2,000) training images,
   in batches of :data:`PRECISE_BN_BATCH` (250), with equal weights
-  (:func:`bnviz.stats.recompute_bn_stats`), on a **copy**: the run itself goes on with its own
-  moving averages untouched. A batch of 250 keeps the (B−1)/B bias of an average of batch
-  variances below 0.4%.
-* :class:`PreciseBNEval` (a Trainer callback; ``train_grid(precise_bn=N)`` adds it) writes, at
-  every epoch end, ``Snapshot.precise_test_acc`` (BN models only; None otherwise) and
+  (one pass: :func:`bnviz.stats.average_batch_stats`), on a **copy**: the run itself goes on
+  with its own moving averages untouched. A batch of 250 keeps the (B−1)/B bias of an average
+  of batch variances below 0.4%.
+* At every epoch end ``Snapshot.precise_test_acc`` (BN models only; None otherwise) and
   ``Snapshot.saturated`` (models with sigmoids: the share of sigmoid outputs below 0.05 or above
-  0.95 on the first 250 of those images, in eval mode; None otherwise).
+  0.95 on the first 250 of those images, in eval mode; None otherwise) are written by
+  :class:`PreciseBNEval` (a Trainer callback) for a run alone, and by
+  :func:`precise_bn_stacked` (the same pass, the same evaluation, vmapped) for the K runs of a
+  vmapped grid; ``train_grid(precise_bn=N)`` uses whichever applies.
 """
 from __future__ import annotations
 
