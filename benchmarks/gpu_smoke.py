@@ -32,7 +32,7 @@ import traceback
 import torch
 
 from bnviz import Config, Trainer, fastpath, make_synthetic, preset
-from bnviz.grid import _Group
+from bnviz.grid import VmapGroup
 from bnviz.train import evaluate
 
 DEV = "cuda"
@@ -85,8 +85,8 @@ def captured(small, norm, fast):
 
     class EvalSpy:  # the captured evaluation against the plain one, at every epoch end
         def on_snapshot(self, trainer, s):
-            if s.kind == "epoch" and isinstance(trainer.evaluator, fastpath.CapturedEval):
-                evals.append(abs(trainer.evaluator().item() - evaluate(
+            if s.kind == "epoch" and isinstance(trainer.fast.evaluate, fastpath.CapturedEval):
+                evals.append(abs(trainer.fast.evaluate().item() - evaluate(
                     trainer.model, small.test_x, small.test_y).item()))
 
     tr, h = fit(cfg(norm, fast), small, [EvalSpy()])
@@ -147,8 +147,8 @@ def dropout(small):
 def grid(data, k, epochs, target=None):
     cs = [cfg(fast="graph", seed=s, lr=(0.5, 1.0)[s % 2], epochs=epochs, snapshot_every=50) for s in range(k)]
     if target is not None:  # warm-up (cuDNN, context) on a small grid
-        _Group([c.replace(epochs=1) for c in cs], data.subset(2144, 512), None).fit()
-    g = _Group(cs, data, None)
+        VmapGroup([c.replace(epochs=1) for c in cs], data.subset(2144, 512), None).fit()
+    g = VmapGroup(cs, data, None)
     t = time.perf_counter()
     hs = g.fit()
     wall = time.perf_counter() - t
@@ -163,24 +163,25 @@ def grid(data, k, epochs, target=None):
 
 def momentum(small, fast):
     delay = []
-    original = Trainer.set_hyperparameters
+    original = Trainer.apply_live
 
-    def timed_set(self, changes):
-        t = time.perf_counter()
-        original(self, changes)
+    def timed_set(self, names):
+        n, t = len(self.history.changes), time.perf_counter()
+        original(self, names)
         torch.cuda.synchronize()
-        delay.append((sorted(changes), round(time.perf_counter() - t, 4)))
+        if len(self.history.changes) > n:
+            delay.append((sorted(c.name for c in self.history.changes[n:]), round(time.perf_counter() - t, 4)))
 
     class Change:
         def before_step(self, t):
             if t.step_count == 3:
                 t.live.set(bn_momentum=0.5, eps=1e-3)
 
-    Trainer.set_hyperparameters = timed_set
+    Trainer.apply_live = timed_set
     try:
         tr, h = fit(cfg("scratch", fast, epochs=2, snapshot_every=4), small, [Change()])
     finally:
-        Trainer.set_hyperparameters = original
+        Trainer.apply_live = original
     _, ref = fit(cfg("scratch", epochs=2, snapshot_every=4), small, [Change()])
     rc = tr.captured.info["recaptures"] if tr.captured else None
     ok = tr.captured is not None and same(h, ref) and rc == 1 and len(delay) == 1 and delay[0][1] <= 0.2

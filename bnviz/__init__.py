@@ -3,7 +3,7 @@
 One concept per module: ``norms`` (BN from scratch), ``models`` (the LeNet builder),
 ``data`` (device-resident data sets), ``config`` (Config, LiveParams), ``history`` (History,
 save/load), ``train`` (Trainer, train), ``callbacks``, ``fastpath`` (compile and capture),
-``grid`` (K runs at once), ``stats`` (population statistics, folding, per-channel reading).
+``grid`` (K runs at once), ``precise`` (PreciseBN), ``stats`` (population statistics, folding, per-channel reading).
 The dashboard (``bnviz.dashboard``) is imported on its own, since it needs ipywidgets.
 """
 from .data import Dataset, load_dataset, make_synthetic

@@ -3,7 +3,7 @@
 A callback is any object with some of these methods (each gets the trainer; missing ones are
 skipped). The trainer calls them in list order::
 
-    on_fit_start(trainer)              after the model, data and fast path are ready
+    on_fit_start(trainer)              after the model and data are ready (before compile/capture)
     before_epoch(trainer)              a new epoch is about to start (trainer.epoch is set)
     before_step(trainer)               before every step: keep it cheap (no host sync)
     on_snapshot(trainer, snapshot)     after each snapshot was added to trainer.history
@@ -12,11 +12,13 @@ skipped). The trainer calls them in list order::
 To end a run early a callback raises :class:`CancelFit` with the final status ('stopped' or
 'diverged') and a message; the trainer records both in the History.
 
-Here: live hyperparameters (:class:`LiveUpdates`), stopping from another thread
-(:class:`StopSignal`), divergence detection with its explanation (:class:`Divergence`,
-:func:`diagnose`), the per-layer batch statistics written inside the step
-(:class:`BatchStatsRecorder`), a tqdm progress bar (:class:`Progress`) and a probe that calls a
-function on every snapshot (:class:`Probe`).
+Here: the calling rule (:func:`dispatch`), stopping from another thread (:class:`StopSignal`),
+divergence detection with its explanation (:class:`Divergence`, :func:`diagnose`,
+:func:`at_chance_note`), the per-layer input statistics (:func:`input_stats_hook`, the grid's
+too) written inside the step (:class:`BatchStatsRecorder`), a tqdm progress bar
+(:class:`Progress`) and a probe that calls a function on every snapshot (:class:`Probe`).
+Live hyperparameters are not a callback: the trainer applies them at the top of a step
+(:meth:`bnviz.train.Trainer.apply_live`).
 """
 from __future__ import annotations
 
@@ -27,10 +29,26 @@ from typing import Callable
 
 import torch
 
-from .history import Change
+from .config import BATCH_ONE
 
-__all__ = ["CancelFit", "LiveUpdates", "StopSignal", "Divergence", "BatchStatsRecorder",
-           "Progress", "Probe", "SnapshotFunction", "diagnose", "BATCH_ONE"]
+__all__ = ["CancelFit", "StopSignal", "Divergence", "BatchStatsRecorder", "input_stats_hook",
+           "Progress", "Probe", "SnapshotFunction", "diagnose", "at_chance_note", "dispatch", "BATCH_ONE"]
+
+
+def dispatch(callbacks, event: str, trainer, *args) -> None:
+    """Call ``event`` on every callback that has it, in list order. ``on_fit_end`` reaches every
+    callback, and an error in one is a warning: none may hide the run's own error."""
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is None:
+            continue
+        if event != "on_fit_end":
+            fn(trainer, *args)
+            continue
+        try:
+            fn(trainer, *args)
+        except Exception as err:
+            warnings.warn(f"{type(cb).__name__}.on_fit_end failed: {type(err).__name__}: {err}")
 
 
 class CancelFit(Exception):
@@ -42,36 +60,7 @@ class CancelFit(Exception):
         self.message = message
 
 
-# ----------------------------------------------------------------------------- live parameters
-
-
-class LiveUpdates:
-    """Applies :class:`bnviz.config.LiveParams` changes: lr, BN momentum and eps before the next
-    step, the batch size before the next epoch, all pending values in one
-    ``trainer.set_hyperparameters`` call. Each applied change becomes a
-    :class:`~bnviz.history.Change` whose ``step`` is the first step that used the new value."""
-
-    STEP_NAMES = ("lr", "bn_momentum", "eps")
-
-    def before_epoch(self, trainer) -> None:
-        self._apply(trainer, ("batch_size",))
-
-    def before_step(self, trainer) -> None:
-        if trainer.live.has_pending:
-            self._apply(trainer, self.STEP_NAMES)
-
-    def _apply(self, trainer, names) -> None:
-        """Every pending value at once: the trainer re-captures its graphs once for a BN
-        momentum + eps change, not once per name."""
-        live = trainer.live
-        changes = {name: new for name, new in live.take(names).items() if new != live.values[name]}
-        if not changes:
-            return
-        trainer.set_hyperparameters(changes)  # raises ValueError before changing anything
-        for name, new in changes.items():
-            old, live.values[name] = live.values[name], new
-            trainer.history.changes.append(Change(step=trainer.step_count + 1, epoch=trainer.epoch,
-                                                  name=name, old=old, new=new))
+# ----------------------------------------------------------------------------- stop
 
 
 class StopSignal:
@@ -138,6 +127,12 @@ class Divergence:
         self.seen = 0
 
     def on_snapshot(self, trainer, s) -> None:
+        why = self.reason(s)
+        if why:
+            raise self.stop(why, trainer.current_config())
+
+    def reason(self, s) -> str | None:
+        """Why snapshot ``s`` (of a run seen snapshot by snapshot) diverged; None: it did not."""
         why = None
         if not math.isfinite(s.loss):
             why = f"The loss became {s.loss} at step {s.step}."
@@ -147,28 +142,44 @@ class Divergence:
         if s.kind == "step" and self.seen == 0 and math.isfinite(s.loss):
             self.ref = max(self.ref, s.loss)
         self.seen += 1
-        if why:
-            raise CancelFit("diverged", diagnose(why + " The run was stopped.", trainer.current_config()))
+        return why
+
+    @staticmethod
+    def stop(why: str, config) -> CancelFit:
+        """The CancelFit that ends a diverged run with ``config`` (the values in use)."""
+        return CancelFit("diverged", diagnose(why + " The run was stopped.", config))
 
 
-BATCH_ONE = (
-    "Batch size {bs} with batch normalization in a fully connected layer: in training mode that "
-    "layer sees one value per channel, so the batch variance is undefined and x - mean is always "
-    "0; PyTorch refuses to train (\"Expected more than 1 value per channel when training\"). A "
-    "convolutional BN layer still works with one image (it normalises over H×W, i.e. it becomes "
-    "instance normalisation). Use a batch size of at least 2 (8 or more for useful statistics), "
-    "or a norm that does not use the batch: LayerNorm or GroupNorm. Prediction (model.eval()) "
-    "works with any batch size, even 1, because it uses the running statistics."
-)
+def at_chance_note(history, config, steps: int) -> str:
+    """The note for a run that finished (``steps`` steps, at least 50) with a training accuracy
+    about chance, with its likely causes; '' otherwise."""
+    acc = history.final_train_acc
+    if acc is None or acc >= 0.15 or steps < 50:
+        return ""
+    return diagnose(f"Training finished but the training accuracy is {acc:.3f}, about chance (0.1): "
+                    "the network did not learn.", config, stuck=True)
 
 
 # ----------------------------------------------------------------------------- layer statistics
 
 
+def input_stats_hook(write: Callable[[torch.Tensor, torch.Tensor], None], enabled: Callable[[], bool] = lambda: True):
+    """A forward pre-hook for a norm layer: in training mode (and while ``enabled()``), the
+    per-channel mean and biased variance of the layer's input are passed to ``write(mean, var)``.
+    Cost: one ``var_mean``. The Trainer writes them into static buffers (:class:`BatchStatsRecorder`);
+    the vmapped grid returns them from its step."""
+    def hook(module, inputs):
+        if module.training and enabled():
+            x = inputs[0].detach()
+            var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
+            write(mean, var)
+    return hook
+
+
 class BatchStatsRecorder:
-    """The per-channel mean and biased variance of each norm layer's input, written into static
-    device buffers by forward pre-hooks during training steps, so a snapshot reads the last
-    training batch's statistics without an extra forward. Cost: one ``var_mean`` per norm layer.
+    """The input statistics of each norm layer (:func:`input_stats_hook`), written into static
+    device buffers during training steps, so a snapshot reads the last training batch's
+    statistics without an extra forward.
 
     ``enabled``: the trainer sets it before each step. An eager step records only when a
     snapshot follows it (the last step of an epoch, or a ``snapshot_every`` step); a compiled or
@@ -184,21 +195,15 @@ class BatchStatsRecorder:
         from .stats import num_channels
 
         for name, m in trainer.norms.items():
-            c = num_channels(m)
-            dev = trainer.device
-            self.buffers[name] = (torch.zeros(c, device=dev), torch.zeros(c, device=dev))
-            self.handles.append(m.register_forward_pre_hook(self._hook(name)))
+            mean_buf, var_buf = (torch.zeros(num_channels(m), device=trainer.device) for _ in range(2))
+            self.buffers[name] = (mean_buf, var_buf)
+            write = lambda mean, var, mb=mean_buf, vb=var_buf: (mb.copy_(mean), vb.copy_(var))  # noqa: E731
+            self.handles.append(m.register_forward_pre_hook(input_stats_hook(write, lambda: self.enabled)))
 
-    def _hook(self, name):
-        mean_buf, var_buf = self.buffers[name]
-
-        def fn(module, inputs):
-            if module.training and self.enabled:
-                x = inputs[0].detach()
-                var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
-                mean_buf.copy_(mean)
-                var_buf.copy_(var)
-        return fn
+    def stats(self, name: str) -> dict[str, torch.Tensor | None]:
+        """The recorded ``batch_mean`` and ``batch_var`` of layer ``name``."""
+        mean, var = self.buffers.get(name, (None, None))
+        return {"batch_mean": mean, "batch_var": var}
 
     def on_fit_end(self, trainer) -> None:
         for h in self.handles:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from .data import DATASET_NAMES
 from .models import INITS, PRESETS, LeNetSpec, preset
 
-__all__ = ["Config", "LiveParams", "FAST_MODES", "check", "resolve_dataset"]
+__all__ = ["Config", "LiveParams", "FAST_MODES", "BATCH_ONE", "check", "check_batch_size", "resolve_dataset"]
 
 # How a training step runs (see bnviz.fastpath): 'auto' = on CUDA one captured CUDA graph per
 # step around an inductor-compiled loss; elsewhere eager. The others force one way.
@@ -263,37 +263,61 @@ class Config:
         return f"{self.model.label()} | bs {self.batch_size}, lr {self.lr:g}{bn}{init}, seed {self.seed}"
 
 
+BATCH_ONE = (
+    "Batch size {bs} with batch normalization in a fully connected layer: in training mode that "
+    "layer sees one value per channel, so the batch variance is undefined and x - mean is always "
+    "0; PyTorch refuses to train (\"Expected more than 1 value per channel when training\"). A "
+    "convolutional BN layer still works with one image (it normalises over H×W, i.e. it becomes "
+    "instance normalisation). Use a batch size of at least 2 (8 or more for useful statistics), "
+    "or a norm that does not use the batch: LayerNorm or GroupNorm. Prediction (model.eval()) "
+    "works with any batch size, even 1, because it uses the running statistics."
+)
+
+
+def check_batch_size(spec: LeNetSpec | None, batch_size: int) -> None:
+    """Raise ValueError (with the explanation) for batch size 1 when a fully connected layer of
+    the LeNet ``spec`` has BN: its batch variance would be undefined. ``spec=None`` (a custom
+    model): nothing is known, nothing is refused here."""
+    if (batch_size == 1 and spec is not None and spec.is_batch_norm
+            and any(name.startswith("fc") for name in spec.norm_layers)):
+        raise ValueError(BATCH_ONE.format(bs=batch_size))
+
+
 class LiveParams:
     """Hyperparameters another thread (a slider) may change while a run is going.
 
-    ``set(lr=..., bn_momentum=..., eps=..., batch_size=...)`` validates at once with the same
-    checks as :class:`Config` (a bad value raises ``ValueError`` in the caller's thread and
-    nothing is queued) and queues the change; the trainer applies lr / bn_momentum / eps before
-    its next step and batch_size at the next epoch, and records each in ``History.changes``.
+    ``set(lr=..., bn_momentum=..., eps=..., batch_size=...)`` validates at once, the one time a
+    live value is checked: the checks of :class:`Config` and, for the batch size, the model's
+    (:func:`check_batch_size` on ``spec``). A bad value raises ``ValueError`` in the caller's
+    thread and nothing of the call is queued. The trainer takes the queued values at the top of
+    a step (:data:`AT_STEP`) or of an epoch (:data:`AT_EPOCH`), applies them and records each in
+    ``History.changes`` (``Trainer.apply_live``).
     """
 
-    NAMES = ("lr", "bn_momentum", "eps", "batch_size")
+    AT_STEP = ("lr", "bn_momentum", "eps")
+    AT_EPOCH = ("batch_size",)
+    NAMES = AT_STEP + AT_EPOCH  # the live names; each is a Config field
 
-    def __init__(self, lr: float, bn_momentum: float | None, eps: float, batch_size: int):
-        for name, value in zip(self.NAMES, (lr, bn_momentum, eps, batch_size)):
+    def __init__(self, lr: float, bn_momentum: float | None, eps: float, batch_size: int,
+                 spec: LeNetSpec | None = None):
+        self.values = dict(zip(self.NAMES, (lr, bn_momentum, eps, batch_size)))
+        for name, value in self.values.items():
             CHECKS[name](value)
+        self.spec = spec  # the model the batch size is checked against (None: not known)
         self._lock = threading.Lock()
         self._pending: dict = {}
-        self.values = {"lr": lr, "bn_momentum": bn_momentum, "eps": eps, "batch_size": batch_size}
-        # Checks that depend on the model (set by the Trainer: batch size 1 with BN in an fc layer)
-        self.model_checks: dict = {}
 
     @classmethod
     def from_config(cls, config: Config) -> "LiveParams":
-        return cls(config.lr, config.bn_momentum, config.eps, config.batch_size)
+        return cls(*(getattr(config, name) for name in cls.NAMES), spec=config.model)
 
     def set(self, **changes) -> None:
         for name, value in changes.items():
             if name not in self.NAMES:
                 raise ValueError(f"{name!r} cannot be changed during a run; live parameters: {self.NAMES}")
             CHECKS[name](value)
-            if name in self.model_checks:
-                self.model_checks[name](value)
+            if name == "batch_size":
+                check_batch_size(self.spec, value)
         with self._lock:
             self._pending.update(changes)
 
@@ -302,12 +326,15 @@ class LiveParams:
         return bool(self._pending)
 
     def take(self, names=NAMES) -> dict:
-        """Remove and return the pending changes among ``names``."""
+        """Remove the pending changes among ``names`` and return those that differ from the
+        values in use."""
+        if not self._pending:  # every step asks: no lock when nothing is queued
+            return {}
         with self._lock:
             taken = {k: v for k, v in self._pending.items() if k in names}
             for k in taken:
                 del self._pending[k]
-        return taken
+        return {k: v for k, v in taken.items() if v != self.values[k]}
 
     def __getitem__(self, name):
         return self.values[name]

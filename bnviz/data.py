@@ -23,7 +23,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,12 @@ __all__ = [
     "load_dataset",
     "make_synthetic",
     "batches",
+    "batch_slices",
+    "batch_sizes",
+    "drops_last",
+    "count_correct",
+    "accuracy",
+    "evaluate",
     "to_float",
     "resolve_device",
 ]
@@ -407,6 +413,28 @@ def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
     return x_uint8.to(torch.float32).div_(255.0)
 
 
+def drops_last(n: int, batch_size: int, drop_last: bool = False) -> bool:
+    """Whether an epoch of ``n`` examples drops its last partial batch: when ``drop_last`` asks,
+    or when that batch would hold one example (a BN layer cannot normalise a batch of one)."""
+    return drop_last or (batch_size > 1 and n % batch_size == 1)
+
+
+def batch_slices(n: int, batch_size: int, drop_last: bool = False) -> list[slice]:
+    """One epoch's batches as slices of a permutation of ``n`` examples: full batches, then the
+    last partial one (e.g. 60000 = 234×256 + 96) unless ``drop_last``. The one batching rule of
+    the Trainer, the grid and :func:`batches`."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    stop = n - n % batch_size if drop_last else n
+    return [slice(start, min(start + batch_size, n)) for start in range(0, stop, batch_size)]
+
+
+def batch_sizes(n: int, batch_size: int, drop_last: bool = False) -> list[int]:
+    """The distinct sizes of :func:`batch_slices`, largest first (a captured step has one
+    graph per size)."""
+    return sorted({s.stop - s.start for s in batch_slices(n, batch_size, drop_last)}, reverse=True)
+
+
 def batches(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -415,19 +443,40 @@ def batches(
     drop_last: bool = False,
     generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(float images, labels)`` batches by slicing an on-device permutation.
+    """Yield ``(float images, labels)`` batches by slicing an on-device permutation
+    (:func:`batch_slices`). No per-sample Python work and no host synchronisation."""
+    slices = batch_slices(len(x), batch_size, drop_last)
+    order = torch.randperm(len(x), device=x.device, generator=generator) if shuffle else None
+    for s in slices:
+        idx = s if order is None else order[s]
+        yield to_float(x[idx]), y[idx]
 
-    No per-sample Python work and no host synchronisation. The last partial batch
-    (e.g. 60000 = 234×256 + 96) is kept unless ``drop_last``.
-    """
-    n = len(x)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            yield to_float(x[start:start + batch_size]), y[start:start + batch_size]
-        else:
-            idx = order[start:start + batch_size]
-            yield to_float(x[idx]), y[idx]
+
+@torch.no_grad()
+def count_correct(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                  chunk: int = 10000) -> torch.Tensor:
+    """How many of the uint8 images ``x`` ``forward`` (float images -> logits) classifies as
+    ``y``, in chunks; a device tensor (no host read). Logits may carry leading run dimensions (a
+    vmapped grid: (K, B, classes) gives (K,) counts). The one evaluation of the Trainer, the
+    grid, PreciseBN and the captured evaluation."""
+    correct = torch.zeros((), dtype=torch.long, device=x.device)
+    for s in range(0, len(x), chunk):
+        correct = correct + (forward(to_float(x[s:s + chunk])).argmax(-1) == y[s:s + chunk]).sum(-1)
+    return correct
+
+
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             chunk: int = 10000) -> torch.Tensor:
+    """:func:`count_correct` as a share (float32 device tensor)."""
+    return count_correct(forward, x, y, chunk).float() / max(len(x), 1)
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> torch.Tensor:
+    """Accuracy of ``model`` in eval mode on uint8 images ``x`` (:func:`accuracy`); a 0-d tensor on
+    the device (no host sync). The mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        return accuracy(model, x, y, chunk)
+    finally:
+        model.train(was_training)

@@ -22,13 +22,16 @@ Rules that keep the numbers identical to the eager step:
 * the learning rate is a 0-d float32 device tensor read by the graph at each replay
   (:func:`sgd`): a live change is a ``fill_`` (no re-capture); BN momentum/eps are Python
   numbers baked into the graphs, so a change re-captures once, after every pending live value
-  was applied (``Trainer.set_hyperparameters``). With compile on, a change does not recompile
+  was applied (:meth:`FastPath.norms_changed`). With compile on, a change does not recompile
   (seconds): from then on the eager forward runs inside the re-captured graph (noted);
 * every batch size has its own graph (the last partial batch of an epoch too), all captured
   up front;
 * the test evaluation (the whole test set in eval mode) is one more graph
   (:class:`CapturedEval`), replayed at each epoch end;
 * at the end of ``fit()`` every graph and its memory pool is released (:meth:`CapturedStep.release`).
+
+:class:`FastPath` holds all of it for one run (a Trainer) or one vmapped grid: the plan, the
+compiled forward, the captured step and evaluation, the fallbacks and their notes.
 
 What cannot be captured falls back to the eager step with a note in ``History.message``:
 no CUDA device, the d2l-book layer (it replaces its statistics tensors in Python),
@@ -53,7 +56,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["plan", "compile_fn", "compile_loss", "sgd", "CapturedStep", "CapturedEval", "compile_unavailable",
+__all__ = ["FastPath", "plan", "compile_fn", "sgd", "set_lr", "CapturedStep", "CapturedEval", "compile_unavailable",
            "capture_unavailable", "on_cuda", "preserved", "record", "warm_up"]
 
 COMPILE_BACKEND = "inductor"  # tests use "eager" (dynamo without inductor) to stay fast on a CPU
@@ -155,9 +158,6 @@ def compile_fn(method: Callable) -> Callable:
     return call
 
 
-compile_loss = compile_fn  # the name before the gather and the sums moved inside
-
-
 def sgd(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.SGD:
     """Plain SGD. On the CUDA path: fused, and every param group's lr is one shared 0-d float32
     device tensor (a captured graph reads it at each replay; a live change is a ``fill_``).
@@ -170,6 +170,16 @@ def sgd(params, lr: float, weight_decay: float, device: torch.device) -> torch.o
     for group in opt.param_groups:
         group["lr"] = lr_t
     return opt
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """A live lr change: a ``fill_`` of the device tensor a captured graph reads at its next
+    replay (the CUDA path of :func:`sgd`), else the number."""
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 # ----------------------------------------------------------------------------- capture helpers
@@ -298,22 +308,16 @@ class CapturedStep:
         self.step = self.state = None
 
 
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from .data import to_float
-
-    return model(to_float(x))
-
-
 class CapturedEval:
     """The test accuracy of ``model`` (eval mode, running statistics) on the uint8 images ``x``
-    and labels ``y``, recorded once as a CUDA graph over the whole test set; ``evaluator()``
+    and labels ``y``, recorded once as a CUDA graph over the whole test set; ``captured_eval()``
     replays it and returns the accuracy as a 0-d device tensor. It reads the parameters and
     buffers where the training step writes them, so it always sees the current model.
-    ``forward(x)``: the model's logits for uint8 images (default: ``model(to_float(x))``)."""
+    ``forward(x)``: the model's logits for float images (default: ``model``)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, forward: Callable | None = None):
         self.model, self.x, self.y = model, x, y
-        self.forward = forward or (lambda images, m=model: _predict(m, images))
+        self.forward = forward or model
         self.correct = torch.zeros((), dtype=torch.long, device=x.device)
         self.stream = torch.cuda.Stream(x.device)
         quiet_stream_warning()
@@ -323,11 +327,12 @@ class CapturedEval:
             record(self.graph, self._count, self.stream, x.device)
 
     def _count(self) -> None:
+        from .data import count_correct
+
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
-                self.correct.copy_((self.forward(self.x).argmax(1) == self.y).sum())
+            self.correct.copy_(count_correct(self.forward, self.x, self.y, chunk=max(len(self.x), 1)))
         finally:
             self.model.train(was_training)
 
@@ -340,3 +345,140 @@ class CapturedEval:
         if self.graph is not None:
             self.graph.reset()
         self.graph = self.forward = self.model = None
+
+
+# ----------------------------------------------------------------------------- the fast path of a run
+
+
+class FastPath:
+    """How the step of a run (a Trainer) or of K vmapped runs (the grid) executes: eagerly,
+    with a compiled forward, or captured as one CUDA graph per batch size, and how its test
+    evaluation runs (eagerly, or captured). Both callers use it the same way:
+    :meth:`prepare` the batch sizes before the timed run, call the object for each step,
+    :meth:`add_sizes` for a new live batch size, :meth:`norms_changed` after a BN
+    momentum/eps change, :meth:`evaluate` at an epoch end, :meth:`release` at the end.
+
+    ``step(idx)``: the eager step. ``state()``: every tensor a step writes (restored after
+    warm-up and capture). ``evaluate()``: the eager evaluation. ``note(text)``: adds a note to
+    the run's History (a plan's reason, a fallback). ``forward``: the function the step calls
+    that :func:`compile_fn` compiles (None: never compiled; the step calls :attr:`forward`).
+    ``capture_eval()``: makes a :class:`CapturedEval` (None: the evaluation is never captured).
+    ``sample(n)``: an index tensor for a step of ``n`` examples (default ``arange(n)``).
+    Any failure while compiling or capturing, at the start or mid-run, leaves the state as it
+    was and goes on eagerly with a note (the numbers of an eager run).
+    """
+
+    def __init__(self, fast: str, model: nn.Module, device: torch.device, *, step: Callable, state: Callable,
+                 evaluate: Callable, note: Callable[[str], None], forward: Callable | None = None,
+                 capture_eval: Callable | None = None, sample: Callable | None = None):
+        self.model, self.device, self.step, self.state, self.note = model, device, step, state, note
+        self.eager_forward = self.forward = forward
+        self.eager_evaluate = self.evaluate = evaluate
+        self.capture_eval = capture_eval
+        self.sample = sample or (lambda n: torch.arange(n, device=device))
+        self.want_compile, self.want_capture, why = plan(fast, model, device)
+        self.want_compile = self.want_compile and forward is not None
+        if why:
+            note(why)
+        self.compiled = False  # the forward runs compiled
+        self.captured: CapturedStep | None = None  # stays after release(): its info
+        self._warmed: set[int] = set()  # batch sizes the compiled forward has seen
+
+    @property
+    def record_always(self) -> bool:
+        """Whether every step must record the layer statistics: a per-step switch cannot enter a
+        compiled or captured step."""
+        return self.compiled or self.captured is not None
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if self.captured is not None:
+            self.captured(idx)
+        else:
+            self.step(idx)
+
+    def prepare(self, sizes: list[int]) -> None:
+        """Compile (each batch size) and capture now, before the timed run; neither leaves a
+        trace (:func:`preserved`)."""
+        if not (self.want_compile or self.want_capture):
+            return
+        try:
+            if self.want_compile:
+                self.forward, self.compiled = compile_fn(self.eager_forward), True
+            if self.want_capture:
+                self.captured = CapturedStep(self.step, self.state, self.device)
+            self._prepare(sizes)
+            self._capture_eval()
+        except Exception as err:
+            self._fail(err)
+
+    def add_sizes(self, sizes: list[int], at: int) -> None:
+        """Capture (or compile) the step for batch sizes not prepared yet (a live batch size)."""
+        if self.record_always:
+            self._mid_run(lambda: self._prepare(sizes), at)
+
+    def _prepare(self, sizes: list[int]) -> None:
+        sample = self.sample(max(sizes))
+        if self.captured is not None:
+            self.captured.capture(sizes, sample)
+        elif self.compiled:
+            for bs in sorted(set(sizes) - self._warmed, reverse=True):
+                with preserved(self.state, self.device):
+                    self.step(sample[:bs])
+                self._warmed.add(bs)
+
+    def norms_changed(self, at: int) -> None:
+        """BN momentum/eps are baked into the compiled forward and the graphs. Compiled: the
+        eager forward runs from step ``at`` (a recompile takes seconds; the target for a live
+        change is 0.2 s), noted. Captured: every graph is re-captured once, or the step goes
+        eager if the new value cannot be captured."""
+        if self.compiled:
+            self.forward, self.compiled = self.eager_forward, False
+            self.note(f"From step {at} the forward runs uncompiled (a live BN momentum/eps change; "
+                      "recompiling would take seconds).")
+        if self.captured is None:
+            return
+        why = capture_unavailable(self.model, self.device)
+        if why:
+            self.release()
+            self.captured = None
+            self.note(f"From step {at} the step runs eagerly: {why}.")
+            return
+        sample = self.sample(max(self.captured.info["batch_sizes"]))
+        self._mid_run(lambda: (self.captured.invalidate(sample), self._capture_eval()), at)
+
+    def _capture_eval(self) -> None:
+        if self.captured is None or self.capture_eval is None:
+            return
+        self._release_eval()
+        self.evaluate = self.capture_eval()
+        self.captured.info["eval_captures"] += 1
+
+    def _mid_run(self, fn: Callable[[], object], at: int) -> None:
+        try:
+            fn()
+        except Exception as err:
+            self._fail(err, at)
+
+    def _fail(self, err: Exception, at: int | None = None) -> None:
+        """Go on eagerly with a note (warm-up and capture restored the state themselves)."""
+        self.release()
+        self.captured, self.forward, self.compiled = None, self.eager_forward, False
+        for p in self.model.parameters():
+            p.grad = None
+        reason = f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
+        where = f" at step {at}" if at is not None else ""
+        self.note(f"The fast path failed{where} ({reason}); {'from then on ' if at is not None else ''}"
+                  "the run continues eagerly.")
+
+    def _release_eval(self) -> None:
+        if isinstance(self.evaluate, CapturedEval):
+            self.evaluate.release()
+            self.evaluate = self.eager_evaluate
+
+    def release(self) -> None:
+        """Free the CUDA graphs and their memory pools now (the end of a run, or a fallback):
+        the graphs' references to the trainer are cycles that kept them until the cyclic
+        garbage collector ran."""
+        if self.captured is not None:
+            self.captured.release()
+        self._release_eval()

@@ -49,17 +49,16 @@ import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state
 
 from . import fastpath
-from .callbacks import BATCH_ONE, CancelFit, Divergence, diagnose
-from .config import Config, resolve_dataset
-from .data import Dataset, resolve_device, to_float
-from .history import History, LayerStats, Snapshot
-from .models import build_lenet, init_weights, norm_layers
-from .precise import PRECISE_BN_BATCH, SATURATED, PreciseBNEval
-from .stats import bn_layers, num_channels
-from .train import _BUILD_LOCK, DROP_NOTE, Clock, Trainer, cached_dataset
+from .callbacks import Divergence, at_chance_note, input_stats_hook
+from .config import Config, LiveParams, check_batch_size, resolve_dataset
+from .data import Dataset, accuracy, batch_sizes, batch_slices, drops_last, resolve_device, to_float
+from .history import History, Snapshot
+from .models import norm_layers
+from .precise import PreciseBNEval, precise_bn_stacked
+from .stats import num_channels
+from .train import DROP_NOTE, Meter, Trainer, build_model, cached_dataset
 
-__all__ = ["train_grid", "group_key", "solo_reason"]
-
+__all__ = ["train_grid", "group_key", "solo_reason", "VmapGroup"]
 
 
 # ----------------------------------------------------------------------------- planning
@@ -101,9 +100,10 @@ def _check(configs, data, progress) -> list[Config]:
         if c.epochs is None:
             raise ValueError(f"configs[{i}].epochs=None (until stopped) is not valid in a grid; "
                              "valid: a positive integer")
-        spec = c.model
-        if c.batch_size == 1 and spec.is_batch_norm and any(n.startswith("fc") for n in spec.norm_layers):
-            raise ValueError(f"configs[{i}]: " + BATCH_ONE.format(bs=1))
+        try:
+            check_batch_size(c.model, c.batch_size)
+        except ValueError as err:
+            raise ValueError(f"configs[{i}]: {err}") from None
     if data is not None and not isinstance(data, Dataset):
         raise ValueError(f"data must be a bnviz Dataset or None, got {type(data).__name__}")
     if not isinstance(progress, bool):
@@ -153,7 +153,7 @@ def train_grid(configs: list[Config], data: Dataset | None = None, progress: boo
             if len(members) > 1:
                 cfgs = [configs[i] for i in members]
                 ds = data if data is not None else cached_dataset(cfgs[0], devices[members[0]])
-                for i, h in zip(members, _Group(cfgs, ds, bar, precise_bn).fit()):
+                for i, h in zip(members, VmapGroup(cfgs, ds, bar, precise_bn).fit()):
                     results[i] = h
     finally:
         if bar is not None:
@@ -219,44 +219,50 @@ class _Bar:
 # ----------------------------------------------------------------------------- one group
 
 
-class _Group:
-    """K runs with one :func:`group_key`, trained as one vmapped model. ``fit()`` mirrors
-    ``Trainer.fit``; ``step(idx)`` mirrors ``Trainer.step`` for all K models at once."""
+class VmapGroup:
+    """K runs with one :func:`group_key`, trained as one vmapped model. The run's pieces are the
+    Trainer's: models from :func:`~bnviz.train.build_model`, batches from
+    :func:`~bnviz.data.batch_slices`, the input statistics of
+    :func:`~bnviz.callbacks.input_stats_hook`, a :class:`~bnviz.fastpath.FastPath`, the
+    evaluation of :func:`~bnviz.data.accuracy`, :func:`~bnviz.precise.precise_bn_stacked` and
+    one :class:`~bnviz.history.SnapshotLayout` host copy for all K runs. What is its own is what
+    vmap needs: stacked parameters and buffers, a functional forward, per-run lr and weight decay
+    vectors, per-run batch orders, and a diverged member frozen (lr 0) while the others go on.
+    ``fit()`` returns the K Histories."""
 
-    def __init__(self, configs: list[Config], data: Dataset, bar: _Bar | None, precise_bn: int | None = None):
+    def __init__(self, configs: list[Config], data: Dataset, bar: "_Bar | None" = None,
+                 precise_bn: int | None = None):
         self.configs, self.data, self.bar, self.precise = configs, data, bar, precise_bn
         self.cfg, self.K, self.device = configs[0], len(configs), data.device
         self.histories = [History(config=c) for c in configs]
         self.active = [True] * self.K
-        self.captured: fastpath.CapturedStep | None = None
+        self.fast: fastpath.FastPath | None = None
         self.step_count = self.epoch = self.examples = 0
 
+    @property
+    def captured(self) -> fastpath.CapturedStep | None:
+        return self.fast.captured if self.fast is not None else None
+
+    def note(self, text: str, first: bool = False) -> None:
+        for h in self.histories:
+            h.note(text, first)
+
     # ------------------------------------------------------------------ setup
-    def _build(self) -> None:
-        """K models built exactly as ``Trainer._build_model`` builds each, then stacked."""
-        models = []
-        for c in self.configs:
-            with _BUILD_LOCK:
-                torch.manual_seed(c.seed)
-                model = init_weights(build_lenet(c.model), c.init)
-            model = model.to(self.device)
-            for m in norm_layers(model).values():
-                if hasattr(m, "momentum"):
-                    m.momentum = c.bn_momentum
-                if hasattr(m, "eps"):
-                    m.eps = c.eps
-            models.append(model)
+    def _setup(self) -> None:
+        cfg, n, dev, K = self.cfg, len(self.data.train_x), self.device, self.K
+        for h in self.histories:
+            h.dataset_label, h.device = self.data.label, str(dev)
+        models = [build_model(c, dev) for c in self.configs]
         self.params, self.buffers = stack_module_state(models)
         self.plist = list(self.params.values())
         self.skeleton = copy.deepcopy(models[0]).to("meta").train()
-        self.norm_paths = {short: f"norm_{short}" for short in norm_layers(self.skeleton)}
-        self.channels = {s: num_channels(self.skeleton.get_submodule(p)) for s, p in self.norm_paths.items()}
+        norms = norm_layers(self.skeleton)
+        zeros = lambda m: torch.zeros(K, num_channels(m), device=dev)  # noqa: E731
+        self.batch_stats = {s: (zeros(m), zeros(m)) for s, m in norms.items()}  # input mean, var
         self._recorded: dict[str, tuple] = {}
-        for short, path in self.norm_paths.items():
-            self.skeleton.get_submodule(path).register_forward_pre_hook(self._record_hook(short))
-        dev, K = self.device, self.K
-        self.batch_stats = {s: (torch.zeros(K, c, device=dev), torch.zeros(K, c, device=dev))
-                            for s, c in self.channels.items()}
+        for short, m in norms.items():
+            m.register_forward_pre_hook(input_stats_hook(
+                lambda mean, var, s=short: self._recorded.__setitem__(s, (mean, var))))
         self.lr = torch.tensor([float(c.lr) for c in self.configs], device=dev)
         self.wd = torch.tensor([float(c.weight_decay) for c in self.configs], device=dev)
         self.any_wd = any(c.weight_decay for c in self.configs)
@@ -264,49 +270,17 @@ class _Group:
         self.sums = torch.zeros(6, K, device=dev)  # loss, correct, n: since snapshot | epoch; per run
         self.train_fn = torch.vmap(self._loss)
         self.predict_fn = torch.vmap(self._predict, in_dims=(0, 0, None))
-
-    def _record_hook(self, short: str):
-        def hook(module, inputs):  # as BatchStatsRecorder: input statistics of the norm layer
-            if module.training:
-                x = inputs[0].detach()
-                var, mean = torch.var_mean(x.float(), dim=[0] + list(range(2, x.dim())), correction=0)
-                self._recorded[short] = (mean, var)
-        return hook
-
-    def _setup(self) -> None:
-        cfg, n = self.cfg, len(self.data.train_x)
-        self._build()
-        self.drop = cfg.drop_last or (cfg.batch_size > 1 and n % cfg.batch_size == 1)
-        notes = [DROP_NOTE] if self.drop and not cfg.drop_last else []
+        drop = drops_last(n, cfg.batch_size, cfg.drop_last)
+        self.slices = batch_slices(n, cfg.batch_size, drop)
+        if drops_last(n, cfg.batch_size):
+            self.note(DROP_NOTE)
         if any(c.fast in ("compile", "graph+compile") for c in self.configs):
-            notes.append("train_grid does not compile: the grid's step runs vmapped, captured on CUDA.")
-        if _captures(cfg, self.device):
-            notes.append(self._capture())
-        for h in self.histories:
-            h.dataset_label, h.device = self.data.label, str(self.device)
-            h.message = _join(h.message, *notes)
-
-    def _capture(self) -> str:
-        """Capture the step per batch size (state restored); on failure go on eagerly."""
-        sizes = [min(self.cfg.batch_size, len(self.data.train_x))]
-        rest = len(self.data.train_x) % self.cfg.batch_size
-        if rest and len(self.data.train_x) > self.cfg.batch_size and not self.drop:
-            sizes.append(rest)
-        sample = torch.arange(max(sizes), device=self.device)[:, None].expand(-1, self.K).contiguous()
-        saved = [t.detach().clone() for t in self._state()]
-        try:
-            self.captured = fastpath.CapturedStep(self.step, self._state, self.device)
-            self.captured.capture(sizes, sample)
-            return ""
-        except Exception as err:
-            with torch.no_grad():
-                for t, v in zip(self._state(), saved):
-                    t.copy_(v)
-            if self.captured is not None:
-                self.captured.release()  # the graphs captured before the failure
-            self.captured = None
-            reason = (str(err).strip().splitlines() or [""])[0][:300]
-            return f"The grid's CUDA graph failed ({type(err).__name__}: {reason}); the grid runs eagerly."
+            self.note("train_grid does not compile: the grid's step runs vmapped, captured on CUDA.")
+        self.fast = fastpath.FastPath(
+            "graph" if _captures(cfg, dev) else "eager", self.skeleton, dev, step=self.step, state=self._state,
+            evaluate=self._evaluate, note=self.note,
+            sample=lambda b: torch.arange(b, device=dev)[:, None].expand(-1, K).contiguous())
+        self.fast.prepare(batch_sizes(n, cfg.batch_size, drop))
 
     def _state(self) -> list[torch.Tensor]:
         return self.plist + list(self.buffers.values()) + [self.sums] + \
@@ -317,7 +291,7 @@ class _Group:
         """One model's mean cross-entropy, correct count and recorded batch statistics (vmapped)."""
         self._recorded = {}
         out = functional_call(self.skeleton, (params, buffers), (x,))
-        stats = tuple(t for s in self.norm_paths for t in self._recorded[s])
+        stats = tuple(t for s in self.batch_stats for t in self._recorded[s])
         return (F.cross_entropy(out, y), (out.detach().argmax(1) == y).sum()) + stats
 
     def _predict(self, params, buffers, x):
@@ -343,62 +317,14 @@ class _Group:
                 mean_buf.copy_(mean)
                 var_buf.copy_(var)
 
-    @torch.no_grad()
-    def _evaluate(self, buffers: dict | None = None) -> torch.Tensor:
-        """Test accuracy of each model in eval mode (running statistics, or ``buffers``): (K,) on the device."""
-        x, y = self.data.test_x, self.data.test_y
-        buffers = self.buffers if buffers is None else buffers
-        chunk = max(1, 10000 // self.K)
-        correct = torch.zeros(self.K, dtype=torch.long, device=self.device)
+    def _evaluate(self) -> torch.Tensor:
+        """Test accuracy of each model in eval mode (running statistics): (K,) on the device."""
         self.skeleton.eval()
-        for s in range(0, len(x), chunk):
-            out = self.predict_fn(self.params, buffers, to_float(x[s:s + chunk]))
-            correct += (out.argmax(-1) == y[s:s + chunk]).sum(1)
-        self.skeleton.train()
-        return correct.float() / max(len(x), 1)
-
-    @torch.no_grad()
-    def _evaluate_precise(self) -> torch.Tensor:
-        """(K, 2): test accuracy with BN statistics recomputed on the first ``self.precise`` training
-        images (NaN without BN) and the saturated share of sigmoid outputs (NaN without sigmoids),
-        as :class:`bnviz.precise.PreciseBNEval` does per run: an equal-weight average of the batch
-        statistics (momentum 1/t at the t-th batch, the cumulative average of
-        ``recompute_bn_stats``) into copies of the buffers."""
-        x = self.data.train_x[:self.precise]
-        bns = list(bn_layers(self.skeleton).values())
-        buffers = {k: v.clone() for k, v in self.buffers.items()}
-        nan = torch.full((self.K,), float("nan"), device=self.device)
-        acc = nan
-        if bns:
-            momenta = [m.momentum for m in bns]
-            try:
-                for t, s in enumerate(range(0, len(x), PRECISE_BN_BATCH), 1):
-                    for m in bns:
-                        m.momentum = 1.0 / t
-                    self.predict_fn(self.params, buffers, to_float(x[s:s + PRECISE_BN_BATCH]))
-            finally:
-                for m, mom in zip(bns, momenta):
-                    m.momentum = mom
-            acc = self._evaluate(buffers)
-        sigs = [m for m in self.skeleton.modules() if isinstance(m, torch.nn.Sigmoid)]
-        if not sigs:
-            return torch.stack([acc, nan], 1)
-        seen = []
-        handles = [m.register_forward_hook(lambda mod, i, out: seen.append(
-            (((out < SATURATED) | (out > 1 - SATURATED)).sum(), out.numel()))) for m in sigs]
-
-        def share(params, bufs, xb):
-            seen.clear()
-            self._predict(params, bufs, xb)
-            return sum(c for c, _ in seen).float() / sum(n for _, n in seen)
         try:
-            self.skeleton.eval()
-            sat = torch.vmap(share, in_dims=(0, 0, None))(self.params, buffers, to_float(x[:PRECISE_BN_BATCH]))
+            return accuracy(lambda x: self.predict_fn(self.params, self.buffers, x), self.data.test_x,
+                            self.data.test_y, chunk=max(1, 10000 // self.K))
         finally:
             self.skeleton.train()
-            for h in handles:
-                h.remove()
-        return torch.stack([acc, sat], 1)
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> list[History]:
@@ -412,44 +338,37 @@ class _Group:
         except Exception as err:
             for h in self.histories:
                 if h.status == "running":
-                    h.status, h.message = "error", _join(f"{type(err).__name__}: {err}", h.message)
+                    h.status = "error"
+                    h.note(f"{type(err).__name__}: {err}", first=True)
             raise
         finally:
             for h in self.histories:
                 h.wall_time_s = time.perf_counter() - t0
-            if self.captured is not None:  # free the graphs and their pools now (see fastpath)
-                self.captured.release()
+            if self.fast is not None:  # free the graphs and their pools now (see fastpath)
+                self.fast.release()
                 self._recorded = {}
         for h, c in zip(self.histories, self.configs):
-            h.setup_time_s, h.train_time_s = setup, self.clock.train_time
-            if h.status != "running":
-                continue
-            h.status = "finished"
-            acc = h.final_train_acc
-            if acc is not None and acc < 0.15 and self.step_count >= 50:
-                h.message = _join(diagnose(f"Training finished but the training accuracy is {acc:.3f}, "
-                                           "about chance (0.1): the network did not learn.", c, stuck=True),
-                                  h.message)
+            h.setup_time_s, h.train_time_s = setup, self.meter.train_time
+            if h.status == "running":
+                h.status = "finished"
+                h.note(at_chance_note(h, c, self.step_count), first=True)
         return self.histories
 
     def _loop(self) -> None:
         cfg, n = self.cfg, len(self.data.train_x)
         self.divergence = [Divergence(c.divergence_factor) for c in self.configs]
-        self.clock = Clock()
-        self._since_snapshot = 0
-        stop = n - n % cfg.batch_size if self.drop else n
+        self.meter = Meter(self.sums)
         for self.epoch in range(1, cfg.epochs + 1):
             orders = torch.stack([torch.randperm(n, device=self.device, generator=g) for g in self.gens])
-            for start in range(0, stop, cfg.batch_size):
-                idx_t = orders[:, start:start + cfg.batch_size].t()
+            for batch in self.slices:
                 due = (self.step_count + 1) % cfg.snapshot_every == 0
-                (self.captured or self.step)(idx_t)
+                self.fast(orders[:, batch].t())
                 self.step_count += 1
-                self.examples += idx_t.shape[0]
-                self._since_snapshot += 1
+                self.examples += batch.stop - batch.start
+                self.meter.since_snapshot += 1
                 if due:
                     self._snapshot("step")
-            if self._since_snapshot:
+            if self.meter.since_snapshot:
                 self._snapshot("step")
             self._snapshot("epoch")
             if self.bar is not None:
@@ -460,81 +379,42 @@ class _Group:
     # ------------------------------------------------------------------ snapshots
     def _snapshot(self, kind: str) -> None:
         """Read every run's sums, test accuracy and layer statistics in one host copy."""
-        t_eval = time.perf_counter()
-        cols = [self.sums.t()]  # (K, 6)
+        started = time.perf_counter()
+        epoch_values = {}
         if kind == "epoch":
-            cols.append(self._evaluate()[:, None])
+            epoch_values["test_acc"] = self.fast.evaluate()
             if self.precise:
-                cols.append(self._evaluate_precise())
-        layers = {s: self._layer_state(s) for s in self.norm_paths}
-        for st in layers.values():
-            cols.extend(t.float().reshape(self.K, -1) for t in st.values() if t is not None)
-        rows = torch.cat(cols, dim=1).tolist()  # the one host copy
-        now = time.perf_counter()
-        if kind == "step":
-            self.sums[:3].zero_()
-            self._since_snapshot = 0
-            rate = self.clock.lap(self.examples, now)
-        else:
-            self.sums[3:].zero_()
-            self.clock.exclude(time.perf_counter() - t_eval)  # evaluation is not training time
+                precise = precise_bn_stacked(self.skeleton, self.params, self.buffers, self.data, self.precise,
+                                             chunk=max(1, 10000 // self.K))
+                epoch_values["precise_test_acc"], epoch_values["saturated"] = precise.unbind(1)
+        layers = {s: self._layer_state(s) for s in self.batch_stats}
+        rows, layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         for k, row in enumerate(rows):
             if self.active[k]:
-                self._add_snapshot(k, kind, row, layers, now, rate if kind == "step" else None)
+                self._add_snapshot(k, kind, layout.unpack(row, kind), now)
 
     def _layer_state(self, short: str) -> dict[str, torch.Tensor | None]:
         """Stacked (K, C) per-channel tensors, as :func:`bnviz.stats.layer_state` per model."""
-        path, c = self.norm_paths[short], self.channels[short]
-        per_channel = lambda t: None if t is None else t.detach().reshape(self.K, c, -1).mean(2)  # noqa: E731
-        st = {"gamma": per_channel(self.params.get(f"{path}.weight")),
-              "beta": per_channel(self.params.get(f"{path}.bias")),
-              "running_mean": per_channel(self.buffers.get(f"{path}.running_mean")),
-              "running_var": per_channel(self.buffers.get(f"{path}.running_var"))}
-        st["batch_mean"], st["batch_var"] = self.batch_stats[short]
-        return st
+        path, (mean, var) = f"norm_{short}", self.batch_stats[short]
+        shape = (self.K, mean.shape[1], -1)
+        per_channel = lambda t: None if t is None else t.detach().reshape(shape).mean(2)  # noqa: E731
+        return {"gamma": per_channel(self.params.get(f"{path}.weight")),
+                "beta": per_channel(self.params.get(f"{path}.bias")),
+                "running_mean": per_channel(self.buffers.get(f"{path}.running_mean")),
+                "running_var": per_channel(self.buffers.get(f"{path}.running_var")),
+                "batch_mean": mean, "batch_var": var}
 
-    def _add_snapshot(self, k: int, kind: str, row: list[float], layers: dict, now: float,
-                      rate: float | None) -> None:
+    def _add_snapshot(self, k: int, kind: str, values: dict, now: float) -> None:
         h, c = self.histories[k], self.configs[k]
-        loss_sum, correct, n = row[3:6] if kind == "epoch" else row[0:3]
-        pos, test_acc = (7, row[6]) if kind == "epoch" else (6, None)
-        precise = saturated = None
-        if kind == "epoch" and self.precise:
-            precise, saturated = (None if v != v else v for v in row[7:9])  # NaN: not measured
-            pos = 9
-        stats = {}
-        for name, st in layers.items():
-            vals = {}
-            for key, t in st.items():
-                width = t.numel() // self.K if t is not None else 0
-                vals[key], pos = row[pos:pos + width], pos + width
-            stats[name] = LayerStats(**vals)
-        if rate is None:
-            rate = h.snapshots[-1].examples_per_s if h.snapshots else 0.0
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.clock.t0, loss=loss_sum / max(n, 1), train_acc=correct / max(n, 1),
-                     test_acc=test_acc, examples_per_s=rate, lr=c.lr, bn_momentum=c.bn_momentum,
-                     eps=c.eps, batch_size=c.batch_size, layers=stats, precise_test_acc=precise,
-                     saturated=saturated)
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
+                     **{name: getattr(c, name) for name in LiveParams.NAMES}, **values)
         h.snapshots.append(s)
-        try:
-            self.divergence[k].on_snapshot(_Current(c), s)
-        except CancelFit as end:  # freeze the run: lr 0, no more snapshots
-            h.status, h.message = end.status, _join(end.message, h.message)
+        why = self.divergence[k].reason(s)
+        if why:  # freeze the run: lr 0, no more snapshots
+            end = Divergence.stop(why, c)
+            h.status = end.status
+            h.note(end.message, first=True)
             self.active[k] = False
             self.lr[k] = 0.0
             self.wd[k] = 0.0
-
-
-class _Current:
-    """What :class:`~bnviz.callbacks.Divergence` asks of a trainer: the config in use."""
-
-    def __init__(self, config: Config):
-        self.config = config
-
-    def current_config(self) -> Config:
-        return self.config
-
-
-def _join(*texts: str) -> str:
-    return " ".join(t.strip() for t in texts if t and t.strip())

@@ -1,5 +1,6 @@
 """What a run produced: :class:`Snapshot` (a curve point), :class:`Change` (a live
-hyperparameter change), :class:`History` (one run), and JSON save/load.
+hyperparameter change), :class:`History` (one run), and JSON save/load; and
+:class:`SnapshotLayout`, how a snapshot's device values travel to the host in one copy.
 
 Snapshot semantics: a ``'step'`` snapshot every ``Config.snapshot_every`` steps holds the mean
 loss and accuracy of the training batches since the previous snapshot; an ``'epoch'`` snapshot
@@ -14,12 +15,14 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+import torch
 
 from .config import Config
 
-__all__ = ["STATUSES", "LayerStats", "Snapshot", "Change", "History", "save_histories",
+__all__ = ["STATUSES", "LayerStats", "Snapshot", "Change", "History", "SnapshotLayout", "save_histories",
            "load_histories"]
 
 STATUSES = ("pending", "running", "finished", "stopped", "diverged", "error")
@@ -41,6 +44,60 @@ class LayerStats:
     running_var: list[float] = field(default_factory=list)
     batch_mean: list[float] = field(default_factory=list)
     batch_var: list[float] = field(default_factory=list)
+
+
+LAYER_FIELDS = tuple(f.name for f in fields(LayerStats))
+EPOCH_VALUES = ("test_acc", "precise_test_acc", "saturated")  # measured at an epoch end only
+
+
+class SnapshotLayout:
+    """The one host copy of a snapshot, for ``runs`` runs at once (a trainer: 1; a grid: K).
+
+    :meth:`pack` lays every device value a snapshot needs into one ``(runs, width)`` float
+    tensor: the six metric sums (loss, correct, n since the previous snapshot | in this epoch),
+    the epoch values present (:data:`EPOCH_VALUES`), then each layer's :class:`LayerStats`
+    fields (a None tensor takes no room). :meth:`unpack` turns one run's row of the host copy
+    (a list of floats) back into :class:`Snapshot` fields. NaN in an epoch value: not measured.
+    """
+
+    def __init__(self, runs: int = 1):
+        self.runs = runs
+        self.slots: list[tuple[object, int]] = []
+        self.layers: list[str] = []
+
+    def pack(self, sums: torch.Tensor, epoch_values: dict[str, torch.Tensor],
+             layers: dict[str, dict[str, torch.Tensor | None]]) -> torch.Tensor:
+        """``sums``: (runs, 6); ``epoch_values``: (runs,) each; ``layers``: per layer, per
+        LayerStats field, (runs, C) or (C,) for one run, or None."""
+        parts, self.slots, self.layers = [], [], list(layers)
+
+        def add(key, t):
+            t = t.detach().float().reshape(self.runs, -1)
+            self.slots.append((key, t.shape[1]))
+            parts.append(t)
+
+        add("sums", sums)
+        for name, t in epoch_values.items():
+            add(name, t)
+        for layer, state in layers.items():
+            for f in LAYER_FIELDS:
+                if state.get(f) is not None:
+                    add((layer, f), state[f])
+        return torch.cat(parts, dim=1)
+
+    def unpack(self, row: list[float], kind: str) -> dict:
+        """Snapshot fields of one run: loss, train_acc, the epoch values, layers."""
+        values, pos = {}, 0
+        for key, width in self.slots:
+            values[key], pos = row[pos:pos + width], pos + width
+        loss_sum, correct, n = values["sums"][3:6] if kind == "epoch" else values["sums"][0:3]
+        out = {"loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1),
+               "layers": {layer: LayerStats(**{f: values.get((layer, f), []) for f in LAYER_FIELDS})
+                          for layer in self.layers}}
+        for name in EPOCH_VALUES:
+            v = values.get(name, [float("nan")])[0]
+            out[name] = None if v != v else v
+        return out
 
 
 @dataclass
@@ -94,6 +151,11 @@ class History:
     wall_time_s: float = 0.0
     train_time_s: float = 0.0
     setup_time_s: float = 0.0  # building, compiling and capturing the step, before the timed run
+
+    def note(self, text: str, first: bool = False) -> None:
+        """Add ``text`` to ``message`` (at its end, or at its start with ``first``)."""
+        parts = [text, self.message] if first else [self.message, text]
+        self.message = " ".join(t.strip() for t in parts if t and t.strip())
 
     @property
     def label(self) -> str:

@@ -24,7 +24,8 @@ from torch import nn
 
 from .norms import BatchNorm, D2LBatchNorm, GhostBatchNorm, LiteBatchNorm
 
-__all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "INITS", "build_lenet", "init_weights", "norm_layers", "preset"]
+__all__ = ["LeNetSpec", "PRESETS", "NORM_KINDS", "INITS", "build_lenet", "init_weights", "norm_layers", "preset",
+           "configure_norms"]
 
 NORM_KINDS = ("none", "scratch", "torch", "layer", "group", "instance",
               "lite-center", "lite-scale", "d2l", "ghost")
@@ -227,6 +228,19 @@ def norm_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, module in model.named_modules()
         if name and isinstance(module, kinds)
     }
+
+
+def configure_norms(model: nn.Module, momentum: float | None, eps: float) -> nn.Module:
+    """Set ``momentum`` (PyTorch's convention: the weight of the new batch; None = cumulative
+    average) and ``eps`` on every norm layer of ``model`` that has them, in place; returns the
+    model. The d2l-book layer keeps its own momentum (the book's convention). The one place a
+    run's BN momentum and eps reach the layers: at build time and after a live change."""
+    for m in norm_layers(model).values():
+        if hasattr(m, "momentum") and not isinstance(m, D2LBatchNorm):
+            m.momentum = momentum
+        if hasattr(m, "eps"):
+            m.eps = eps
+    return model
 
 
 def init_weights(model: nn.Module, scheme: str = "d2l", generator: torch.Generator | None = None) -> nn.Module:

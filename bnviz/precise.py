@@ -1,4 +1,4 @@
-"""Evaluation with recomputed BN statistics ("PreciseBN", Wu & Johnson 2021), run by run.
+"""Evaluation with recomputed BN statistics ("PreciseBN", Wu & Johnson 2021).
 
 A BN network in eval mode normalises with its **moving averages**, which average the batch
 statistics of many earlier steps, i.e. of earlier weights: while the weights still move, that
@@ -9,13 +9,15 @@ Conventions:
 
 * The statistics are recomputed on the first :data:`PRECISE_BN_IMAGES` (2,000) training images,
   in batches of :data:`PRECISE_BN_BATCH` (250), with equal weights
-  (:func:`bnviz.stats.recompute_bn_stats`), on a **copy**: the run itself goes on with its own
-  moving averages untouched. A batch of 250 keeps the (B−1)/B bias of an average of batch
-  variances below 0.4%.
-* :class:`PreciseBNEval` (a Trainer callback; ``train_grid(precise_bn=N)`` adds it) writes, at
-  every epoch end, ``Snapshot.precise_test_acc`` (BN models only; None otherwise) and
+  (one pass: :func:`bnviz.stats.average_batch_stats`), on a **copy**: the run itself goes on
+  with its own moving averages untouched. A batch of 250 keeps the (B−1)/B bias of an average
+  of batch variances below 0.4%.
+* At every epoch end ``Snapshot.precise_test_acc`` (BN models only; None otherwise) and
   ``Snapshot.saturated`` (models with sigmoids: the share of sigmoid outputs below 0.05 or above
-  0.95 on the first 250 of those images, in eval mode; None otherwise).
+  0.95 on the first 250 of those images, in eval mode; None otherwise) are written by
+  :class:`PreciseBNEval` (a Trainer callback) for a run alone, and by
+  :func:`precise_bn_stacked` (the same pass, the same evaluation, vmapped) for the K runs of a
+  vmapped grid; ``train_grid(precise_bn=N)`` uses whichever applies.
 """
 from __future__ import annotations
 
@@ -24,11 +26,11 @@ import copy
 import torch
 from torch import nn
 
-from .data import Dataset, to_float
-from .stats import bn_layers, recompute_bn_stats
+from .data import Dataset, accuracy, count_correct, to_float
+from .stats import average_batch_stats, bn_layers, recompute_bn_stats
 
-__all__ = ["PRECISE_BN_IMAGES", "PRECISE_BN_BATCH", "SATURATED", "precise_bn_accuracy", "saturation",
-           "PreciseBNEval"]
+__all__ = ["PRECISE_BN_IMAGES", "PRECISE_BN_BATCH", "SATURATED", "precise_bn_accuracy", "precise_model",
+           "saturation", "saturated_share", "PreciseBNEval", "precise_bn_stacked"]
 
 PRECISE_BN_IMAGES = 2000
 PRECISE_BN_BATCH = 250
@@ -42,13 +44,9 @@ def _check_images(images) -> int:
     return images
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10000) -> float:
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = 0
-    for s in range(0, len(x), chunk):
-        correct += int((model(to_float(x[s:s + chunk])).argmax(1) == y[s:s + chunk]).sum())
-    return correct / max(len(x), 1)
+    return int(count_correct(model, x, y)) / max(len(x), 1)
 
 
 def precise_model(model: nn.Module, data: Dataset, images: int = PRECISE_BN_IMAGES,
@@ -70,30 +68,38 @@ def precise_bn_accuracy(model: nn.Module, data: Dataset, images: int = PRECISE_B
     return _accuracy(precise_model(model, data, images, batch_size), data.test_x, data.test_y)
 
 
-@torch.no_grad()
-def saturation(model: nn.Module, x: torch.Tensor) -> float | None:
-    """The share of all sigmoid outputs below :data:`SATURATED` or above 1 − SATURATED when
-    ``model`` (eval mode, on a copy's mode: restored) sees the uint8 images ``x``; None if the
-    model has no ``nn.Sigmoid``."""
+def saturated_share(forward, model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The share of the outputs of ``model``'s sigmoids below :data:`SATURATED` or above
+    1 − SATURATED while ``forward(x)`` runs (float images; a device tensor, no host read; it
+    also runs vmapped); None if the model has no ``nn.Sigmoid``."""
     sigs = [m for m in model.modules() if isinstance(m, nn.Sigmoid)]
     if not sigs:
         return None
-    counts = [0, 0]
+    seen = []
 
     def hook(mod, inp, out):
-        counts[0] += int(((out < SATURATED) | (out > 1 - SATURATED)).sum())
-        counts[1] += out.numel()
+        seen.append((((out < SATURATED) | (out > 1 - SATURATED)).sum(), out.numel()))
 
     handles = [m.register_forward_hook(hook) for m in sigs]
-    was_training = model.training
     try:
-        model.eval()
-        model(to_float(x))
+        with torch.no_grad():
+            forward(x)
     finally:
         for h in handles:
             h.remove()
+    return sum(c for c, _ in seen).float() / max(sum(n for _, n in seen), 1)
+
+
+def saturation(model: nn.Module, x: torch.Tensor) -> float | None:
+    """:func:`saturated_share` of ``model`` in eval mode (the mode is restored) on the uint8
+    images ``x``, as a number; None if the model has no ``nn.Sigmoid``."""
+    was_training = model.training
+    try:
+        model.eval()
+        share = saturated_share(model, model, to_float(x))
+    finally:
         model.train(was_training)
-    return counts[0] / max(counts[1], 1)
+    return None if share is None else float(share)
 
 
 class PreciseBNEval:
@@ -111,3 +117,38 @@ class PreciseBNEval:
             model = precise_model(model, data, self.images, self.batch_size)
             s.precise_test_acc = _accuracy(model, data.test_x, data.test_y)
         s.saturated = saturation(model, data.train_x[:min(self.batch_size, self.images)])
+
+
+@torch.no_grad()
+def precise_bn_stacked(skeleton: nn.Module, params: dict, buffers: dict, data: Dataset, images: int,
+                       batch_size: int = PRECISE_BN_BATCH, chunk: int = 10000) -> torch.Tensor:
+    """:class:`PreciseBNEval` for K stacked models (the vmapped grid: ``params``/``buffers`` of
+    ``torch.func.stack_module_state``, ``skeleton`` the module they fill): a (K, 2) device
+    tensor of the test accuracy with BN statistics recomputed (:func:`average_batch_stats`, on
+    copies of the buffers) and the saturated share (:func:`saturated_share`); NaN where not
+    measured (no BN, no sigmoid). The skeleton is left in training mode."""
+    from torch.func import functional_call
+
+    def forward(p, b, x):
+        return functional_call(skeleton, (p, b), (x,))
+
+    predict = torch.vmap(forward, in_dims=(0, 0, None))
+    K, device = next(iter(params.values())).shape[0], data.device
+    x = data.train_x[:images]
+    buffers = {k: v.clone() for k, v in buffers.items()}
+    acc = sat = torch.full((K,), float("nan"), device=device)
+    bns = list(bn_layers(skeleton).values())
+    if bns:
+        skeleton.train()
+        average_batch_stats(lambda xb: predict(params, buffers, xb), bns,
+                            (to_float(x[s:s + batch_size]) for s in range(0, len(x), batch_size)))
+    skeleton.eval()
+    try:
+        if bns:
+            acc = accuracy(lambda xb: predict(params, buffers, xb), data.test_x, data.test_y, chunk)
+        if any(isinstance(m, nn.Sigmoid) for m in skeleton.modules()):
+            share = lambda p, b, xb: saturated_share(lambda z: forward(p, b, z), skeleton, xb)  # noqa: E731
+            sat = torch.vmap(share, in_dims=(0, 0, None))(params, buffers, to_float(x[:batch_size]))
+    finally:
+        skeleton.train()
+    return torch.stack([acc, sat], 1)

@@ -27,6 +27,7 @@ Functions:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "per_channel",
     "num_channels",
     "recompute_bn_stats",
+    "average_batch_stats",
     "layer_input_stats",
     "ema_trace",
     "ema_lag",
@@ -127,8 +129,8 @@ def recompute_bn_stats(
 ) -> nn.Module:
     """Recompute every BN layer's running statistics from data ("PreciseBN", Wu & Johnson 2021).
 
-    The running buffers are reset, then one pass over ``x`` in training mode with
-    ``momentum=None`` makes each buffer the **equal-weight average** of the batch statistics
+    The running buffers are reset, then one pass over ``x`` in training mode
+    (:func:`average_batch_stats`: the cumulative average) makes each buffer the **equal-weight average** of the batch statistics
     (``running_var`` averages the unbiased batch variances, as PyTorch stores them). Nothing
     else changes: parameters, momenta and the train/eval mode are restored. ``x``: uint8 images
     (converted as in training, to the model's dtype) or float inputs. ``num_batches`` limits the pass; ``shuffle``
@@ -147,22 +149,35 @@ def recompute_bn_stats(
     if shuffle:
         g = torch.Generator().manual_seed(seed)
         x = x[torch.randperm(len(x), generator=g).to(x.device)]
-    momenta = [m.momentum for m in layers]
     was_training = model.training
     for m in layers:
         m.reset_running_stats()
-        m.momentum = None
     model.train()
     try:
-        for i, xb in enumerate(_as_batches(x, batch_size, _model_dtype(model))):
-            if num_batches is not None and i >= num_batches:
-                break
-            model(xb)
+        average_batch_stats(model, layers, itertools.islice(_as_batches(x, batch_size, _model_dtype(model)),
+                                                            num_batches))
+    finally:
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def average_batch_stats(forward, layers: list[nn.Module], batches) -> None:
+    """Run ``forward`` (training mode) on each batch with every BN layer of ``layers`` at
+    momentum ``1/t`` for the t-th batch, so each running buffer ends as the **equal-weight
+    average** of the batch statistics (the first batch overwrites it): PyTorch's cumulative
+    average (``momentum=None``) without reading ``num_batches_tracked``, so it also runs vmapped.
+    The layers' momenta are restored. The one PreciseBN pass (:func:`recompute_bn_stats`, the
+    grid's :mod:`bnviz.precise`)."""
+    momenta = [m.momentum for m in layers]
+    try:
+        for t, xb in enumerate(batches, 1):
+            for m in layers:
+                m.momentum = 1.0 / t
+            forward(xb)
     finally:
         for m, mom in zip(layers, momenta):
             m.momentum = mom
-        model.train(was_training)
-    return model
 
 
 @torch.no_grad()

@@ -370,7 +370,7 @@ def test_a_finished_trainer_frees_its_graphs_without_the_garbage_collector(sim, 
     class Grab:
         def before_epoch(self, trainer):  # after the set-up: the graphs exist
             alive.extend(weakref.ref(s) for _, s in trainer.captured.graphs.values())
-            alive.append(weakref.ref(trainer.evaluator))
+            alive.append(weakref.ref(trainer.fast.evaluate))
 
     gc.collect()
     gc.disable()
@@ -397,23 +397,24 @@ def test_a_momentum_change_with_compile_on_does_not_recompile(sim, data600, monk
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", "eager")
     ref_tr, ref = run(cfg("scratch", fast="eager"), data600, [ChangeAt(2, bn_momentum=0.5, eps=1e-3)])
     delays = []
-    original = Trainer.set_hyperparameters
+    original = Trainer.apply_live
 
-    def timed(self, changes):
-        t = time.perf_counter()
-        original(self, changes)
-        delays.append(time.perf_counter() - t)
+    def timed(self, names):
+        n, t = len(self.history.changes), time.perf_counter()
+        original(self, names)
+        if len(self.history.changes) > n:
+            delays.append(time.perf_counter() - t)
 
-    monkeypatch.setattr(Trainer, "set_hyperparameters", timed)
+    monkeypatch.setattr(Trainer, "apply_live", timed)
     tr = Trainer(cfg("scratch", fast="graph+compile"), data=data600,
                  callbacks=[ChangeAt(2, bn_momentum=0.5, eps=1e-3)])
     tr._setup()
     compiled = counters["stats"]["unique_graphs"]
-    assert tr.compiled and tr.captured is not None, tr.history.message
+    assert tr.fast.compiled and tr.captured is not None, tr.history.message
     tr._setup = lambda: None  # already set up
     h = tr.fit()
     assert counters["stats"]["unique_graphs"] == compiled  # nothing compiled after the set-up
-    assert tr.captured.info["recaptures"] == 1 and not tr.compiled
+    assert tr.captured.info["recaptures"] == 1 and not tr.fast.compiled
     assert "From step 4 the forward runs uncompiled" in h.message
     assert len(delays) == 1
     print(f"SIMULATION on a CPU: momentum+eps change applied in {delays[0]:.3f} s (not a GPU number)")
@@ -428,14 +429,14 @@ def _grid_cfg(**kw):
 
 
 def test_the_grids_capture_equals_the_uncaptured_group(sim):
-    from bnviz.grid import _Group
+    from bnviz.grid import VmapGroup
 
     data = make_synthetic(200, 100, seed=3)  # 6 x 32 + 8: two graphs
     configs = [_grid_cfg(seed=s, lr=lr) for s, lr in ((0, 0.5), (1, 1.0), (2, 0.3))]
-    eager = _Group([c.replace(fast="eager") for c in configs], data, None)
+    eager = VmapGroup([c.replace(fast="eager") for c in configs], data, None)
     ref = eager.fit()
     sim.captures = sim.replays = 0
-    group = _Group(configs, data, None)
+    group = VmapGroup(configs, data, None)
     hists = group.fit()
     assert group.captured is not None and group.captured.info["batch_sizes"] == [8, 32]
     assert sim.captures == 2 and sim.replays == 2 * 7
@@ -445,17 +446,36 @@ def test_the_grids_capture_equals_the_uncaptured_group(sim):
 
 
 def test_the_grids_capture_with_a_diverging_member(sim):
-    from bnviz.grid import _Group
+    from bnviz.grid import VmapGroup
 
     data = make_synthetic(200, 100, seed=3)
     lenet = preset("lenet")
     configs = [_grid_cfg(model=lenet, seed=0), _grid_cfg(model=lenet, seed=1, lr=1e4),
                _grid_cfg(model=lenet, seed=2, lr=0.9)]
-    ref = _Group([c.replace(fast="eager") for c in configs], data, None).fit()
-    group = _Group(configs, data, None)
+    ref = VmapGroup([c.replace(fast="eager") for c in configs], data, None).fit()
+    group = VmapGroup(configs, data, None)
     hists = group.fit()
     assert group.captured is not None
     assert hists[1].status == ref[1].status == "diverged" and hists[1].message == ref[1].message
     assert [s.step for s in hists[1].snapshots] == [s.step for s in ref[1].snapshots]
     for k in (0, 2):
         assert_grid_run_close(hists[k], ref[k])
+
+
+def test_a_grid_capture_error_falls_back_to_eager_like_a_trainer(sim):
+    """The grid shares the Trainer's FastPath: the same fallback, the same note in every
+    History, and the numbers of the uncaptured group."""
+    from bnviz.grid import VmapGroup
+
+    data = make_synthetic(200, 100, seed=3)
+    configs = [_grid_cfg(seed=s) for s in (0, 1)]
+    ref = VmapGroup([c.replace(fast="eager") for c in configs], data, None).fit()
+    sim.fail["end"] = 2  # the second graph (batch 8) fails after the first was captured
+    group = VmapGroup(configs, data, None)
+    hists = group.fit()
+    assert group.captured is None and sim.stack == [sim.default] and sim.capturing is None
+    assert all(g() is None or g().fn is None for g in sim.graphs)  # the first graph was released
+    for h, r in zip(hists, ref):
+        assert "The fast path failed (RuntimeError: SIM: injected end failure" in h.message
+        assert "continues eagerly" in h.message
+        assert [s.loss for s in h.snapshots] == [s.loss for s in r.snapshots]  # the eager step exactly

@@ -225,3 +225,38 @@ def test_subset_and_device_errors():
         with pytest.raises(ValueError, match="CUDA is not available"):
             D.resolve_device("cuda")
     assert D.resolve_device("cpu").type == "cpu"
+
+
+def test_the_one_batching_rule():
+    """Slices of one permutation: full batches, then the rest unless dropped; a last batch of
+    one example is dropped (BN cannot normalise it); distinct sizes for the captured graphs."""
+    assert not D.drops_last(600, 256) and D.drops_last(600, 256, drop_last=True)
+    assert D.drops_last(513, 256) and not D.drops_last(513, 1) and not D.drops_last(512, 256)
+    slices = D.batch_slices(600, 256)
+    assert [(s.start, s.stop) for s in slices] == [(0, 256), (256, 512), (512, 600)]
+    assert [(s.start, s.stop) for s in D.batch_slices(600, 256, drop_last=True)] == [(0, 256), (256, 512)]
+    assert [(s.start, s.stop) for s in D.batch_slices(100, 256)] == [(0, 100)]
+    assert D.batch_sizes(600, 256) == [256, 88] and D.batch_sizes(512, 256) == [256]
+    assert D.batch_sizes(513, 256, D.drops_last(513, 256)) == [256]
+    order = torch.randperm(600)
+    assert sorted(torch.cat([order[s] for s in slices]).tolist()) == list(range(600))
+    with pytest.raises(ValueError, match="positive int"):
+        D.batch_slices(10, 0)
+
+
+def test_count_correct_and_accuracy_against_a_plain_argmax():
+    """Chunks and leading run dimensions (a vmapped grid) give the counts of one plain pass."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (23, 1, 2, 2), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 3, (23,), generator=g)
+    w = torch.randn(2, 4, 3, generator=g)  # two "runs"
+    one = lambda xb: xb.flatten(1) @ w[0]  # noqa: E731
+    want = int(((x.float() / 255).flatten(1) @ w[0]).argmax(1).eq(y).sum())
+    assert int(D.count_correct(one, x, y, chunk=5)) == want
+    assert float(D.accuracy(one, x, y, chunk=7)) == pytest.approx(want / 23)
+    both = lambda xb: torch.einsum("bi,kij->kbj", xb.flatten(1), w)  # noqa: E731
+    per_run = [int(((x.float() / 255).flatten(1) @ w[k]).argmax(1).eq(y).sum()) for k in range(2)]
+    assert D.count_correct(both, x, y, chunk=4).tolist() == per_run
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).train()
+    assert float(D.evaluate(model, x, y)) == pytest.approx(
+        float((model(x.float() / 255).argmax(1) == y).float().mean())) and model.training

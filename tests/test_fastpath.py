@@ -239,13 +239,13 @@ def test_every_trainer_compiles_its_own_forward_and_a_run_past_the_limit_says_so
         for eps in (1e-5, 1e-4, 1e-3):  # 512 = 2 x 256: one batch shape per run
             tr = Trainer(cfg(epochs=1, eps=eps, fast="compile"), data=tiny_data)
             h = tr.fit()
-            assert tr.compiled and h.message == "", h.message
+            assert tr.fast.compiled and h.message == "", h.message
     assert counters["stats"]["unique_graphs"] == 3  # all three compiled
     eager = Trainer(cfg(epochs=1), data=data600).fit()
     with torch._dynamo.config.patch(recompile_limit=1):
         tr = Trainer(cfg(epochs=1, fast="compile"), data=data600)  # 256 and 88: two shapes, limit 1
         h = tr.fit()
-    assert not tr.compiled and "The fast path failed (FailOnRecompileLimitHit" in h.message
+    assert not tr.fast.compiled and "The fast path failed (FailOnRecompileLimitHit" in h.message
     assert "continues eagerly" in h.message
     assert [s.loss for s in h.snapshots] == [s.loss for s in eager.snapshots]
 
@@ -265,7 +265,7 @@ def test_the_compiled_function_holds_the_gather_the_conversion_and_the_metric_su
     monkeypatch.setattr(fastpath, "COMPILE_BACKEND", recording_backend)
     tr = Trainer(cfg(epochs=1, fast="compile"), data=tiny_data)  # 512 = 2 x 256: one batch shape
     h = tr.fit()
-    assert tr.compiled and h.message == "", h.message
+    assert tr.fast.compiled and h.message == "", h.message
     assert len(graphs) == 1
     for gm in graphs:
         calls = {(n.op, getattr(n.target, "__name__", n.target)) for n in gm.graph.nodes}
@@ -310,7 +310,7 @@ def test_captured_live_lr_change_takes_effect_at_the_next_step():
     class Spy:
         def before_step(self, trainer):
             if trainer.step_count == 5:
-                trainer.live.set(lr=1e-30)  # LiveUpdates (earlier in the list) applies it next step
+                trainer.live.set(lr=1e-30)  # applied at the top of the next step
             if trainer.step_count == 6:
                 seen["before"] = [p.detach().clone() for p in trainer.model.parameters()]
 
@@ -440,11 +440,11 @@ def _grid_configs(k, **kw):
 @gpu
 @needs_cuda
 def test_captured_grid_equals_solo_runs():
-    from bnviz.grid import _Group
+    from bnviz.grid import VmapGroup
 
     data = _cuda_data()
     configs = _grid_configs(4)
-    group = _Group(configs, data, None)
+    group = VmapGroup(configs, data, None)
     hists = group.fit()
     assert group.captured is not None and group.captured.info["batch_sizes"] == [208, 256], hists[0].message
     for c, h in zip(configs, hists):
@@ -455,13 +455,13 @@ def test_captured_grid_equals_solo_runs():
 @gpu
 @needs_cuda
 def test_captured_grid_with_a_diverging_member_equals_solo_runs():
-    from bnviz.grid import _Group
+    from bnviz.grid import VmapGroup
 
     data = _cuda_data()
     lenet = preset("lenet")
     configs = [c.replace(model=lenet) for c in _grid_configs(3)]
     configs[1] = configs[1].replace(lr=1e4)
-    group = _Group(configs, data, None)
+    group = VmapGroup(configs, data, None)
     hists = group.fit()
     assert group.captured is not None, hists[0].message
     solo = [Trainer(c.replace(fast="eager"), data=data).fit() for c in configs]

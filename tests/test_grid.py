@@ -13,7 +13,7 @@ import torch
 
 from bnviz import Config, preset
 from bnviz.data import make_synthetic
-from bnviz.grid import _Group, group_key, solo_reason, train_grid
+from bnviz.grid import VmapGroup, group_key, solo_reason, train_grid
 from bnviz.train import Trainer
 
 LOSS_REL = 1e-4
@@ -85,7 +85,7 @@ def test_each_run_of_a_grid_equals_its_solo_run(data):
 
 def test_final_parameters_and_running_statistics_equal_solo(data):
     configs = [cfg(seed=0, lr=0.5), cfg(seed=7, lr=1.0), cfg(seed=8, lr=0.2, weight_decay=1e-3)]
-    group = _Group(configs, data, None)
+    group = VmapGroup(configs, data, None)
     group.fit()
     for k, c in enumerate(configs):
         _, t = solo(c, data)
@@ -182,7 +182,7 @@ def test_on_a_cpu_the_default_trains_parallel_solo_runs_with_solo_numbers(data, 
 
     import bnviz.grid as grid
 
-    monkeypatch.setattr(grid, "_Group", None)  # would raise if a group were vmapped
+    monkeypatch.setattr(grid, "VmapGroup", None)  # would raise if a group were vmapped
     names = set()
 
     class Where:

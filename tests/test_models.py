@@ -169,3 +169,23 @@ def test_init_d2l_with_a_generator():
     a = init_weights(build_lenet("lenet"), "d2l", generator=torch.Generator().manual_seed(1))
     b = init_weights(build_lenet("lenet"), "d2l", generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.fc1.weight, b.fc1.weight) and torch.equal(a.conv1.weight, b.conv1.weight)
+
+
+def test_configure_norms_sets_momentum_and_eps_on_every_norm_that_has_them():
+    """The one place a run's BN momentum and eps reach the layers: checked module by module
+    against the types (the d2l-book layer keeps its own momentum: another convention)."""
+    from bnviz.models import configure_norms
+
+    for norm in ("torch", "scratch", "ghost", "lite-center", "layer", "group", "instance", "d2l"):
+        model = build_lenet(preset("lenet-bn", norm=norm))
+        assert configure_norms(model, 0.3, 1e-3) is model
+        for name, m in model.named_modules():
+            if not name.startswith("norm_"):
+                continue
+            assert m.eps == 1e-3, (norm, name)
+            if isinstance(m, D2LBatchNorm):
+                assert m.momentum == 0.1, name  # the book's default, untouched
+            elif isinstance(m, (nn.modules.batchnorm._NormBase, BatchNorm)):
+                assert m.momentum == 0.3, (norm, name)
+    cumulative = configure_norms(build_lenet("lenet-bn-scratch"), None, 1e-5)
+    assert all(m.momentum is None for m in norm_layers(cumulative).values())

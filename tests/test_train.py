@@ -20,17 +20,17 @@ def cfg(**kw):
 
 
 def test_same_config_and_seed_give_the_same_curve(tiny_data):
-    a = Trainer(cfg(epochs=2), data=tiny_data).run()
-    b = Trainer(cfg(epochs=2), data=tiny_data).run()
+    a = Trainer(cfg(epochs=2), data=tiny_data).fit()
+    b = Trainer(cfg(epochs=2), data=tiny_data).fit()
     assert a.status == b.status == "finished"
     assert [s.loss for s in a.snapshots] == [s.loss for s in b.snapshots]
-    c = Trainer(cfg(epochs=2, seed=1), data=tiny_data).run()
+    c = Trainer(cfg(epochs=2, seed=1), data=tiny_data).fit()
     assert [s.loss for s in a.snapshots] != [s.loss for s in c.snapshots]
 
 
 def test_scratch_and_torch_bn_train_identically(tiny_data):
-    a = Trainer(cfg(model=preset("lenet-bn", norm="torch")), data=tiny_data).run()
-    b = Trainer(cfg(model=preset("lenet-bn", norm="scratch")), data=tiny_data).run()
+    a = Trainer(cfg(model=preset("lenet-bn", norm="torch")), data=tiny_data).fit()
+    b = Trainer(cfg(model=preset("lenet-bn", norm="scratch")), data=tiny_data).fit()
     for sa, sb in zip(a.snapshots, b.snapshots):
         assert sa.loss == pytest.approx(sb.loss, rel=1e-4, abs=1e-5)
     for name in ("conv1", "fc2"):
@@ -42,14 +42,14 @@ def test_learns_well_above_chance_on_synthetic_data():
     from bnviz.data import make_synthetic
 
     data = make_synthetic(3000, 1000, seed=2)
-    h = Trainer(cfg(batch_size=128, lr=1.0, epochs=3, snapshot_every=10), data=data).run()
+    h = Trainer(cfg(batch_size=128, lr=1.0, epochs=3, snapshot_every=10), data=data).fit()
     assert h.final_test_acc > 0.4, h.summary()  # chance is 0.1
     assert h.steps[-1].loss < h.steps[0].loss
 
 
 def test_snapshot_contents(tiny_data):
     t = Trainer(cfg(snapshot_every=3), data=tiny_data)
-    h = t.run()
+    h = t.fit()
     steps_per_epoch = math.ceil(512 / 64)
     assert [s.step for s in h.steps] == [3, 6, 8]  # every 3 steps, plus the epoch's end
     (ep,) = h.epochs
@@ -67,7 +67,7 @@ def test_snapshot_contents(tiny_data):
 
 
 def test_epoch_metrics_are_epoch_means(tiny_data):
-    h = Trainer(cfg(snapshot_every=1), data=tiny_data).run()
+    h = Trainer(cfg(snapshot_every=1), data=tiny_data).fit()
     steps = h.steps
     weights = [s.examples - (steps[i - 1].examples if i else 0) for i, s in enumerate(steps)]
     mean_loss = sum(w * s.loss for w, s in zip(weights, steps)) / sum(weights)
@@ -85,7 +85,7 @@ def test_no_host_sync_per_step(tiny_data, monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    h = Trainer(cfg(snapshot_every=1000, epochs=2), data=tiny_data).run()
+    h = Trainer(cfg(snapshot_every=1000, epochs=2), data=tiny_data).fit()
     steps = h.epochs[-1].step
     assert steps == 16
     # two snapshots per epoch (end of steps + epoch) -> a handful of copies, not one per step
@@ -125,7 +125,7 @@ def test_live_momentum_and_eps_reach_the_layers(tiny_data):
     live = LiveParams(lr=0.5, bn_momentum=0.1, eps=1e-5, batch_size=64)
     live.set(bn_momentum=None, eps=1e-3)
     t = Trainer(cfg(), data=tiny_data, live=live)
-    h = t.run()
+    h = t.fit()
     assert {c.name for c in h.changes} == {"bn_momentum", "eps"}
     assert all(c.step == 1 for c in h.changes)
     for m in (t.model.norm_conv1, t.model.norm_fc2):
@@ -141,7 +141,7 @@ def test_batch_size_change_waits_for_next_epoch(tiny_data):
             t.live.set(batch_size=128)
 
     t = Trainer(cfg(epochs=2, snapshot_every=2), data=tiny_data, on_snapshot=on_snapshot)
-    h = t.run()
+    h = t.fit()
     assert {bs for ep, bs in seen if ep == 1} == {64}
     assert {bs for ep, bs in seen if ep == 2} == {128}
     assert h.epochs[1].step - h.epochs[0].step == 4  # 512 / 128
@@ -218,14 +218,14 @@ def test_bad_live_value_is_refused_and_run_untouched():
 
 def test_divergence_is_detected_and_explained(tiny_data):
     spec = preset("lenet", activation="relu")
-    h = Trainer(cfg(model=spec, lr=50.0, epochs=3), data=tiny_data).run()
+    h = Trainer(cfg(model=spec, lr=50.0, epochs=3), data=tiny_data).fit()
     assert h.status == "diverged"
     assert "Likely causes" in h.message and "learning rate" in h.message
     assert h.snapshots  # what happened before is kept
 
 
 def test_stuck_at_chance_is_reported(tiny_data):
-    h = Trainer(cfg(model=preset("lenet"), lr=0.01, epochs=2, batch_size=16), data=tiny_data).run()
+    h = Trainer(cfg(model=preset("lenet"), lr=0.01, epochs=2, batch_size=16), data=tiny_data).fit()
     assert h.status == "finished"
     assert "chance" in h.message and "did not learn" in h.message
 
@@ -277,7 +277,7 @@ def test_step_is_one_sgd_step_of_pytorch(tiny_data):
     t._setup()
     t.model.double()
     ref = copy.deepcopy(t.model)
-    t.loss_fn = lambda x, y: t._loss(x.double(), y)
+    t._loss = lambda x, y: Trainer._loss(t, x.double(), y)
     idx = torch.arange(64)
     before = t.sums.clone()
     out = t.step(idx)
@@ -295,7 +295,7 @@ def test_step_is_one_sgd_step_of_pytorch(tiny_data):
 
 
 def test_partial_last_batch_of_one_is_dropped_not_fatal(tiny_data):
-    h = Trainer(cfg(batch_size=73), data=tiny_data.subset(147, 20)).run()  # 147 = 2*73 + 1
+    h = Trainer(cfg(batch_size=73), data=tiny_data.subset(147, 20)).fit()  # 147 = 2*73 + 1
     assert h.status == "finished" and h.epochs[0].examples == 146
 
 
@@ -304,7 +304,7 @@ def test_callback_error_does_not_kill_the_run(tiny_data):
         raise RuntimeError("view bug")
 
     with pytest.warns(UserWarning, match="view bug"):
-        h = Trainer(cfg(), data=tiny_data, on_snapshot=broken).run()
+        h = Trainer(cfg(), data=tiny_data, on_snapshot=broken).fit()
     assert h.status == "finished"
 
 
@@ -379,3 +379,90 @@ def test_the_not_learning_diagnosis_names_init_only_when_it_is_the_suspect():
     assert "init='pytorch'" in with_pytorch_init and "try init='d2l'" in with_pytorch_init
     with_d2l_init = diagnose("Stuck.", plain, stuck=True)
     assert "init=" not in with_d2l_init and "plateau" in with_d2l_init and "batch norm" in with_d2l_init
+
+
+def test_snapshot_layout_packs_and_unpacks_every_value_of_every_run():
+    """One (runs, width) host copy and back, against the values put in (independent sums)."""
+    from bnviz.history import LayerStats, SnapshotLayout
+
+    g = torch.Generator().manual_seed(0)
+    runs = 3
+    sums = torch.rand(runs, 6, generator=g) * 100 + 1
+    epoch_values = {"test_acc": torch.tensor([0.5, 0.25, 0.75]),
+                    "precise_test_acc": torch.tensor([0.625, float("nan"), 0.125])}
+    gamma, mean, var = (torch.rand(runs, 4, generator=g) for _ in range(3))
+    layers = {"conv1": {"gamma": gamma, "beta": None, "batch_mean": mean, "batch_var": var},
+              "fc2": {"running_mean": torch.zeros(runs, 2), "running_var": torch.ones(runs, 2)}}
+    for kind, (lo, hi) in (("step", (0, 3)), ("epoch", (3, 6))):
+        layout = SnapshotLayout(runs)
+        flat = layout.pack(sums, epoch_values if kind == "epoch" else {}, layers)
+        assert flat.shape == (runs, 6 + (2 if kind == "epoch" else 0) + 3 * 4 + 2 * 2)
+        for k, row in enumerate(flat.tolist()):
+            got = layout.unpack(row, kind)
+            loss_sum, correct, n = sums[k, lo:hi].tolist()
+            assert got["loss"] == pytest.approx(loss_sum / n) and got["train_acc"] == pytest.approx(correct / n)
+            if kind == "epoch":
+                assert got["test_acc"] == [0.5, 0.25, 0.75][k]
+                assert got["precise_test_acc"] == [0.625, None, 0.125][k]  # NaN: not measured
+            else:
+                assert got["test_acc"] is None and got["precise_test_acc"] is None
+            assert got["saturated"] is None
+            assert list(got["layers"]) == ["conv1", "fc2"]
+            c1 = got["layers"]["conv1"]
+            assert c1.gamma == pytest.approx(gamma[k].tolist()) and c1.beta == []
+            assert c1.batch_mean == pytest.approx(mean[k].tolist()) and c1.batch_var == pytest.approx(var[k].tolist())
+            assert got["layers"]["fc2"] == LayerStats(running_mean=[0.0, 0.0], running_var=[1.0, 1.0])
+    one = SnapshotLayout()  # a trainer: one run, (C,) tensors
+    row = one.pack(sums[0], {}, {"conv1": {"gamma": gamma[0]}}).tolist()[0]
+    assert one.unpack(row, "step")["layers"]["conv1"].gamma == pytest.approx(gamma[0].tolist())
+
+
+def test_a_live_value_is_checked_once_when_queued_then_applied_at_the_top_of_a_step(tiny_data, monkeypatch):
+    """Queued before step 3 (by a callback, as a slider would), applied before step 4's
+    callbacks, recorded as a Change with step 4; the optimiser and the snapshots use it; the
+    value is validated once, by LiveParams.set, not again when applied."""
+    from bnviz import config as config_mod
+
+    calls = []
+    check_lr = config_mod.CHECKS["lr"]
+    monkeypatch.setitem(config_mod.CHECKS, "lr", lambda v: (calls.append(v), check_lr(v)))
+    seen = {}
+
+    class Slider:
+        def before_step(self, trainer):
+            seen[trainer.step_count] = trainer.opt.param_groups[0]["lr"]
+            if trainer.step_count == 2:
+                trainer.live.set(lr=0.05)
+
+        def on_snapshot(self, trainer, s):
+            seen.setdefault("checks at snapshots", []).append(calls.count(0.05))
+
+    t = Trainer(cfg(epochs=1, snapshot_every=1), data=tiny_data, callbacks=[Slider()])
+    h = t.fit()
+    assert seen[2] == 0.5 and seen[3] == 0.05 and t.opt.param_groups[0]["lr"] == 0.05
+    from bnviz.history import Change
+
+    assert h.changes == [Change(step=4, epoch=1, name="lr", old=0.5, new=0.05)]
+    assert [s.lr for s in h.steps] == [0.5] * 3 + [0.05] * 5
+    assert set(seen["checks at snapshots"][3:]) == {1}  # checked once, when queued
+    with pytest.raises(ValueError, match="lr=0 is not valid"):
+        t.live.set(lr=0)
+    assert not t.live.has_pending
+
+
+def test_live_batch_size_and_norm_values_are_applied_where_they_are_used(tiny_data):
+    """batch size: from the next epoch (its batches); momentum and eps: on every norm layer."""
+    from bnviz.models import norm_layers
+
+    class Slider:
+        def before_step(self, trainer):
+            if trainer.step_count == 1:
+                trainer.live.set(batch_size=128, bn_momentum=0.5, eps=1e-3)
+
+    t = Trainer(cfg(epochs=2, snapshot_every=100, model=preset("lenet-bn-scratch")), data=tiny_data,
+                callbacks=[Slider()])
+    h = t.fit()
+    assert [(c.name, c.step, c.epoch) for c in h.changes] == [
+        ("bn_momentum", 3, 1), ("eps", 3, 1), ("batch_size", 9, 2)]
+    assert h.epochs[1].step - h.epochs[0].step == 4  # 512 / 128
+    assert all(m.momentum == 0.5 and m.eps == 1e-3 for m in norm_layers(t.model).values())
