@@ -5,7 +5,7 @@
 
 What is timed (same model, batch size, learning rate, examples and device for every row):
 
-* ``bnviz nn.BatchNorm``: ``Trainer(Config(model=preset('lenet-bn'), ...)).run()``: data resident
+* ``bnviz nn.BatchNorm``: ``Trainer(Config(model=preset("lenet-bn"), ...)).fit()``: data resident
   on the device as uint8, batches sliced from an on-device permutation, metrics copied to the
   host once per snapshot (every 50 steps), the test set evaluated at every epoch end.
 * ``bnviz scratch BN``: the same with ``norm='scratch'`` (:class:`bnviz.norms.BatchNorm`).
