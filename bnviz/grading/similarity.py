@@ -284,7 +284,7 @@ def _public_code(student_notebook: Path | None) -> str:
         built = Path(student_notebook).resolve().parent.parent / "public_answers.py"
         if built.is_file():
             return built.read_text(encoding="utf-8")
-    from .build import default_source
+    from .layout import default_source  # here: this file also runs as a script (run_isolated)
 
     return answer_code(json.loads(default_source().read_text(encoding="utf-8")))
 
@@ -333,7 +333,7 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
             if row is not None:
                 r["row"] = row(r)
             tmp = out / f".{r['student']}.json.similarity.tmp"
-            tmp.write_text(json.dumps(r, indent=2), encoding="utf-8")
+            tmp.write_text(json.dumps(dict(r), indent=2), encoding="utf-8")  # a Result or a stored dict
             os.replace(tmp, out / f"{r['student']}.json")
         except Exception:  # the gradebook still carries the flag
             pass
