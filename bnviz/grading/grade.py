@@ -185,6 +185,11 @@ def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict)
     return res
 
 
+def _limits_key(limits: sandbox.Limits, jobs: int) -> dict:
+    """The limits a result was graded under, for the resume key (who sandboxes run as aside)."""
+    return {**{k: v for k, v in dataclasses.asdict(limits).items() if k != "user"}, "jobs": max(1, int(jobs))}
+
+
 def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike, *, timeout_s: float = 300.0,
                  jobs: int = 1, student_notebook: str | os.PathLike | None = None,
                  manual_questions: dict[str, float] | None = None, sandbox_backend: str = "auto",
@@ -231,7 +236,7 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
         judges = _Judges(max(1, jobs), session.judge_config(handed_out, preferred), judge_memory_bytes, judge_timeout_s)
         columns = records.gradebook_columns(session.questions, manual)
         ctx = {"out": out, "columns": columns, "manual": manual, "regrade": regrade, "log": log,
-               "config": records.fingerprint(session.questions, rules_, manual, session.variant)}
+               "config": records.fingerprint(session.questions, rules_, manual, session.variant, _limits_key(limits, jobs))}
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             results = list(pool.map(lambda p: _grade_one(p, names[p], session, judges, ctx), files))
     finally:

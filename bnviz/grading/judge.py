@@ -89,7 +89,7 @@ class Work:
     def ingest(self, msg: dict) -> dict:
         from . import ingest, rules, scoring
 
-        sub = ingest.read_submission(Path(msg["path"]), self.preferred)
+        sub = ingest.read_submission(Path(msg["path"]), self.preferred, self.handed_out)
         if sub.error:
             return {"error": sub.error, "notes": sub.notes}
         notes = sub.notes + scoring.tamper_notes(sub.sources, sub.otter_tests, self.handed_out)

@@ -165,12 +165,14 @@ def sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def fingerprint(questions: dict, forbidden: dict, manual: dict, variant) -> str:
+def fingerprint(questions: dict, forbidden: dict, manual: dict, variant, limits: dict | None = None) -> str:
     """What a stored result depends on besides the file: a result made under other questions,
-    points, rules or variant is graded again."""
+    points, rules, variant or limits (``limits``: the sandbox's time, memory, process... limits and
+    the number of jobs, which sets the threads and CPU share of each sandbox) is graded again, so a
+    time-out is not kept when the folder is graded again with a longer ``--timeout``."""
     data = {"format": FORMAT, "questions": questions, "manual": manual,
             "rules": {q: sorted(f) for q, f in forbidden.items()},
-            "variant": variant.to_dict() if variant is not None else None}
+            "variant": variant.to_dict() if variant is not None else None, "limits": limits or {}}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,6 +30,7 @@ write the pass's report.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -193,19 +194,37 @@ def _otter_stub() -> types.ModuleType:
     return mod
 
 
-def run_cells(cells: list, namespace: dict) -> list:
+def run_cells(cells: list, namespace: dict, strict: bool = False) -> list:
     """Execute each code cell in order in one namespace; a cell that raises does not stop the
     others (as in a notebook run with errors allowed). Returns [{"cell", "error"}]. The cells are
     plain Python already; a ``get_ipython()`` the trusted side left in (``%matplotlib``, ``!pip``)
-    does nothing."""
+    does nothing.
+
+    ``strict`` (the strict pass): a top-level statement that a raising kernel stopped is skipped and
+    the cell goes on with its next statement, so a comparison with ``F.batch_norm`` above the
+    ``def`` (allowed while working) does not keep the answer from being defined; the kernels still
+    raise there, so nothing forbidden is computed before the tests. Any other exception stops the
+    cell, as in the normal pass."""
     sys.modules["otter"] = _otter_stub()
     namespace.setdefault("get_ipython", lambda: types.SimpleNamespace(
         system=lambda *a, **k: None, run_line_magic=lambda *a, **k: None, run_cell_magic=lambda *a, **k: None))
     errors = []
     for index, source in cells:
         try:
-            code = compile(source, f"<cell {index}>", "exec")
-            exec(code, namespace)
+            if not strict:
+                exec(compile(source, f"<cell {index}>", "exec"), namespace)
+                continue
+            skipped = False
+            for stmt in ast.parse(source, f"<cell {index}>").body:
+                before = REFUSED[0]
+                try:
+                    exec(compile(ast.Module([stmt], []), f"<cell {index}>", "exec"), namespace)
+                except Exception as exc:
+                    if not (_forbidden_in(exc) or REFUSED[0] > before):
+                        raise
+                    if not skipped:  # one entry per cell (the report's lists are bounded)
+                        errors.append({"cell": int(index), "error": "(statement skipped) " + short_error(exc)})
+                    skipped = True
         except BaseException as exc:  # SystemExit and KeyboardInterrupt included
             errors.append({"cell": int(index), "error": short_error(exc)})
     return errors
@@ -472,7 +491,7 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     os.dup2(quiet, 2)
     libs, still_raises = install_strict(torch) if plan.get("batch_norm") else ({}, lambda: True)
     block = autograd_blocker(torch)
-    cell_errors = run_cells(request["cells"], namespace)
+    cell_errors = run_cells(request["cells"], namespace, strict=True)
     probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
     return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
             "intact": bool(still_raises()), "kernels": len(libs)}
