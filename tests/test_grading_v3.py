@@ -1,4 +1,5 @@
-"""Grading v3 (issue 23): honest shapes graded right (item 5).
+"""Grading v3 (issue 23): honest shapes graded right (item 5), clean output (item 7), a secret seed
+(item 4).
 
 One folder of planted submissions is graded once in bubblewrap sandboxes (``v3``); each honest
 shape must get 19/19, each hostile name must leave no control character in the gradebook, the CSVs
@@ -8,7 +9,11 @@ or the log. The rest checks the pieces directly.
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
+import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -56,6 +61,12 @@ def _plant(solution: dict, handout: dict, subs: Path) -> None:
     with zipfile.ZipFile(subs / "handout_and_work.zip", "w") as zf:  # the hand-out is the less deep one
         zf.writestr("batch_norm.ipynb", json.dumps(handout))
         zf.writestr("work/batch_norm.ipynb", json.dumps(solution))
+    with zipfile.ZipFile(subs / "escapes.zip", "w") as zf:  # control characters in member names
+        zf.writestr(f"{ESC}a.ipynb", json.dumps(solution))
+        zf.writestr(f"b{ESC}.ipynb", json.dumps(solution))
+    _write(subs / f"ctl{ESC}.ipynb", solution)  # in a file name too
+    (subs / f"note{ESC}.txt").write_text("not a submission")  # skipped, with its name in skipped.csv
+    _write(subs / (os.fsdecode(b"caf\xe9") + ".ipynb"), solution)  # a name that is not UTF-8
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +128,49 @@ def test_the_limits_are_part_of_the_resume_key(grading_dist, bwrap, tmp_path):
     assert not again.get("resumed") and again["total"] == 19, again["error"]
     assert grading.grade_folder(subs, out, timeout_s=TIMEOUT_S, **kw)[0].get("resumed")  # same limits: kept
 
+
+# ------------------------------------------------------------------ item 7: clean output
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2028\u2029]")
+
+
+def test_no_control_character_reaches_the_gradebook_the_csvs_or_the_log(v3):
+    out = v3["out"]
+    for path in (out / "gradebook.csv", out / "skipped.csv"):
+        text = path.read_text(encoding="utf-8")
+        assert not _CONTROL.search(text), (path.name, _CONTROL.findall(text))
+    assert not [line for line in v3["log"] if _CONTROL.search(line)]
+    rows = {r["student"]: r for r in csv.DictReader(io.StringIO((out / "gradebook.csv").read_text(encoding="utf-8")))}
+    zipped = next(r for name, r in rows.items() if name.startswith("escapes"))
+    assert "\\x1b]0;pwned\\x07" in zipped["flags"], zipped["flags"]  # shown, not acted on
+    assert any("note\\x1b" in line for line in (out / "skipped.csv").read_text(encoding="utf-8").splitlines())
+    ctl = next(r for r in v3["res"].values() if r["student"].startswith("ctl"))
+    assert ctl["total"] == 19 and "\\x1b" in ctl["submission"] and not _CONTROL.search(ctl["submission"])
+
+
+def test_a_name_that_is_not_utf8_is_graded_and_compared(v3):
+    r = next(r for r in v3["res"].values() if r["student"].startswith("caf"))
+    assert r["total"] == 19, r["error"]
+    html = (v3["out"] / "similarity.html").read_text(encoding="utf-8")
+    assert "not compared" not in html, html[:2000]
+    assert "similar to" in r["flags"] and f"{r['student']} &harr;" in html or f"&harr; {r['student']}:" in html
+
+
+def test_the_sandbox_mountinfo_names_no_grading_folder(bwrap, tmp_path):
+    """The worker's files are copied into the sandbox, not bound: no mount names the grading run's
+    temporary folder (nor this checkout, which no mount holds)."""
+    from bnviz.grading import sandbox
+
+    limits = sandbox.Limits(timeout_s=60)
+    buf = io.BytesIO()
+    cell = "import sys\nsys.stderr.write(open('/proc/self/mountinfo').read())\nimport bnviz.grading.worker as w\nprint('WORKER', w.__file__)"
+    torch.save({"cells": [(0, cell)], "probes": [], "limits": limits.for_worker()}, buf)
+    root = sandbox.make_worker_root(tmp_path / "bnviz-grading-secret" / "worker")
+    run = sandbox.run_worker(buf.getvalue(), "bwrap", limits, root, [])
+    log = run.log_tail.decode(errors="replace")
+    assert "WORKER /opt/bnviz-worker/bnviz/grading/worker.py" in log, log[-2000:]
+    mounts = [line for line in log.splitlines() if re.match(r"\d+ \d+ \d+:\d+ ", line)]
+    assert mounts, log[-2000:]
+    for line in mounts:
+        assert "bnviz-grading-secret" not in line and str(tmp_path) not in line, line
+        assert str(Path(__file__).resolve().parents[1]) not in line, line  # the checkout

@@ -37,7 +37,7 @@ from typing import Any
 from . import checker, ingest, records, report, rules, sandbox, scoring, similarity, worker
 from .judge import GiB, Judge, JudgeError
 from .records import Result
-from .text import clean
+from .text import clean, visible
 
 # --------------------------------------------------------------------------- one submission
 
@@ -180,8 +180,8 @@ def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict)
         judges.free.put(judge)
     res.seed, res.submission_sha256, res.config = session.seed, digest, ctx["config"]
     records.write_student(ctx["out"], res, ctx["columns"], ctx["manual"])
-    ctx["log"](f"{res.student}: {res.total:g}/{res.possible_total:g}"
-               + (f"  [{res.error}]" if res.error else "") + (f"  {{{res.flags}}}" if res.flags else ""))
+    ctx["log"](visible(f"{res.student}: {res.total:g}/{res.possible_total:g}"
+                       + (f"  [{res.error}]" if res.error else "") + (f"  {{{res.flags}}}" if res.flags else "")))
     return res
 
 
@@ -244,7 +244,7 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
             judges.close()
         shutil.rmtree(work, ignore_errors=True)
     similarity.flag_results(results, sub_dir, out, student_notebook, row=lambda r: records.gradebook_row(r, columns, manual),
-                            log=log)  # similarity flags + similarity.html (issue 17 item 6); never raises
+                            log=log, paths={names[p]: str(p) for p in files})  # similarity flags + similarity.html (issue 17 item 6); never raises
     records.write_gradebook(out, results, columns)
     records.write_table(out / "skipped.csv", ["file", "reason"], [list(s) for s in skipped])
     for name, why in skipped:

@@ -25,6 +25,8 @@ import textwrap
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .text import visible
+
 MiB = 1 << 20
 MAX_FILE_BYTES = 256 * MiB  # a notebook file (or the notebook inside a zip), outputs included
 MAX_CODE_BYTES = 256 * 1024  # the code cells together (the solution with its tests: ~35 KB)
@@ -47,9 +49,14 @@ class Submission:
     problems: list[str] = dataclasses.field(default_factory=list)  # cells not run, for the error column
 
 
-def printable(name: str) -> str:
-    """A file name as text that can be written anywhere (undecodable bytes become U+FFFD)."""
+def _decoded(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be written anywhere: undecodable bytes become U+FFFD, control
+    and format characters (escape codes, bidi overrides) are written as ``\\x1b`` / ``\\u202e``."""
+    return visible(_decoded(name))
 
 
 def list_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -87,7 +94,7 @@ def student_names(files: list[Path]) -> dict[Path, str]:
     names: dict[Path, str] = {}
     used: set[str] = set()
     for p in files:
-        stem = printable(p.name[:-len(p.suffix)] if p.suffix else p.name)
+        stem = _decoded(p.name[:-len(p.suffix)] if p.suffix else p.name)
         name = re.sub(r"[^\w.-]", "_", stem)
         name = re.sub(r"^[-.]", "_", name) or "submission"
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:

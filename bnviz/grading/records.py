@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .text import natural_key
+from .text import natural_key, visible
 
 FORMAT = 2  # of the per-student JSON; part of the resume fingerprint
 MAX_JSON_BYTES = 8 << 20  # a stored result larger than this is not read back
@@ -106,8 +106,9 @@ def atomic_write(path: Path, data: str | bytes) -> None:
 
 
 def csv_cell(value: Any) -> str:
-    """Text for a CSV cell that no spreadsheet reads as a formula (``= + - @``, tab, CR first)."""
-    text = str(value)
+    """Text for a CSV cell that no spreadsheet reads as a formula (``= + - @``, tab, CR first) and
+    that holds no control character."""
+    text = visible(value)  # no control character reaches a spreadsheet (escape codes written as \\x1b)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 

@@ -305,16 +305,18 @@ def _apply(results: list[dict], flags: dict[str, list[str]], note: str) -> list[
 
 def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  student_notebook: str | os.PathLike | None = None, threshold: float = THRESHOLD,
-                 row=None, log=print) -> str:
+                 row=None, log=print, paths: dict[str, str] | None = None) -> str:
     """Add similarity flags to ``results`` (their ``flags``; ``row(result)`` rebuilds a gradebook
     row, and each changed ``<out>/<student>.json`` is rewritten) and write
-    ``<out>/similarity.html``. Never raises: a failure becomes the returned note, which is also
+    ``<out>/similarity.html``. ``paths``: student -> file (default: ``submission`` in
+    ``submissions_dir``). Never raises: a failure becomes the returned note, which is also
     logged, put in every student's ``notes`` and in the report ("" when all went well)."""
     note, out = "", Path(out_dir)
     try:
         nb_path = Path(student_notebook) if student_notebook else None
         template = _cells_code(json.loads(nb_path.read_text(encoding="utf-8"))) if nb_path else ""
-        paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
+        if paths is None:  # the file of each student (the names shown in ``submission`` may be escaped)
+            paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
         pairs, codes, unread = run_isolated(paths, _publics(_public_code(nb_path)), template)
         flags = _flags(pairs, threshold)
         # an unreadable file already has its error in the gradebook: only the report says it was skipped

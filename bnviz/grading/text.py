@@ -19,5 +19,26 @@ def clean(text: Any, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+_HIDDEN = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, format (bidi overrides), surrogates, unassigned, line breaks
+
+
+def visible(text: Any) -> str:
+    """``text`` with every character a terminal, a spreadsheet or an editor could act on or hide
+    (escape codes, carriage returns, bidi overrides, line and paragraph separators) written as
+    ``\\x1b`` / ``\\u202e``; nothing else changes. For names and lines that reach the gradebook,
+    the CSVs or the terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch != " " and unicodedata.category(ch) in _HIDDEN:
+            o = ord(ch)
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
