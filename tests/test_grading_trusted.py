@@ -459,7 +459,7 @@ def test_atomic_write_with_a_name_at_the_limit(tmp_path):
 def test_judge_survives_its_child_dying(tmp_path):
     nb = tmp_path / "x.ipynb"
     nb.write_text(json.dumps({"cells": [{"cell_type": "code", "source": "print(1)"}], "metadata": {}}))
-    j = judge.Judge({"seed": 1, "rules": {}, "handed_out": None}, timeout_s=120)
+    j = judge.Judge({"rules": {}, "handed_out": None}, timeout_s=120)
     try:
         assert j.call("ingest", {"path": str(nb)})["cells"] == [[0, "print(1)\n"]]
         os.killpg(j.proc.pid, signal.SIGKILL)
@@ -476,7 +476,7 @@ def test_judge_memory_limit(tmp_path):
         f.write('{"cells": [], "metadata": {"x": [')
         f.write("[]," * (16 << 20))
         f.write("[]]}}")
-    j = judge.Judge({"seed": 1, "rules": {}, "handed_out": None}, memory_bytes=512 << 20, timeout_s=300)
+    j = judge.Judge({"rules": {}, "handed_out": None}, memory_bytes=512 << 20, timeout_s=300)
     try:
         t0 = time.monotonic()
         with pytest.raises(judge.JudgeError, match="memory limit|died"):

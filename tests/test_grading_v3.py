@@ -23,7 +23,7 @@ pytest.importorskip("otter", reason="otter-grader is not installed (pip install 
 torch = pytest.importorskip("torch")
 
 from bnviz import grading  # noqa: E402
-from bnviz.grading import ingest  # noqa: E402
+from bnviz.grading import grade, ingest  # noqa: E402
 
 pytestmark = pytest.mark.grading
 
@@ -174,3 +174,46 @@ def test_the_sandbox_mountinfo_names_no_grading_folder(bwrap, tmp_path):
     for line in mounts:
         assert "bnviz-grading-secret" not in line and str(tmp_path) not in line, line
         assert str(Path(__file__).resolve().parents[1]) not in line, line  # the checkout
+
+
+# ------------------------------------------------------------------ item 4: the seed is a secret
+
+PRINT_INPUT = 'print("INPUT", repr(float(x.double().sum())))\n'
+
+
+def _printed_inputs(out: Path, student: str) -> list[str]:
+    return re.findall(r"INPUT (\S+)", (out / "logs" / f"{student}.log").read_text(errors="replace"))
+
+
+def test_each_student_gets_inputs_from_a_secret_and_one_run_can_be_reproduced(grading_dist, bwrap, tmp_path, monkeypatch):
+    out_dist, manifest = grading_dist
+    solution = json.loads((out_dist / "autograder" / "batch_norm.ipynb").read_text())
+    printing = _edit_cell(solution, FWD, lambda s: s.replace(
+        "\n", "\n    " + PRINT_INPUT, 1) if s.startswith(FWD) else s)  # first line of the body prints its input
+    subs, out = tmp_path / "subs", tmp_path / "grades"
+    subs.mkdir()
+    _write(subs / "anna.ipynb", printing)
+    _write(subs / "ben.ipynb", printing)
+    secret = bytes(range(7, 39))  # what the run draws, planted so that the test can look for it
+    monkeypatch.setattr(grade.secrets, "token_bytes", lambda n: secret[:n])
+    lines: list[str] = []
+    kw = dict(timeout_s=TIMEOUT_S, forbidden=manifest["forbidden"], jobs=2)
+    res = {r["student"]: r for r in grading.grade_folder(subs, out, log=lambda *a: lines.append(" ".join(map(str, a))), **kw)}
+    assert res["anna"]["total"] == res["ben"]["total"] == 19
+    seeds = {n: json.loads((out / f"{n}.json").read_text())["seed"] for n in res}
+    assert seeds["anna"] != seeds["ben"]  # a seed per student
+    anna, ben = _printed_inputs(out, "anna"), _printed_inputs(out, "ben")
+    assert anna and ben and anna[:10] != ben[:10]  # so other inputs
+    # the secret is written nowhere and printed nowhere
+    for text in [*lines, *(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())]:
+        assert secret.hex() not in text and repr(secret) not in text and str(list(secret)) not in text
+    # --seed with the seed in anna's JSON reproduces anna's run: the same inputs
+    again = tmp_path / "again"
+    grading.grade_folder(subs, again, seed=seeds["anna"], regrade=True, log=lambda *a: None, **kw)
+    assert _printed_inputs(again, "anna")[:5] == anna[:5]
+
+
+def test_the_readme_cluster_example_publishes_no_seed():
+    readme = (Path(__file__).resolve().parents[1] / "notebooks" / "assignments" / "batch_norm" / "README.md").read_text()
+    example = readme[readme.index("### Classes beyond one machine"):readme.index("## Why this config")]
+    assert "--seed" not in example.split("```bash", 1)[1].split("```", 1)[0]

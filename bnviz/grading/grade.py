@@ -21,6 +21,8 @@ with ``= + - @`` (such a cell gets a leading ``'``).
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import hmac
 import dataclasses
 import io
 import json
@@ -49,18 +51,30 @@ def _variant(student_nb: dict | None):
     return None if v is None or getattr(v, "is_default", False) else v
 
 
+SEED_CONTEXT = b"bnviz/grading/seed/v1\0"
+
+
+def derive_seed(secret: bytes, student: str) -> int:
+    """The seed of one student's test inputs: HMAC-SHA256(secret, student), 62 bits."""
+    digest = hmac.new(secret, SEED_CONTEXT + student.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
 class Session:
-    """What every submission of one grading run shares: tests (inputs drawn once per run from a
-    fresh seed, references computed once), sandbox settings, rules, question list."""
+    """What every submission of one grading run shares: the run's secret (drawn fresh, kept only in
+    this process's memory: never printed, logged or written), sandbox settings, rules, question
+    list. Each student's test inputs come from their own seed, derived from the secret and their
+    name (``seed_for``) and recorded in their JSON; ``seed`` (``--seed``) instead gives every
+    submission that seed: to reproduce one student's run from the seed in their JSON."""
 
     def __init__(self, work: Path, backend: str, limits: sandbox.Limits, masks: list[Path],
                  forbidden: dict[str, set[str]], student_nb: dict | None, seed: int | None = None,
                  docker_image: str | None = None):
-        self.seed = secrets.randbits(62) if seed is None else int(seed)
+        self._secret = secrets.token_bytes(32) if seed is None else None
+        self.fixed_seed = None if seed is None else int(seed)
         self.variant = _variant(student_nb)  # the class variant (build --variant)
-        self.tests = checker.make_tests(self.seed, self.variant) if self.variant else checker.make_tests(self.seed)
+        self.tests = self.tests_for(0)  # the questions, tests and points (the same for every seed)
         self.questions = checker.question_points(self.tests)
-        self.probes = [p for t in self.tests for p in t.probes]
         self.work, self.backend, self.limits, self.masks = work, backend, limits, masks
         self.forbidden, self.student_nb, self.docker_image = forbidden, student_nb, docker_image
         self.worker_root = sandbox.make_worker_root(work / "worker")
@@ -71,18 +85,25 @@ class Session:
         self.run_limits = limits if not self.strict else dataclasses.replace(
             limits, timeout_s=2 * limits.timeout_s + 15, cpu_seconds=2 * (limits.cpu_seconds or int(limits.timeout_s) + 1))
 
-    def request(self, cells: list) -> bytes:
+    def seed_for(self, student: str) -> int:
+        return self.fixed_seed if self.fixed_seed is not None else derive_seed(self._secret, student)
+
+    def tests_for(self, seed: int) -> list:
+        return checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
+
+    def request(self, cells: list, seed: int) -> bytes:
         import torch
 
         buf = io.BytesIO()
         limits = {**self.run_limits.for_worker(), "report_bytes": self.limits.report_bytes,
                   "pass_seconds": self.limits.timeout_s if self.strict else None}
-        torch.save({"cells": [(int(i), str(c)) for i, c in cells], "probes": self.probes, "limits": limits,
+        probes = [p for t in self.tests_for(seed) for p in t.probes]  # inputs only
+        torch.save({"cells": [(int(i), str(c)) for i, c in cells], "probes": probes, "limits": limits,
                     "strict": self.strict}, buf)
         return buf.getvalue()
 
     def judge_config(self, handed_out: list[str] | None, preferred: str) -> dict:
-        return {"seed": self.seed, "rules": {q: sorted(f) for q, f in self.forbidden.items()},
+        return {"rules": {q: sorted(f) for q, f in self.forbidden.items()},
                 "handed_out": handed_out, "preferred": preferred,
                 "variant": self.variant.to_dict() if self.variant is not None else None}
 
@@ -99,6 +120,7 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
     """Grade one submission; never raises for anything the submission does. ``final`` is False
     where the trusted side failed (the next run grades it again)."""
     result = Result.empty(name, ingest.printable(path.name), session.questions)
+    result.seed = seed = session.seed_for(name)
     t0 = time.monotonic()
     errors, flags, notes, log, final = [], [], [], b"", True
     verdict: dict = {"judged": False}
@@ -111,7 +133,7 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
             errors += got["problems"]
             if session.forbidden and got["hand"]:
                 flags.append("look by hand (advisory, nothing withheld): " + "; ".join(got["hand"]))
-            run = sandbox.run_worker(session.request(got["cells"]), session.backend, session.run_limits,
+            run = sandbox.run_worker(session.request(got["cells"], seed), session.backend, session.run_limits,
                                      session.worker_root, session.masks, session.docker_image)
             log = run.log_tail
             if run.problem:
@@ -123,7 +145,8 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
                 errors.append(f"the sandboxed run ended without a report (exit status {run.returncode}); no score")
             else:
                 memory = f"{session.limits.memory_bytes / sandbox.GiB:g} GiB"
-                verdict = judge.call("judge", {"scanned": got["scanned"], "memory_text": memory}, run.report)
+                verdict = judge.call("judge", {"scanned": got["scanned"], "memory_text": memory, "seed": seed},
+                                     run.report)
                 errors += verdict["errors"]
     except JudgeError as e:
         errors.append(f"{e}: this submission was not graded (it will be on the next run)")
@@ -178,7 +201,7 @@ def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict)
         res.error, res.final, res.failed_tests = f"grading driver error: {type(e).__name__}", False, scoring.no_result(session.tests)
     finally:
         judges.free.put(judge)
-    res.seed, res.submission_sha256, res.config = session.seed, digest, ctx["config"]
+    res.seed, res.submission_sha256, res.config = session.seed_for(name), digest, ctx["config"]
     records.write_student(ctx["out"], res, ctx["columns"], ctx["manual"])
     ctx["log"](visible(f"{res.student}: {res.total:g}/{res.possible_total:g}"
                        + (f"  [{res.error}]" if res.error else "") + (f"  {{{res.flags}}}" if res.flags else "")))

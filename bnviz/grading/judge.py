@@ -73,14 +73,12 @@ class Work:
     """What the child knows for the whole run (sent once, as the first message)."""
 
     def __init__(self, config: dict):
-        from . import checker
-
-        variant = None
+        self.variant = None
         if config.get("variant") is not None:
             from .variants import Variant
 
-            variant = Variant.from_dict(config["variant"])
-        self.tests = checker.make_tests(int(config["seed"]), variant) if variant else checker.make_tests(int(config["seed"]))
+            self.variant = Variant.from_dict(config["variant"])
+        self._tests: tuple[int, list] | None = None  # (seed, tests): the last student's
         self.rules = {q: set(f) for q, f in (config.get("rules") or {}).items()}
         self.handed_out = list(config.get("handed_out") or [])
         self.preferred = str(config.get("preferred") or "batch_norm.ipynb")
@@ -100,7 +98,16 @@ class Work:
     def judge(self, msg: dict, blob: bytes) -> dict:
         from . import scoring
 
-        return scoring.judge_report(self.tests, self.rules, blob, msg["scanned"], msg["memory_text"])
+        return scoring.judge_report(self.tests(int(msg["seed"])), self.rules, blob, msg["scanned"], msg["memory_text"])
+
+    def tests(self, seed: int) -> list:
+        """The tests (inputs and references) of one student's seed."""
+        from . import checker
+
+        if self._tests is None or self._tests[0] != seed:
+            tests = checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
+            self._tests = (seed, tests)
+        return self._tests[1]
 
 
 def child_main() -> int:
