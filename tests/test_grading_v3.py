@@ -67,6 +67,18 @@ def _plant(solution: dict, handout: dict, subs: Path) -> None:
     _write(subs / f"ctl{ESC}.ipynb", solution)  # in a file name too
     (subs / f"note{ESC}.txt").write_text("not a submission")  # skipped, with its name in skipped.csv
     _write(subs / (os.fsdecode(b"caf\xe9") + ".ipynb"), solution)  # a name that is not UTF-8
+    # item 3: copies of the public solution in every shape grading reads; similarity must read the same
+    (subs / "bom.ipynb").write_bytes(b"\xef\xbb\xbf" + json.dumps(solution).encode())
+    with zipfile.ZipFile(subs / "checkpoint.zip", "w") as zf:
+        zf.writestr("batch_norm-checkpoint.ipynb", json.dumps(solution))
+    import nbformat
+
+    v3nb = json.loads(nbformat.writes(nbformat.convert(nbformat.reads(json.dumps(solution), 4), 3)))
+    v3nb["cells"] = []  # a decoy: nbformat 3 keeps its cells in worksheets
+    _write(subs / "decoy.ipynb", v3nb)
+    filler = "".join(f"_f{i} = {i} * 2\n" for i in range(6000))  # about 80K characters of own code first
+    _write(subs / "filler.ipynb", _edit_cell(solution, "import torch", lambda s: s + "\n" + filler))
+    (subs / "invalid.ipynb").write_text("{ not json")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +164,8 @@ def test_a_name_that_is_not_utf8_is_graded_and_compared(v3):
     r = next(r for r in v3["res"].values() if r["student"].startswith("caf"))
     assert r["total"] == 19, r["error"]
     html = (v3["out"] / "similarity.html").read_text(encoding="utf-8")
-    assert "not compared" not in html, html[:2000]
+    notes = re.findall(r"<p class='flag'>(.*?)</p>", html)
+    assert not any(r["student"] in n for n in notes), notes  # compared, not listed as unreadable
     assert "similar to" in r["flags"] and f"{r['student']} &harr;" in html or f"&harr; {r['student']}:" in html
 
 
@@ -174,6 +187,30 @@ def test_the_sandbox_mountinfo_names_no_grading_folder(bwrap, tmp_path):
     for line in mounts:
         assert "bnviz-grading-secret" not in line and str(tmp_path) not in line, line
         assert str(Path(__file__).resolve().parents[1]) not in line, line  # the checkout
+
+
+# ------------------------------------------------------------------ item 3: one reader
+
+
+def _flagged_section(out: Path) -> str:
+    html = (out / "similarity.html").read_text(encoding="utf-8")
+    return html[html.index("<h2>Flagged pairs</h2>"):html.index("<h2>Highest-scoring pairs not flagged</h2>")]
+
+
+@pytest.mark.parametrize("name", ["bom", "checkpoint", "decoy", "filler"])
+def test_similarity_compares_what_grading_read(v3, name):
+    """Each is the public solution, read by grading (19/19) in a shape the former reader of
+    similarity skipped or cut: a UTF-8 BOM, a zip member named *checkpoint*, nbformat 3 with a
+    decoy empty ``cells``, 80K characters of own code before the copy."""
+    r = v3["res"][name]
+    assert r["total"] == 19, (r["error"], r["flags"])
+    assert f"<h3>{name} &harr; the public solution" in _flagged_section(v3["out"]), name
+
+
+def test_what_similarity_cannot_compare_is_flagged(v3):
+    r = v3["res"]["invalid"]
+    assert "not valid JSON" in r["error"] and "similarity: not compared" in r["flags"], r["flags"]
+    assert "not compared: invalid" in (v3["out"] / "similarity.html").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------ item 4: the seed is a secret

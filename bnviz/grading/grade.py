@@ -130,6 +130,7 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
         if got.get("error"):
             errors.append(got["error"])
         else:
+            result.cells = got["cells"]
             errors += got["problems"]
             if session.forbidden and got["hand"]:
                 flags.append("look by hand (advisory, nothing withheld): " + "; ".join(got["hand"]))
@@ -184,6 +185,17 @@ class _Judges:
             j.close()
 
 
+def _read_cells(p: Path, judges: _Judges) -> list | None:
+    judge = judges.free.get()
+    try:
+        got = judge.call("ingest", {"path": str(p)})
+        return None if got.get("error") else got["cells"]
+    except JudgeError:
+        return None
+    finally:
+        judges.free.put(judge)
+
+
 def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict) -> Result:
     """Resume or grade one file, write its records at once; never raises."""
     digest = records.sha256(p)
@@ -191,6 +203,7 @@ def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict)
         prev = records.previous_result(ctx["out"], name, digest, ctx["config"], ctx["columns"])
         if prev is not None:
             prev.resumed = True
+            prev.cells = _read_cells(p, judges)  # for similarity, which compares every submission
             ctx["log"](f"{name}: {prev.total:g}/{prev.possible_total:g} (kept from an earlier run)")
             return prev
     judge = judges.free.get()
@@ -266,8 +279,10 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if judges is not None:
             judges.close()
         shutil.rmtree(work, ignore_errors=True)
+    # similarity flags + similarity.html, on exactly the cells grading read (ingest); never raises
+    codes = {r.student: None if r.cells is None else "\n".join(c for _, c in r.cells) for r in results}
     similarity.flag_results(results, sub_dir, out, student_notebook, row=lambda r: records.gradebook_row(r, columns, manual),
-                            log=log, paths={names[p]: str(p) for p in files})  # similarity flags + similarity.html (issue 17 item 6); never raises
+                            log=log, paths={names[p]: str(p) for p in files}, codes=codes)
     records.write_gradebook(out, results, columns)
     records.write_table(out / "skipped.csv", ["file", "reason"], [list(s) for s in skipped])
     for name, why in skipped:

@@ -47,6 +47,8 @@ class Result:
     row: dict[str, str] | None = None
     resumed: bool = dataclasses.field(default=False, metadata={"stored": False})  # kept from an earlier run
     log: bytes = dataclasses.field(default=b"", repr=False, metadata={"stored": False})  # what it printed
+    # the code cells as ingest read them (what ran, what similarity compares); None: not readable
+    cells: list | None = dataclasses.field(default=None, repr=False, metadata={"stored": False})
 
     @classmethod
     def empty(cls, name: str, submission: str, questions: dict[str, float]) -> "Result":
