@@ -33,7 +33,55 @@ FWD = "def batch_norm_forward"
 # (the notebook says so)
 REF_ABOVE_DEF = ("import torch.nn.functional as F\n_x = torch.randn(8, 3, dtype=torch.float64)\n"
                  "_ref = F.batch_norm(_x, None, None, training=True)\n")
-ESC = "\x1b]0;pwned\x07\x1b[31m"  # a terminal title and a colour: what a zip member name can carry
+ESC = "\x1b]0;pwned\x07\x1b[31m"
+# item 2: forbidden features the strict pass missed (issue 23), each with names built at run time so
+# that only the strict re-run can see them. The cache batch_norm_backward expects, computed honestly:
+CACHE = r'''
+def _cache(x, gamma, running_mean, running_var, eps, training):
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean, var = (x.mean(dim=dims), x.var(dim=dims, correction=0)) if training else (running_mean, running_var)
+    inv_std = 1.0 / torch.sqrt(var + eps)
+    return (x - mean.reshape(shape)) * inv_std.reshape(shape), inv_std, gamma, dims, shape
+'''
+# PyTorch's own batch norm from torch._decomp: no kernel, no tampering
+EVADE_DECOMP = CACHE + r'''
+import importlib
+_nbn = getattr(importlib.import_module("torch._de" + "comp.decompo" + "sitions"), "native_" + "batch_" + "norm")
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, eps=1e-5, training=True):
+    y = _nbn(x, gamma, beta, running_mean, running_var, training, momentum, eps)[0]
+    return y, _cache(x, gamma, running_mean, running_var, eps, training)
+'''
+# forward-mode AD in question 2 (the saved-tensor hook only sees reverse mode)
+EVADE_FORWARD_AD = r'''
+import importlib
+_fw = importlib.import_module("torch.autograd.forward" + "_ad")
+_honest_backward = batch_norm_backward
+def batch_norm_backward(dy, cache):
+    with getattr(_fw, "dual_" + "level")():
+        dy = getattr(_fw, "unpack_" + "dual")(getattr(_fw, "make_" + "dual")(dy, torch.zeros_like(dy))).primal
+    return _honest_backward(dy, cache)
+'''
+# autograd on a helper thread (the saved-tensor hook is thread-local), past the tripwire's wrapper
+EVADE_THREAD_AUTOGRAD = r'''
+import threading
+_grad = getattr(torch, "auto" + "grad").grad
+_grad = getattr(_grad, "__wrap" + "ped__", _grad)
+_honest_backward = batch_norm_backward
+def batch_norm_backward(dy, cache):
+    dx, dgamma, _ = _honest_backward(dy, cache)
+    shape, out = cache[4], []
+    def work():
+        t = torch.zeros(dy.shape[1], dtype=dy.dtype, requires_grad=True)
+        out.append(_grad((t.reshape(shape) * dy).sum(), t)[0])
+    th = threading.Thread(target=work)
+    th.start()
+    th.join()
+    return dx, dgamma, out[0]
+'''
+EVASIONS = {"evade_decomp": ("def batch_norm_forward", EVADE_DECOMP, "q1", 9),
+            "evade_forward_ad": ("def batch_norm_backward", EVADE_FORWARD_AD, "q2", 4),
+            "evade_thread_autograd": ("def batch_norm_backward", EVADE_THREAD_AUTOGRAD, "q2", 4)}  # a terminal title and a colour: what a zip member name can carry
 
 
 def _src(cell):
@@ -45,6 +93,15 @@ def _edit_cell(nb: dict, startswith: str, edit) -> dict:
     hits = [c for c in nb["cells"] if c["cell_type"] == "code" and _src(c).startswith(startswith)]
     assert len(hits) == 1, startswith
     hits[0]["source"] = edit(_src(hits[0]))
+    return nb
+
+
+def _insert_after(nb: dict, startswith: str, source: str) -> dict:
+    nb = copy.deepcopy(nb)
+    idx = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and _src(c).startswith(startswith)]
+    assert len(idx) == 1, startswith
+    nb["cells"].insert(idx[0] + 1, {"cell_type": "code", "execution_count": None, "metadata": {},
+                                    "outputs": [], "source": source})
     return nb
 
 
@@ -79,6 +136,8 @@ def _plant(solution: dict, handout: dict, subs: Path) -> None:
     filler = "".join(f"_f{i} = {i} * 2\n" for i in range(6000))  # about 80K characters of own code first
     _write(subs / "filler.ipynb", _edit_cell(solution, "import torch", lambda s: s + "\n" + filler))
     (subs / "invalid.ipynb").write_text("{ not json")
+    for name, (after, source, _, _) in EVASIONS.items():
+        _write(subs / f"{name}.ipynb", _insert_after(solution, after, source))
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +246,32 @@ def test_the_sandbox_mountinfo_names_no_grading_folder(bwrap, tmp_path):
     for line in mounts:
         assert "bnviz-grading-secret" not in line and str(tmp_path) not in line, line
         assert str(Path(__file__).resolve().parents[1]) not in line, line  # the checkout
+
+
+# ------------------------------------------------------------------ item 2: forbidden means forbidden
+
+
+@pytest.mark.parametrize("name", sorted(EVASIONS))
+def test_the_strict_pass_catches_decomp_forward_ad_and_autograd_on_a_thread(v3, name):
+    question, points = EVASIONS[name][2:]
+    r = v3["res"][name]
+    assert r["scores"][question] == 0 and f"{question}: {points} points withheld" in r["flags"], (r["scores"], r["flags"])
+    # the other questions keep their points; q3's module calls the q1 function, so q3 goes with q1
+    lost = {"q1": 9 + 6, "q2": 4}[question]
+    assert r["total"] == 19 - lost, r["scores"]
+
+
+def test_the_scan_names_the_internals():
+    from bnviz.grading import rules
+
+    cells = [(0, "import torch\nfrom torch._decomp import decompositions as D\n"
+                 "def batch_norm_forward(x, *a):\n    return D.native_batch_norm(x, *a)[0], None"),
+             (1, "import torch.autograd.forward_ad as fwad\ndef batch_norm_backward(dy, cache):\n"
+                 "    with fwad.dual_level():\n        return dy, None, None")]
+    found = rules.scan(cells)
+    assert "batch_norm" in found["q1"] and "autograd" in found["q2"], found
+    hand = rules.look_by_hand([(2, "import importlib, asyncio\nm = importlib.import_module('torch._refs')")])
+    assert any("importlib" in h for h in hand) and any("asyncio" in h for h in hand), hand
 
 
 # ------------------------------------------------------------------ item 3: one reader

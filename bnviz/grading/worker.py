@@ -413,6 +413,7 @@ def install_strict(torch):
                     lib.impl(op, refuse, key)
                 except Exception:  # a key this operator cannot take
                     pass
+    _refuse_decompositions(torch, refuse)
     native = torch.ops.aten.native_batch_norm.default
 
     def still_raises() -> bool:
@@ -427,16 +428,83 @@ def install_strict(torch):
     return libs, still_raises
 
 
+def _refuse_decompositions(torch, refuse) -> None:
+    """PyTorch's own batch norm written in Python (``torch._decomp``: the decompositions and the
+    tables that hand them out) raises too: it never reaches a batch-norm kernel. (``torch._refs``
+    and ``torch._prims`` hold none.)"""
+    import importlib
+
+    for name in ("torch._decomp", "torch._decomp.decompositions", "torch._decomp.decompositions_for_jvp"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # another torch version: nothing of that name to refuse
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) and ("batch_norm" in attr or "norm_legit" in attr):
+                setattr(module, attr, refuse)
+    decomp = sys.modules.get("torch._decomp")
+    tables = [getattr(decomp, "decomposition_table", None), *(getattr(decomp, "global_decomposition_table", {}) or {}).values()]
+    for table in tables:
+        if isinstance(table, dict):
+            for op in list(table):
+                if "batch_norm" in str(op) or "norm_legit" in str(op):
+                    table[op] = refuse
+
+
+AUTOGRAD_BLOCKED = [False]  # set for the questions that forbid autograd; read on every thread
+
+
 def autograd_blocker(torch):
-    """A function that, once called, makes recording any tensor for backward raise (every
-    differentiable formula a batch-norm backward needs saves tensors); captured before student
-    code runs."""
+    """Installed before student code runs; returns a function that, once called, makes autograd
+    raise: recording any tensor for backward on this thread (a saved-tensor hook; every
+    differentiable formula a batch-norm backward needs saves tensors), running the autograd engine
+    on any thread (the engine object ``torch.autograd`` calls is replaced by one that refuses
+    while blocked), and forward-mode AD (``aten::_make_dual``, behind ``torch.autograd.forward_ad``
+    and ``torch.func.jvp`` / ``jacfwd``, raises at the dispatcher)."""
+    import warnings
+
+    from torch.autograd import variable
+
     push = torch._C._autograd._push_saved_tensors_default_hooks
+    real = variable.Variable._execution_engine
 
     def pack(tensor):
         raise Forbidden("forbidden in this question: autograd (strict re-run)")
 
-    return lambda: push(pack, lambda t: t)
+    class Engine:
+        def run_backward(self, *args, **kwargs):
+            if AUTOGRAD_BLOCKED[0]:
+                REFUSED[0] += 1
+                raise Forbidden("forbidden in this question: autograd (strict re-run)")
+            return real.run_backward(*args, **kwargs)
+
+        def queue_callback(self, *args, **kwargs):
+            return real.queue_callback(*args, **kwargs)
+
+        def is_checkpoint_valid(self, *args, **kwargs):
+            return real.is_checkpoint_valid(*args, **kwargs)
+
+    variable.Variable._execution_engine = Engine()
+    libs = []
+
+    def dual(*args, **kwargs):
+        REFUSED[0] += 1
+        raise Forbidden("forbidden in this question: forward-mode autograd (strict re-run)")
+
+    def block():
+        AUTOGRAD_BLOCKED[0] = True
+        push(pack, lambda t: t)
+        lib = torch.library.Library("aten", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "Autograd", "AutogradCPU", "CPU"):
+                try:
+                    lib.impl("_make_dual", dual, key)
+                except Exception:  # a key this operator cannot take
+                    pass
+        libs.append(lib)
+
+    return block
 
 
 # --------------------------------------------------------------------------- the report
