@@ -339,3 +339,38 @@ def test_the_readme_cluster_example_publishes_no_seed():
     readme = (Path(__file__).resolve().parents[1] / "notebooks" / "assignments" / "batch_norm" / "README.md").read_text()
     example = readme[readme.index("### Classes beyond one machine"):readme.index("## Why this config")]
     assert "--seed" not in example.split("```bash", 1)[1].split("```", 1)[0]
+
+
+# ------------------------------------------------------------------ item 6: without cgroups
+
+OUTSIDE_RLIMIT_AS = r"""
+import ctypes, os
+def attempt(what, fn):
+    try:
+        fn()
+        print("ALLOWED", what)
+    except OSError as e:
+        print("REFUSED", what, e.errno)
+attempt("memfd", lambda: os.memfd_create("x"))
+attempt("openpty", os.openpty)
+libc = ctypes.CDLL(None, use_errno=True)
+def shm():
+    if libc.shmget(0, 1 << 20, 0o1600) < 0:  # IPC_PRIVATE, IPC_CREAT | 0600
+        raise OSError(ctypes.get_errno(), "shmget")
+attempt("shmget", shm)
+"""
+
+
+def test_memory_outside_rlimit_as_and_pseudo_terminals_are_refused(bwrap, tmp_path):
+    """What escaped the limits without cgroups (issue 23): memfd pages (6 GiB held at 19/19), SysV
+    shared memory, and pseudo-terminals (3,071 held, a neighbour's openpty failed)."""
+    from bnviz.grading import sandbox
+
+    limits = sandbox.Limits(timeout_s=60)
+    buf = io.BytesIO()
+    torch.save({"cells": [(0, OUTSIDE_RLIMIT_AS)], "probes": [], "limits": limits.for_worker()}, buf)
+    run = sandbox.run_worker(buf.getvalue(), "bwrap", limits, sandbox.make_worker_root(tmp_path / "w"), [])
+    log = run.log_tail.decode(errors="replace")
+    for what in ("memfd", "openpty", "shmget"):
+        assert f"REFUSED {what}" in log, log[-2000:]
+    assert "ALLOWED" not in log, log[-2000:]

@@ -237,7 +237,10 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     else:
         cmd += ["--ro-bind", src(str(worker_root), str(worker_root)), WORKER_ROOT]
     cmd += ["--proc", "/proc",
-            "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
+            "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
+            # no pseudo-terminal at all (bwrap's private devpts has no maximum; issue 23's submission held
+            # 3,071 and starved its neighbours): /dev/ptmx is a link to pts/ptmx, which becomes /dev/null
+            "--ro-bind", "/dev/null", "/dev/pts/ptmx", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
             "--size", size, "--tmpfs", "/scratch", "--remount-ro", "/dev", "--remount-ro", "/",
             "--chdir", "/scratch", "--clearenv"]  # the root and /dev: bwrap's own tmpfs, unbounded: read-only
     for k, v in env.items():
