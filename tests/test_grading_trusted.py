@@ -28,7 +28,7 @@ pytest.importorskip("otter", reason="otter-grader is not installed (pip install 
 torch = pytest.importorskip("torch")
 
 from bnviz import grading  # noqa: E402
-from bnviz.grading import grade, ingest, judge, report, rules, worker  # noqa: E402
+from bnviz.grading import grade, ingest, judge, records, report, rules, scoring, worker  # noqa: E402
 
 pytestmark = pytest.mark.grading
 
@@ -367,7 +367,7 @@ def test_no_csv_cell_reads_as_a_formula(trusted):
     names = [r["student"] for r in csv.DictReader(io.StringIO(trusted["gradebook"]))]
     assert "__HYPERLINK_1_" in names  # '-' and '=' became '_': no file or option starts with '-'
     assert all(not n.startswith("-") for n in os.listdir(out)) and all(not n.startswith("-") for n in os.listdir(out / "logs"))
-    assert grade.csv_cell("=1+1") == "'=1+1" and grade.csv_cell("-2") == "'-2" and grade.csv_cell("@x") == "'@x"
+    assert records.csv_cell("=1+1") == "'=1+1" and records.csv_cell("-2") == "'-2" and records.csv_cell("@x") == "'@x"
 
 
 # ------------------------------------------------------------------ the pieces, directly (no sandbox)
@@ -412,7 +412,7 @@ def test_report_format_round_trip_and_schema():
 
 def test_cell_error_text_is_plain_and_short():
     errors = [{"cell": 3, "error": "MemoryError: " + "x" * 990}] * 4096
-    out = grade._cell_error_text(errors, "4 GiB")
+    out = scoring.cell_error_text(errors, "4 GiB")
     assert out[0].startswith("4096 cell(s) raised; first: cell 3: student code raised MemoryError") and len(out[0]) < 200
     assert "memory limit (4 GiB) reached" in out[1]
 
@@ -452,14 +452,14 @@ def test_student_names_fit_the_file_system():
 
 def test_atomic_write_with_a_name_at_the_limit(tmp_path):
     path = tmp_path / ("中" * 83 + ".js")  # 252 bytes: the longest legal name, nearly
-    grade._atomic_write(path, "{}")
+    records.atomic_write(path, "{}")
     assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_judge_survives_its_child_dying(tmp_path):
     nb = tmp_path / "x.ipynb"
     nb.write_text(json.dumps({"cells": [{"cell_type": "code", "source": "print(1)"}], "metadata": {}}))
-    j = judge.Judge({"seed": 1, "rules": {}, "handed_out": None}, timeout_s=120)
+    j = judge.Judge({"rules": {}, "handed_out": None}, timeout_s=120)
     try:
         assert j.call("ingest", {"path": str(nb)})["cells"] == [[0, "print(1)\n"]]
         os.killpg(j.proc.pid, signal.SIGKILL)
@@ -476,7 +476,7 @@ def test_judge_memory_limit(tmp_path):
         f.write('{"cells": [], "metadata": {"x": [')
         f.write("[]," * (16 << 20))
         f.write("[]]}}")
-    j = judge.Judge({"seed": 1, "rules": {}, "handed_out": None}, memory_bytes=512 << 20, timeout_s=300)
+    j = judge.Judge({"rules": {}, "handed_out": None}, memory_bytes=512 << 20, timeout_s=300)
     try:
         t0 = time.monotonic()
         with pytest.raises(judge.JudgeError, match="memory limit|died"):

@@ -395,6 +395,24 @@ def test_similarity_flags_copies_and_not_honest_work(source_nb):
         similarity.flag_pairs({"a": 1}, public)
 
 
+def test_one_large_submission_cannot_get_honest_classmates_flagged(source_nb, monkeypatch):
+    """Issue 23: one submission carrying many public batch-norm snippets (here the public solution,
+    the tests' reference and code like each honest classmate's) holds most of any honest answer.
+    Only that submission is flagged (one way); its classmates are not. A padded copy is still
+    caught: the copier holds the other's answer."""
+    monkeypatch.setattr(similarity, "MAX_FLAGS", 10)  # every flag listed (the gradebook shows 3, by score)
+    public, template = similarity.answer_code(source_nb), _template(source_nb)
+    pub = "\n".join(_public_cells(source_nb))
+    honest_a, honest_b = "\n".join(PLANTED["honest_a"]), "\n".join(PLANTED["honest_b"])
+    flood = "\n".join([pub, similarity.reference_code(), _rename(honest_a), _rename(honest_b)])
+    padded = _rename(honest_a) + "\n" + _rename(pub) + "\n" + _rename(similarity.reference_code())
+    flags = similarity.flag_pairs({"honest_a": honest_a, "honest_b": honest_b, "flood": flood}, public, template=template)
+    assert set(flags) == {"flood"}, flags
+    assert any("one way" in f and "honest_a" in f for f in flags["flood"]), flags
+    flags = similarity.flag_pairs({"honest_b": honest_b, "padded": padded, "honest_a": honest_a}, public, template=template)
+    assert any("honest_a" in f for f in flags["padded"]) and "honest_b" not in flags, flags
+
+
 def test_similarity_report_escapes_student_code(tmp_path, source_nb):
     pub = "\n".join(_public_cells(source_nb))
     codes = {"<b>evil</b>": HOSTILE + _rename(pub), similarity.PUBLIC: pub}
@@ -411,7 +429,8 @@ def test_similarity_failure_keeps_the_grades(tmp_path, monkeypatch):
     monkeypatch.setattr(similarity, "run_isolated", lambda *a, **k: (_ for _ in ()).throw(MemoryError("boom")))
     note = similarity.flag_results(results, tmp_path, tmp_path, None, log=lambda *a: None)
     assert "similarity check failed" in note and "MemoryError" in note
-    assert results[0]["total"] == 7.0 and results[0]["flags"] == "q1: forbidden x"
+    assert results[0]["total"] == 7.0  # the grade is kept, and the student is flagged: not compared
+    assert results[0]["flags"] == "q1: forbidden x; similarity: not compared (the comparison failed, see notes), check by hand"
     assert results[0]["notes"] == [note] and "failed" in (tmp_path / "similarity.html").read_text()
 
 

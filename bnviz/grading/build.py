@@ -35,26 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from . import rules, similarity, variants
+from .layout import DEFAULT_DIST, SOURCE_ENV, default_source  # noqa: F401 (re-exported)
+from .text import natural_key
 from .variants import Variant
-
-SOURCE_ENV = "BNVIZ_ASSIGNMENT_SOURCE"
-DEFAULT_DIST = Path("dist") / "batch_norm"  # relative to the current folder
-
-
-def default_source() -> Path:
-    """The solution notebook: $BNVIZ_ASSIGNMENT_SOURCE, else the source checkout's copy."""
-    if os.environ.get(SOURCE_ENV):
-        return Path(os.environ[SOURCE_ENV])
-    checkout = Path(__file__).resolve().parents[2] / "notebooks" / "assignments" / "batch_norm" / "batch_norm.ipynb"
-    if checkout.is_file():
-        return checkout
-    raise FileNotFoundError(
-        "no assignment source notebook: pass --source path/to/batch_norm.ipynb or set "
-        f"{SOURCE_ENV} (it lives in notebooks/assignments/batch_norm/ of the bnviz repository)")
-
-
-def natural_key(s: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def read_question_points(autograder_zip: str | os.PathLike) -> dict[str, float]:

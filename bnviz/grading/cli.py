@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sandbox-user", default=None, metavar="USER",
                    help="unprivileged account sandboxes run as when grading as root "
                         f"(default: {sandbox.users.DEFAULT_USER}, created if missing)")
-    g.add_argument("--seed", type=int, default=None, help="test input seed (default: fresh per run)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="reproduce one student's run: the seed in their grades/<student>.json (default: a secret "
+                        "drawn per run, never shown, and a seed per student derived from it)")
     g.add_argument("--regrade", action="store_true",
                    help="grade every submission again (default: resume, keeping results of unchanged files)")
     return parser

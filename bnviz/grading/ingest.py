@@ -21,8 +21,11 @@ import hashlib
 import json
 import re
 import stat
+import textwrap
 import zipfile
 from pathlib import Path, PurePosixPath
+
+from .text import visible
 
 MiB = 1 << 20
 MAX_FILE_BYTES = 256 * MiB  # a notebook file (or the notebook inside a zip), outputs included
@@ -46,9 +49,14 @@ class Submission:
     problems: list[str] = dataclasses.field(default_factory=list)  # cells not run, for the error column
 
 
-def printable(name: str) -> str:
-    """A file name as text that can be written anywhere (undecodable bytes become U+FFFD)."""
+def _decoded(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def printable(name: str) -> str:
+    """A file name as text that can be written anywhere: undecodable bytes become U+FFFD, control
+    and format characters (escape codes, bidi overrides) are written as ``\\x1b`` / ``\\u202e``."""
+    return visible(_decoded(name))
 
 
 def list_folder(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -86,7 +94,7 @@ def student_names(files: list[Path]) -> dict[Path, str]:
     names: dict[Path, str] = {}
     used: set[str] = set()
     for p in files:
-        stem = printable(p.name[:-len(p.suffix)] if p.suffix else p.name)
+        stem = _decoded(p.name[:-len(p.suffix)] if p.suffix else p.name)
         name = re.sub(r"[^\w.-]", "_", stem)
         name = re.sub(r"^[-.]", "_", name) or "submission"
         if len(name.encode("utf-8")) > MAX_NAME_BYTES:
@@ -118,12 +126,25 @@ def _strip_line_magic(line: str) -> str:
     return f"{m['indent']}{m['assign'] or ''}{rest}" if rest or m["assign"] else f"{m['indent']}pass"
 
 
+def _ipython_cleanup(source: str) -> str:
+    """What IPython does to a cell before it looks for a cell magic (``TransformerManager``'s
+    ``leading_empty_lines`` and ``leading_indent``): leading lines that are empty or only
+    whitespace go, then the common indentation of all lines (so ``"  \\n  %%time"`` is a ``%%time``
+    cell, as in Jupyter)."""
+    lines = source.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line and not line.isspace():
+            lines = lines[i:]
+            break
+    return textwrap.dedent("".join(lines))
+
+
 def to_python(source: str) -> tuple[str, str | None]:
     """(Python code, why the cell is not run or None). ``%%time`` / ``%%timeit`` / ``%%capture`` /
     ``%%prun`` cells and ``%time`` / ``%timeit`` / ``%prun`` lines become their body (run once);
     another cell magic (``%%bash``, ``%%writefile``...) is not run, with the reason; the rest of
     IPython's syntax (``%matplotlib``, ``!pip``) goes through IPython's own transformer."""
-    lines = source.lstrip("\n").split("\n")
+    lines = _ipython_cleanup(source).split("\n")
     while lines and lines[0].startswith("%%"):
         magic = (lines[0][2:].split() or [""])[0]
         if magic not in BODY_MAGICS:
@@ -149,7 +170,20 @@ def to_python(source: str) -> tuple[str, str | None]:
 # --------------------------------------------------------------------------- reading
 
 
-def _from_zip(path: Path, preferred: str, notes: list[str]) -> bytes:
+def _untouched(raw: bytes, given: set[str]) -> bool:
+    """Whether a notebook's code cells are all handed-out cells (the hand-out as downloaded)."""
+    try:
+        nb = _as_v4(json.loads(raw.decode("utf-8-sig")), [])
+        code = [_text(c.get("source", "")) for c in nb["cells"] if c.get("cell_type") == "code"]
+    except Exception:  # not a notebook we can read: not the hand-out either
+        return False
+    return bool(code) and all(isinstance(c, str) and (not c.strip() or c.strip() in given) for c in code)
+
+
+MAX_ZIP_CANDIDATES = 8  # notebooks of one zip read to tell the worked copy from an untouched hand-out
+
+
+def _from_zip(path: Path, preferred: str, notes: list[str], handed_out: list[str] | None = None) -> bytes:
     with zipfile.ZipFile(path) as zf:
         infos = [i for i in zf.infolist() if not i.is_dir()]
         found = [i for i in infos if i.filename.lower().endswith(".ipynb")
@@ -160,12 +194,23 @@ def _from_zip(path: Path, preferred: str, notes: list[str]) -> bytes:
             raise ValueError("invalid submission zip: it holds no notebook (.ipynb)")
         found.sort(key=lambda i: (PurePosixPath(i.filename).name.lower() != preferred.lower(),
                                   i.filename.count("/"), i.filename))
+        untouched: set[str] = set()
+        given = {c.strip() for c in handed_out or [] if c.strip()}
+        if len(found) > 1 and given:  # an untouched hand-out next to the worked copy: grade the worked one
+            for info in found[:MAX_ZIP_CANDIDATES]:
+                if info.file_size <= MAX_FILE_BYTES:
+                    with zf.open(info) as f:
+                        if _untouched(f.read(MAX_FILE_BYTES + 1), given):
+                            untouched.add(info.filename)
+            if len(untouched) < len(found):
+                found.sort(key=lambda i: i.filename in untouched)  # stable: the order above otherwise
         chosen = found[0]
         if len(found) > 1:
             shown = ", ".join(printable(i.filename)[:60] for i in found[:5])
-            notes.append(f"zip holds {len(found)} notebooks ({shown}): graded {printable(chosen.filename)[:80]}"
-                         + (" (the assignment's name)" if PurePosixPath(chosen.filename).name.lower() == preferred.lower()
-                            else " (the least deep)"))
+            why = (" (the others are the untouched hand-out)" if chosen.filename not in untouched and untouched
+                   else " (the assignment's name)" if PurePosixPath(chosen.filename).name.lower() == preferred.lower()
+                   else " (the least deep)")
+            notes.append(f"zip holds {len(found)} notebooks ({shown}): graded {printable(chosen.filename)[:80]}{why}")
         if chosen.file_size > MAX_FILE_BYTES:
             raise ValueError(f"invalid submission: the notebook in the zip is larger than {MAX_FILE_BYTES // MiB} MB")
         with zf.open(chosen) as f:
@@ -175,9 +220,9 @@ def _from_zip(path: Path, preferred: str, notes: list[str]) -> bytes:
         return raw
 
 
-def _read_bytes(path: Path, preferred: str, notes: list[str]) -> bytes:
+def _read_bytes(path: Path, preferred: str, notes: list[str], handed_out: list[str] | None = None) -> bytes:
     if path.suffix.lower() == ".zip":
-        return _from_zip(path, preferred, notes)
+        return _from_zip(path, preferred, notes, handed_out)
     with open(path, "rb") as f:
         raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
@@ -212,12 +257,14 @@ def _as_v4(nb: dict, notes: list[str]) -> dict:
     return nb
 
 
-def read_submission(path: Path, preferred: str = "batch_norm.ipynb") -> Submission:
-    """Read one submission as data (never raises for anything the file contains)."""
+def read_submission(path: Path, preferred: str = "batch_norm.ipynb", handed_out: list[str] | None = None) -> Submission:
+    """Read one submission as data (never raises for anything the file contains). ``handed_out``:
+    the student notebook's code cells; a zip's notebook that holds only those (the untouched
+    hand-out) is graded only when the zip holds no other notebook."""
     notes: list[str] = []
     bad = lambda why: Submission([], [], False, notes, why)  # noqa: E731
     try:
-        raw = _read_bytes(path, preferred, notes)
+        raw = _read_bytes(path, preferred, notes, handed_out)
     except ValueError as e:
         return bad(str(e))
     except (OSError, zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError) as e:

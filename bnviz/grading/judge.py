@@ -2,7 +2,7 @@
 
 Reading a notebook (``ingest``), scanning its source (``rules``), parsing the sandbox's report
 (``report``) and judging it (``checker``) all handle what a student made, so none of it runs in
-the process that holds every student's results. ``Judge`` (used by ``grade.py``) keeps one child
+the process that holds every student's results. ``Judge`` (used by ``grade.py``; the scoring itself is ``scoring.py``) keeps one child
 (``child_main``) per grading thread: the child caps its address space
 (``RLIMIT_AS``: what it had after start-up plus ``memory_bytes``), each call has a wall-clock
 limit, and a child that dies or runs over is killed and replaced; the submission it was working on
@@ -73,34 +73,41 @@ class Work:
     """What the child knows for the whole run (sent once, as the first message)."""
 
     def __init__(self, config: dict):
-        from . import checker
-
-        variant = None
+        self.variant = None
         if config.get("variant") is not None:
             from .variants import Variant
 
-            variant = Variant.from_dict(config["variant"])
-        self.tests = checker.make_tests(int(config["seed"]), variant) if variant else checker.make_tests(int(config["seed"]))
+            self.variant = Variant.from_dict(config["variant"])
+        self._tests: tuple[int, list] | None = None  # (seed, tests): the last student's
         self.rules = {q: set(f) for q, f in (config.get("rules") or {}).items()}
         self.handed_out = list(config.get("handed_out") or [])
         self.preferred = str(config.get("preferred") or "batch_norm.ipynb")
         self.memory_gib = float(config.get("memory_bytes", 0)) / GiB
 
     def ingest(self, msg: dict) -> dict:
-        from . import grade, ingest, rules
+        from . import ingest, rules, scoring
 
-        sub = ingest.read_submission(Path(msg["path"]), self.preferred)
+        sub = ingest.read_submission(Path(msg["path"]), self.preferred, self.handed_out)
         if sub.error:
             return {"error": sub.error, "notes": sub.notes}
-        notes = sub.notes + grade.tamper_notes(sub.sources, sub.otter_tests, self.handed_out)
+        notes = sub.notes + scoring.tamper_notes(sub.sources, sub.otter_tests, self.handed_out)
         skip = {s.strip() for s in self.handed_out}
         return {"error": None, "notes": notes, "problems": sub.problems, "cells": sub.cells,
                 "scanned": rules.scan(sub.cells), "hand": rules.look_by_hand(sub.cells, skip)}
 
     def judge(self, msg: dict, blob: bytes) -> dict:
-        from . import grade
+        from . import scoring
 
-        return grade.judge_report(self.tests, self.rules, blob, msg["scanned"], msg["memory_text"])
+        return scoring.judge_report(self.tests(int(msg["seed"])), self.rules, blob, msg["scanned"], msg["memory_text"])
+
+    def tests(self, seed: int) -> list:
+        """The tests (inputs and references) of one student's seed."""
+        from . import checker
+
+        if self._tests is None or self._tests[0] != seed:
+            tests = checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
+            self._tests = (seed, tests)
+        return self._tests[1]
 
 
 def child_main() -> int:

@@ -24,9 +24,16 @@ ANSWERS = {"batch_norm_forward": "q1", "batch_norm_backward": "q2", "BatchNorm":
 BN_NAMES = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_batch_norm_impl_index",
             "cudnn_batch_norm", "miopen_batch_norm", "batch_norm_elemt", "BatchNorm1d", "BatchNorm2d",
             "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d", "SyncBatchNorm",
-            "_BatchNorm", "_NormBase", "batchnorm"}
+            "_BatchNorm", "_NormBase", "batchnorm",
+            # PyTorch's batch norm written in Python (torch._decomp), which never reaches a kernel
+            "_decomp", "decompositions", "decompositions_for_jvp", "decomposition_table", "get_decompositions",
+            "core_aten_decompositions", "native_batch_norm_helper", "native_batch_norm_decomposition",
+            "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
+            "_native_batch_norm_legit_no_stats", "_batch_norm_with_update", "_batch_norm_with_update_functional",
+            "_batch_norm_no_update", "batch_norm_backward", "native_batch_norm_backward"}
 AUTOGRAD_NAMES = {"backward", "autograd", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functorch",
-                  "functional_call", "grad_and_value"}
+                  "functional_call", "grad_and_value", "forward_ad", "make_dual", "unpack_dual", "dual_level",
+                  "_make_dual", "linearize"}
 # question -> forbidden features (the default rules of the assignment)
 DEFAULT_RULES = {"q1": {"batch_norm"}, "q2": {"batch_norm", "autograd"}, "q3": {"batch_norm"}}
 DESCRIBE = {"batch_norm": "F.batch_norm / torch.batch_norm / nn.BatchNorm*",
@@ -159,26 +166,30 @@ HAND = {
     "dispatch": "torch.utils._python_dispatch / dispatch modes",
     "wrapped": "__wrapped__ (reaching past a wrapper)",
     "frames": "frame access (sys._getframe / inspect / f_back / f_locals)",
-    "modules": "sys.modules (patching loaded modules)",
-    "threads": "threads or processes (threading / concurrent.futures / multiprocessing)",
+    "modules": "sys.modules / importlib (reaching or patching modules by name)",
+    "threads": "threads or processes (threading / asyncio / concurrent.futures / multiprocessing)",
     "ctypes": "ctypes / cffi (native memory)",
     "library": "torch.library (registering kernels)",
     "ops": "torch.ops (raw operators)",
     "torch_C": "torch._C (PyTorch internals)",
     "gc": "gc.get_objects / get_referrers (finding live objects)",
+    "internals": "torch._decomp / _refs / _prims (PyTorch's operators written in Python)",
 }
 _HAND_MODULES = {"threading": "threads", "_thread": "threads", "concurrent": "threads", "multiprocessing": "threads",
+                 "asyncio": "threads", "importlib": "modules", "_decomp": "internals", "_refs": "internals",
+                 "_prims": "internals",
                  "ctypes": "ctypes", "cffi": "ctypes", "inspect": "frames", "gc": "gc", "_python_dispatch": "dispatch"}
 _HAND_ATTRS = {"_python_dispatch": "dispatch", "_disable_current_modes": "dispatch", "TorchDispatchMode": "dispatch",
                "__wrapped__": "wrapped", "_getframe": "frames", "currentframe": "frames", "f_back": "frames",
                "f_locals": "frames", "f_globals": "frames", "tb_frame": "frames", "gi_frame": "frames",
                "stack": None, "get_objects": "gc", "get_referrers": "gc", "_C": None, "ops": None,
-               "library": None, "modules": None}
+               "library": None, "modules": None, "_decomp": "internals", "_refs": "internals", "_prims": "internals"}
 _HAND_DOTTED = {"torch._C": "torch_C", "torch.ops": "ops", "torch.library": "library", "sys.modules": "modules",
                 "inspect.stack": "frames"}
 _HAND_STRINGS = {"__wrapped__": "wrapped", "_getframe": "frames", "f_back": "frames", "f_locals": "frames",
                  "_python_dispatch": "dispatch", "_disable_current_modes": "dispatch", "modules": "modules",
-                 "_C": "torch_C", "get_objects": "gc", "ctypes": "ctypes", "threading": "threads"}
+                 "_C": "torch_C", "get_objects": "gc", "ctypes": "ctypes", "threading": "threads",
+                 "asyncio": "threads", "importlib": "modules"}
 
 
 def _dotted(node: ast.AST) -> str:

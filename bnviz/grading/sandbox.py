@@ -196,11 +196,17 @@ ETC_FILES = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/l
              "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/alternatives"]
 
 
+WORKER_FILES = ("bnviz/__init__.py", "bnviz/grading/__init__.py", "bnviz/grading/worker.py")
+
+
 def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dict[str, str],
                   sources: dict[str, str] | None = None, disable_userns: bool = True,
-                  program: list[str] | None = None) -> list[str]:
+                  program: list[str] | None = None, worker_fds: dict[str, int] | None = None) -> list[str]:
     """bwrap's command line. ``sources`` maps a host folder (a Python root, the worker root) to
-    the path bwrap binds it from (a staging mount, see users.py); by default the folder itself."""
+    the path bwrap binds it from (a staging mount, see users.py); by default the folder itself.
+    ``worker_fds`` (``WORKER_FILES`` -> a readable fd): the worker's files are copied into the
+    sandbox's own read-only root instead of bound, so no mount (``/proc/self/mountinfo``) names
+    the grading run's temporary folder."""
     src = (sources or {}).get
     cmd = ["bwrap", "--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -224,8 +230,17 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
             cmd += ["--tmpfs", m]
     # /proc/sys read-only after --proc (bwrap leaves it writable where its own write test fails);
     # /sys is not mounted at all; /dev/shm is a sized tmpfs (bwrap's --dev leaves it unbounded)
-    cmd += ["--ro-bind", src(str(worker_root), str(worker_root)), WORKER_ROOT, "--proc", "/proc",
-            "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
+    if worker_fds:
+        cmd += ["--dir", WORKER_ROOT, "--dir", f"{WORKER_ROOT}/bnviz", "--dir", f"{WORKER_ROOT}/bnviz/grading"]
+        for rel in WORKER_FILES:
+            cmd += ["--file", str(worker_fds[rel]), f"{WORKER_ROOT}/{rel}"]
+    else:
+        cmd += ["--ro-bind", src(str(worker_root), str(worker_root)), WORKER_ROOT]
+    cmd += ["--proc", "/proc",
+            "--ro-bind", "/proc/sys", "/proc/sys", "--dev", "/dev",
+            # no pseudo-terminal at all (bwrap's private devpts has no maximum; issue 23's submission held
+            # 3,071 and starved its neighbours): /dev/ptmx is a link to pts/ptmx, which becomes /dev/null
+            "--ro-bind", "/dev/null", "/dev/pts/ptmx", "--size", str(limits.shm_bytes), "--tmpfs", "/dev/shm",
             "--size", size, "--tmpfs", "/scratch", "--remount-ro", "/dev", "--remount-ro", "/",
             "--chdir", "/scratch", "--clearenv"]  # the root and /dev: bwrap's own tmpfs, unbounded: read-only
     for k, v in env.items():
@@ -354,10 +369,12 @@ def _launch(plan: Plan, worker_root: Path, limits: Limits, masks: list[Path], gr
     if plan.stage:
         stage = Path(tempfile.mkdtemp(prefix="bnviz-stage-", dir="/tmp"))
         script.append(f"mount -t tmpfs -o size=64k,mode=0755 bnviz-stage {shlex.quote(str(stage))}")
-        for i, root in enumerate(_python_roots() + [str(worker_root)]):
+        for i, root in enumerate(_python_roots()):
             sources[root] = f"{stage}/{i}"
             script.append(f"mkdir {shlex.quote(sources[root])} && mount --bind {shlex.quote(root)} {shlex.quote(sources[root])}")
-    cmd = bwrap_command(worker_root, limits, masks, worker_env(limits), sources, plan.disable_userns, program)
+    worker_fds = {rel: seccomp.pipe_fd((worker_root / rel).read_bytes()) for rel in WORKER_FILES}
+    cmd = bwrap_command(worker_root, limits, masks, worker_env(limits), sources, plan.disable_userns, program,
+                        worker_fds)
     options, tail = cmd[1:cmd.index("--")], cmd[cmd.index("--"):]
     filter_fd = seccomp.pipe_fd(plan.seccomp)
     args_fd = seccomp.pipe_fd(b"".join(a.encode() + b"\0" for a in options + ["--seccomp", str(filter_fd)]))
@@ -368,7 +385,7 @@ def _launch(plan: Plan, worker_root: Path, limits: Limits, masks: list[Path], gr
     shell = ["/bin/sh", "-c", "set -e\n" + "\n".join(script)]
     if stage:
         shell = ["unshare", "--mount", "--propagation", "private", *shell]
-    return Launch(shell, (args_fd, filter_fd), stage)
+    return Launch(shell, (args_fd, filter_fd, *worker_fds.values()), stage)
 
 
 # --------------------------------------------------------------------------- cgroups

@@ -36,6 +36,10 @@ BLOCKED = (
     "clock_adjtime", "adjtimex", "vhangup", "iopl", "ioperm", "personality",
     # leaving the CPU the sandbox was pinned to (where no cpu cgroup exists)
     "sched_setaffinity",
+    # memory outside RLIMIT_AS (where no memory cgroup exists): memfd pages written with write()
+    # are never mapped, and SysV segments outlive their mapping; /tmp, /scratch and /dev/shm are
+    # sized tmpfs mounts instead (issue 23 item 6)
+    "memfd_create", "memfd_secret", "shmget",
 )
 NAMESPACE_FLAGS = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000
                    | 0x40000000)  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET

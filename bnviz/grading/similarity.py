@@ -5,7 +5,9 @@ reference forward pass and module of ``variants.py``, which a variant's visible 
 
 Trusted side, source text only (nothing is executed). For each submission:
 
-1. its code cells are read from the file (``read_code``), and the template handed out is stripped:
+1. its code cells are the ones grading read and ran (``ingest.read_submission``, passed in as
+   ``codes``: one reader for both, all of the code; ``read_code`` only where none is given), and
+   the template handed out is stripped:
    every line that also appears in the built student notebook's code cells (setup cell, check
    cells, signatures, docstrings, the q4 experiment), comment lines and blank lines;
 2. ``copydetect`` (winnowing fingerprints, as MOSS does) tokenises what is left with pygments and
@@ -14,7 +16,10 @@ Trusted side, source text only (nothing is executed). For each submission:
 3. a pair's score is the larger of the two shares of copied code (``compare_files``: the tokens
    in shared fingerprints over each file's tokens), so padding a copy with extra code lowers only
    the padder's share; a pair is flagged when the score reaches ``THRESHOLD`` and at least
-   ``MIN_OVERLAP`` filtered characters are shared.
+   ``MIN_OVERLAP`` filtered characters are shared: both students when each holds most of the
+   other's answer, only the one that holds the other's when it is one way (``_flags``), so one
+   large submission cannot get its classmates flagged. A student that could not be compared is
+   flagged too.
 
 ``THRESHOLD`` (0.5) was tuned on planted data (``tests/test_grading_variants.py``): two honest
 solutions written independently of the public one score 0.16-0.27 against it and 0.04-0.16
@@ -48,8 +53,7 @@ from typing import Any
 THRESHOLD = 0.5
 MIN_OVERLAP = 60  # filtered characters shared, so that two tiny answers are never a "copy"
 NOISE_T, GUARANTEE_T = 25, 30  # copydetect's defaults: k-grams of 25 filtered characters, window 6
-MAX_CODE = 64 * 1024  # characters of answer code compared per submission (the solution has ~2,500)
-MAX_FILE = 64 * 1024 * 1024
+MAX_FILE = 64 * 1024 * 1024  # read_code only (grading passes the cells ingest read; they are capped there)
 PUBLIC = "the public solution"
 TESTS_REF = "the tests' reference"  # variants.batch_norm_reference / ReferenceBatchNorm, shown in the visible tests
 MAX_FLAGS = 3  # similarity flags per student in the gradebook; similarity.html lists every pair
@@ -113,7 +117,7 @@ def read_code(path: Path) -> str:
         if path.stat().st_size > MAX_FILE:
             return ""
         raw = path.read_bytes()
-    return _cells_code(json.loads(raw.decode("utf-8", errors="replace")))
+    return _cells_code(json.loads(raw.decode("utf-8-sig", errors="replace")))
 
 
 _TRIPLE = re.compile(r'(?s)""".*?"""|\'\'\'.*?\'\'\'')
@@ -124,9 +128,9 @@ def strip_template(code: str, template: str) -> str:
     alone would turn the rest into one string), the lines handed out in ``template``, comment
     lines and blank lines."""
     given = {ln.strip() for ln in _TRIPLE.sub("", template).splitlines()}
-    kept = [ln for ln in _TRIPLE.sub("", code[:4 * MAX_CODE]).splitlines()
+    kept = [ln for ln in _TRIPLE.sub("", code).splitlines()
             if ln.strip() and not ln.strip().startswith("#") and ln.strip() not in given]
-    return "\n".join(kept)[:MAX_CODE]
+    return "\n".join(kept)  # all of it: ingest caps the code of a notebook (256 KB)
 
 
 # --------------------------------------------------------------------------- comparing
@@ -198,13 +202,29 @@ def _pairs(sources: dict[str, str], publics: dict[str, str], template: str) -> l
     return [p for p in compare(codes, template) if not (p.a in publics and p.b in publics)]
 
 
-def _flags(pairs: list[Pair], threshold: float) -> dict[str, list[str]]:
+def _flags(pairs: list[Pair], threshold: float, unread: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Student -> reasons. A pair of students is flagged both ways when each holds most of the
+    other's answer (containment both ways: the smaller share reaches ``threshold``); when only
+    one holds most of the other's (the larger share reaches it), only that one is flagged (one
+    way), so a submission that carries every public snippet cannot get its honest classmates
+    flagged, and a copy padded with other code is still caught. Against a public text, the student
+    is flagged whichever way. Students that could not be compared are flagged too."""
     flags: dict[str, list[str]] = {}
+    for me, why in (unread or {}).items():
+        flags.setdefault(me, []).append(f"similarity: not compared ({why}), check by hand")
+    publics = (PUBLIC, TESTS_REF)
     for p in pairs:
-        if p.flagged(threshold):
-            for me, other in ((p.a, p.b), (p.b, p.a)):
-                if me not in (PUBLIC, TESTS_REF):
-                    flags.setdefault(me, []).append(f"similar to {other} (score {p.score:.2f}, check by hand)")
+        if not p.flagged(threshold):
+            continue
+        both = min(p.share_a, p.share_b) >= threshold or p.a in publics or p.b in publics
+        for me, other, mine in ((p.a, p.b, p.share_a), (p.b, p.a, p.share_b)):
+            if me in publics:
+                continue
+            if both:
+                flags.setdefault(me, []).append(f"similar to {other} (score {p.score:.2f}, check by hand)")
+            elif mine < threshold:  # little of mine is in the other, most of the other is in mine
+                flags.setdefault(me, []).append(f"similar to {other}, one way: holds most of its answer code "
+                                                f"(score {p.score:.2f}, check by hand)")
     for me, reasons in flags.items():  # highest scores first (pairs are sorted); the rest in the report
         if len(reasons) > MAX_FLAGS:
             flags[me] = reasons[:MAX_FLAGS] + [f"similar to {len(reasons) - MAX_FLAGS} more (similarity.html)"]
@@ -240,7 +260,8 @@ def write_report(path: str | os.PathLike, pairs: list[Pair], codes: dict[str, st
              "<h1>Similarity of the answer code</h1>",
              f"<p>copydetect winnowing (k={NOISE_T}, window {GUARANTEE_T - NOISE_T + 1}) on the code cells, "
              f"with the handed-out template, comments and blank lines removed and names normalised. "
-             f"Score = the larger share of either answer found in the other. Flagged: score &ge; {threshold:g} "
+             f"Score = the larger share of either answer found in the other; two students are both flagged "
+             f"when each holds most of the other's answer, only the one that holds the other's when it is one way. Flagged: score &ge; {threshold:g} "
              f"and at least {MIN_OVERLAP} shared characters. {len(pairs)} pairs compared, {len(flagged)} flagged. "
              "A flag is a reason to look, not a verdict.</p>"]
     if note:
@@ -265,12 +286,16 @@ def _limit_child() -> None:
 
 
 def run_isolated(paths: dict[str, str], publics: dict[str, str], template: str,
-                 timeout_s: float = TIMEOUT_S) -> tuple[list[Pair], dict[str, str], list[str]]:
-    """Read, strip and compare the submissions in a child process with a time and memory limit
-    (a 64 MB notebook's JSON, pygments on hostile code): (pairs, stripped codes, unreadable)."""
+                 timeout_s: float = TIMEOUT_S, codes: dict[str, str | None] | None = None
+                 ) -> tuple[list[Pair], dict[str, str], dict[str, str]]:
+    """Strip and compare the submissions in a child process with a time and memory limit
+    (pygments on hostile code): (pairs, stripped codes, not compared: name -> why).
+    ``codes``: student -> the code of the cells grading read (``ingest``), or None where it could
+    not read the notebook; students not in ``codes`` are read from ``paths`` (``read_code``)."""
     # this file run as a script (-I: isolated), so the child imports neither bnviz nor torch
     proc = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], preexec_fn=_limit_child,
-                          input=json.dumps({"paths": paths, "publics": publics, "template": template}),
+                          input=json.dumps({"paths": paths, "publics": publics, "template": template,
+                                            "codes": codes or {}}),
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"comparison process failed (exit status {proc.returncode}): {proc.stderr[-300:]}")
@@ -284,7 +309,7 @@ def _public_code(student_notebook: Path | None) -> str:
         built = Path(student_notebook).resolve().parent.parent / "public_answers.py"
         if built.is_file():
             return built.read_text(encoding="utf-8")
-    from .build import default_source
+    from .layout import default_source  # here: this file also runs as a script (run_isolated)
 
     return answer_code(json.loads(default_source().read_text(encoding="utf-8")))
 
@@ -294,7 +319,7 @@ def _apply(results: list[dict], flags: dict[str, list[str]], note: str) -> list[
     (a resumed grading run keeps results); return the results that changed."""
     changed = []
     for r in results:
-        kept = [f for f in str(r.get("flags") or "").split("; ") if f and not f.startswith("similar to ")]
+        kept = [f for f in str(r.get("flags") or "").split("; ") if f and not f.startswith(("similar to ", "similarity: "))]
         flags_ = "; ".join(kept + flags.get(r["student"], []))
         notes = [n for n in r.get("notes") or [] if not str(n).startswith("similarity")] + ([note] if note else [])
         if flags_ != (r.get("flags") or "") or notes != (r.get("notes") or []):
@@ -305,23 +330,30 @@ def _apply(results: list[dict], flags: dict[str, list[str]], note: str) -> list[
 
 def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  student_notebook: str | os.PathLike | None = None, threshold: float = THRESHOLD,
-                 row=None, log=print) -> str:
+                 row=None, log=print, paths: dict[str, str] | None = None,
+                 codes: dict[str, str | None] | None = None) -> str:
     """Add similarity flags to ``results`` (their ``flags``; ``row(result)`` rebuilds a gradebook
     row, and each changed ``<out>/<student>.json`` is rewritten) and write
-    ``<out>/similarity.html``. Never raises: a failure becomes the returned note, which is also
-    logged, put in every student's ``notes`` and in the report ("" when all went well)."""
+    ``<out>/similarity.html``. ``codes``: student -> the code grading read (all of its cells, as
+    ``ingest`` read them; None: not readable), so that grading and similarity compare exactly
+    the same code; students without one are read from ``paths`` (student -> file; default:
+    ``submission`` in ``submissions_dir``). A student whose code could not be compared gets a
+    flag saying so. Never raises: a failure becomes the returned note, which is also logged, put
+    in every student's ``notes`` and flags, and in the report ("" when all went well)."""
     note, out = "", Path(out_dir)
     try:
         nb_path = Path(student_notebook) if student_notebook else None
         template = _cells_code(json.loads(nb_path.read_text(encoding="utf-8"))) if nb_path else ""
-        paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
-        pairs, codes, unread = run_isolated(paths, _publics(_public_code(nb_path)), template)
-        flags = _flags(pairs, threshold)
-        # an unreadable file already has its error in the gradebook: only the report says it was skipped
-        write_report(out / "similarity.html", pairs, codes, threshold,
-                     "not compared (unreadable): " + ", ".join(unread)[:2000] if unread else "")
+        if paths is None:  # the file of each student (the names shown in ``submission`` may be escaped)
+            paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
+        pairs, stripped, unread = run_isolated(paths, _publics(_public_code(nb_path)), template, codes=codes)
+        flags = _flags(pairs, threshold, unread)
+        write_report(out / "similarity.html", pairs, stripped, threshold,
+                     "not compared: " + ", ".join(f"{n} ({w})" for n, w in unread.items())[:2000] if unread else "")
     except Exception as e:  # never lose the grades for this
-        flags, note = {}, f"similarity check failed, no similarity flags: {type(e).__name__}: {str(e)[:200]}"
+        note = f"similarity check failed, no similarity flags: {type(e).__name__}: {str(e)[:200]}"
+        flags = {r["student"]: ["similarity: not compared (the comparison failed, see notes), check by hand"]
+                 for r in results}
         try:
             write_report(out / "similarity.html", [], {}, threshold, note)
         except Exception:
@@ -333,7 +365,7 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
             if row is not None:
                 r["row"] = row(r)
             tmp = out / f".{r['student']}.json.similarity.tmp"
-            tmp.write_text(json.dumps(r, indent=2), encoding="utf-8")
+            tmp.write_text(json.dumps(dict(r), indent=2), encoding="utf-8")  # a Result or a stored dict
             os.replace(tmp, out / f"{r['student']}.json")
         except Exception:  # the gradebook still carries the flag
             pass
@@ -341,19 +373,26 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
 
 
 def main() -> int:
-    """Child process: JSON {paths, publics, template} on stdin -> JSON {pairs, codes (stripped),
-    unread} on stdout."""
+    """Child process: JSON {paths, publics, template, codes} on stdin -> JSON {pairs, codes
+    (stripped), unread (name -> why)} on stdout."""
     request = json.loads(sys.stdin.read())
-    sources, unread = {}, []
+    sources, unread = {}, {}
+    given = request.get("codes") or {}
     for name, path in request["paths"].items():
+        if name in given:
+            if given[name] is None:
+                unread[name] = "grading could not read the notebook"
+            else:
+                sources[name] = given[name]
+            continue
         try:
             sources[name] = read_code(Path(path))
-        except Exception as e:  # graded (0) with its error elsewhere; listed in the report
-            unread.append(f"{name} ({type(e).__name__})")
-    template = request["template"]
-    pairs = _pairs(sources, request["publics"], template)
+        except Exception as e:  # graded (0) with its error elsewhere; flagged and listed in the report
+            unread[name] = f"unreadable: {type(e).__name__}"
+    template, publics = request["template"], request["publics"]
+    pairs = _pairs(sources, publics, template)
     codes = {name: strip_template(code, template) for name, code in sources.items()}
-    codes.update({name: strip_template(code, template) for name, code in request["publics"].items()})
+    codes.update({name: strip_template(code, template) for name, code in publics.items()})
     sys.stdout.write(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs], "codes": codes, "unread": unread}))
     return 0
 

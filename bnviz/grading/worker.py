@@ -30,6 +30,7 @@ write the pass's report.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import os
@@ -193,19 +194,37 @@ def _otter_stub() -> types.ModuleType:
     return mod
 
 
-def run_cells(cells: list, namespace: dict) -> list:
+def run_cells(cells: list, namespace: dict, strict: bool = False) -> list:
     """Execute each code cell in order in one namespace; a cell that raises does not stop the
     others (as in a notebook run with errors allowed). Returns [{"cell", "error"}]. The cells are
     plain Python already; a ``get_ipython()`` the trusted side left in (``%matplotlib``, ``!pip``)
-    does nothing."""
+    does nothing.
+
+    ``strict`` (the strict pass): a top-level statement that a raising kernel stopped is skipped and
+    the cell goes on with its next statement, so a comparison with ``F.batch_norm`` above the
+    ``def`` (allowed while working) does not keep the answer from being defined; the kernels still
+    raise there, so nothing forbidden is computed before the tests. Any other exception stops the
+    cell, as in the normal pass."""
     sys.modules["otter"] = _otter_stub()
     namespace.setdefault("get_ipython", lambda: types.SimpleNamespace(
         system=lambda *a, **k: None, run_line_magic=lambda *a, **k: None, run_cell_magic=lambda *a, **k: None))
     errors = []
     for index, source in cells:
         try:
-            code = compile(source, f"<cell {index}>", "exec")
-            exec(code, namespace)
+            if not strict:
+                exec(compile(source, f"<cell {index}>", "exec"), namespace)
+                continue
+            skipped = False
+            for stmt in ast.parse(source, f"<cell {index}>").body:
+                before = REFUSED[0]
+                try:
+                    exec(compile(ast.Module([stmt], []), f"<cell {index}>", "exec"), namespace)
+                except Exception as exc:
+                    if not (_forbidden_in(exc) or REFUSED[0] > before):
+                        raise
+                    if not skipped:  # one entry per cell (the report's lists are bounded)
+                        errors.append({"cell": int(index), "error": "(statement skipped) " + short_error(exc)})
+                    skipped = True
         except BaseException as exc:  # SystemExit and KeyboardInterrupt included
             errors.append({"cell": int(index), "error": short_error(exc)})
     return errors
@@ -394,6 +413,7 @@ def install_strict(torch):
                     lib.impl(op, refuse, key)
                 except Exception:  # a key this operator cannot take
                     pass
+    _refuse_decompositions(torch, refuse)
     native = torch.ops.aten.native_batch_norm.default
 
     def still_raises() -> bool:
@@ -408,16 +428,83 @@ def install_strict(torch):
     return libs, still_raises
 
 
+def _refuse_decompositions(torch, refuse) -> None:
+    """PyTorch's own batch norm written in Python (``torch._decomp``: the decompositions and the
+    tables that hand them out) raises too: it never reaches a batch-norm kernel. (``torch._refs``
+    and ``torch._prims`` hold none.)"""
+    import importlib
+
+    for name in ("torch._decomp", "torch._decomp.decompositions", "torch._decomp.decompositions_for_jvp"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # another torch version: nothing of that name to refuse
+            continue
+        for attr, value in list(vars(module).items()):
+            if callable(value) and ("batch_norm" in attr or "norm_legit" in attr):
+                setattr(module, attr, refuse)
+    decomp = sys.modules.get("torch._decomp")
+    tables = [getattr(decomp, "decomposition_table", None), *(getattr(decomp, "global_decomposition_table", {}) or {}).values()]
+    for table in tables:
+        if isinstance(table, dict):
+            for op in list(table):
+                if "batch_norm" in str(op) or "norm_legit" in str(op):
+                    table[op] = refuse
+
+
+AUTOGRAD_BLOCKED = [False]  # set for the questions that forbid autograd; read on every thread
+
+
 def autograd_blocker(torch):
-    """A function that, once called, makes recording any tensor for backward raise (every
-    differentiable formula a batch-norm backward needs saves tensors); captured before student
-    code runs."""
+    """Installed before student code runs; returns a function that, once called, makes autograd
+    raise: recording any tensor for backward on this thread (a saved-tensor hook; every
+    differentiable formula a batch-norm backward needs saves tensors), running the autograd engine
+    on any thread (the engine object ``torch.autograd`` calls is replaced by one that refuses
+    while blocked), and forward-mode AD (``aten::_make_dual``, behind ``torch.autograd.forward_ad``
+    and ``torch.func.jvp`` / ``jacfwd``, raises at the dispatcher)."""
+    import warnings
+
+    from torch.autograd import variable
+
     push = torch._C._autograd._push_saved_tensors_default_hooks
+    real = variable.Variable._execution_engine
 
     def pack(tensor):
         raise Forbidden("forbidden in this question: autograd (strict re-run)")
 
-    return lambda: push(pack, lambda t: t)
+    class Engine:
+        def run_backward(self, *args, **kwargs):
+            if AUTOGRAD_BLOCKED[0]:
+                REFUSED[0] += 1
+                raise Forbidden("forbidden in this question: autograd (strict re-run)")
+            return real.run_backward(*args, **kwargs)
+
+        def queue_callback(self, *args, **kwargs):
+            return real.queue_callback(*args, **kwargs)
+
+        def is_checkpoint_valid(self, *args, **kwargs):
+            return real.is_checkpoint_valid(*args, **kwargs)
+
+    variable.Variable._execution_engine = Engine()
+    libs = []
+
+    def dual(*args, **kwargs):
+        REFUSED[0] += 1
+        raise Forbidden("forbidden in this question: forward-mode autograd (strict re-run)")
+
+    def block():
+        AUTOGRAD_BLOCKED[0] = True
+        push(pack, lambda t: t)
+        lib = torch.library.Library("aten", "IMPL")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "Autograd", "AutogradCPU", "CPU"):
+                try:
+                    lib.impl("_make_dual", dual, key)
+                except Exception:  # a key this operator cannot take
+                    pass
+        libs.append(lib)
+
+    return block
 
 
 # --------------------------------------------------------------------------- the report
@@ -472,7 +559,7 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     os.dup2(quiet, 2)
     libs, still_raises = install_strict(torch) if plan.get("batch_norm") else ({}, lambda: True)
     block = autograd_blocker(torch)
-    cell_errors = run_cells(request["cells"], namespace)
+    cell_errors = run_cells(request["cells"], namespace, strict=True)
     probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
     return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
             "intact": bool(still_raises()), "kernels": len(libs)}
@@ -506,7 +593,9 @@ def fork_pass(torch, request: dict, strict: bool, result_fd: int, started: float
     ``started``) ends the worker with ``TIMED_OUT[strict]``."""
     seconds = request["limits"].get("pass_seconds")
     deadline = started + float(seconds) if seconds else None
-    fd = os.memfd_create("bnviz-report") if hasattr(os, "memfd_create") else os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
+    # an unnamed file on the sandbox's sized /tmp (the seccomp filter refuses memfd_create: its
+    # pages would escape the memory limit where there is no memory cgroup)
+    fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
     pid = os.fork()
     if pid == 0:
         code = 1
