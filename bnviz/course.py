@@ -158,9 +158,12 @@ class Chapter:
 
     @staticmethod
     def _signature(v) -> tuple:
-        """What makes two recorded tests the same test: the arms' per-seed values (either order)
-        for a Verdict, the numbers for a Paired."""
+        """What makes two recorded tests the same test: the same two arms (what was trained, in
+        either order) for a Verdict of cells; else the arms' per-seed values; the numbers for a
+        Paired."""
         ref, other = getattr(v, "reference", None), getattr(v, "other", None)
+        if ref is not None and other is not None and ref.arm and other.arm:
+            return ("arms", tuple(sorted([ref.arm, other.arm])))
         if ref is not None and other is not None and ref.raw is not None and other.raw is not None:
             if not any(x is not None for x in ref.raw) or not any(x is not None for x in other.raw):
                 return ("untested", id(v))  # nothing to compare: never the same test as another
@@ -191,6 +194,15 @@ class Chapter:
         bound = replace(v, ledger=(self, name))
         self.verdicts[name] = bound
         return bound
+
+    def bind(self, v):
+        """``v`` bound to its entry when the same test is in the ledger (under any name), so it
+        reads 'holds after Holm' or 'nominal'; else ``v`` unchanged (a decided verdict outside
+        the family then reads as nominal). Never adds a test."""
+        from dataclasses import replace
+
+        name = self._signatures.get(self._signature(v))
+        return replace(v, ledger=(self, name)) if name is not None else v
 
     def holm(self) -> dict[str, float]:
         from .verdicts import holm

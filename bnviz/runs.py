@@ -163,9 +163,19 @@ class Cell:
         """The accuracy of each run in seed order (None for a run that diverged)."""
         return [run_accuracy(r.history, statistics=statistics) for r in self.runs]
 
+    @property
+    def arm(self) -> str:
+        """What this cell trained: its runs' configs without their labels (two cells with the same
+        arm are the same runs, trained twice)."""
+        import hashlib
+
+        text = repr([r.history.config.to_dict() | {"label": None} for r in self.runs])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def stats(self, statistics: str = "precise") -> SeedStats:
         s = seed_stats(self.values(statistics))
         s.causes = self.causes
+        s.arm = f"{self.arm}:{statistics}"
         return s
 
     @property

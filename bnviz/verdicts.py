@@ -59,6 +59,7 @@ class SeedStats:
     failed: int = 0
     raw: list[float | None] | None = None
     causes: list[Cause] = field(default_factory=list)
+    arm: str | None = None  # what was trained (configs without labels) and measured; set by Cell.stats
 
     @property
     def n(self) -> int:
@@ -271,8 +272,9 @@ def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMI
        :data:`STILL_IMPROVING` and above twice its standard error (from the spread of the
        snapshots: small batches' accuracy is noisy), "far from converged" if that gain is at least
        :data:`FAR_FROM_CONVERGED` of the training error left, else "nearly converged" (a note);
-    3. under one epoch: the mean over seeds of :func:`epochs_seen` below 1 (``train_size``: the
-       training-set size of the experiment; default each run's ``config.train_size``);
+    3. under one epoch: the mean over the finished seeds of :func:`epochs_seen` below 1
+       (``train_size``: the training-set size of the experiment; default each run's
+       ``config.train_size``; a diverged run, stopped early, is not counted);
     4. diverged seeds;
     5. far below ``full_size`` (more than :data:`FAR_BELOW`);
     6. saturation, per layer: each layer whose share of saturated sigmoid outputs (mean over the
@@ -294,7 +296,7 @@ def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMI
         if g > STILL_IMPROVING and g > 2 * se:  # a real rise, not the noise of small batches' accuracy
             far = left <= 0 or g >= FAR_FROM_CONVERGED * left
             causes.append(Cause(CauseKind.STILL_IMPROVING if far else CauseKind.NEARLY_CONVERGED, g, left, se=se))
-    seen = [e for e in (epochs_seen(r.history, train_size) for r in runs) if e is not None]
+    seen = [e for e in (epochs_seen(r.history, train_size) for r in ok) if e is not None]  # a diverged run stopped early
     if seen and sum(seen) / len(seen) < 1:
         causes.append(Cause(CauseKind.UNDER_ONE_EPOCH, sum(seen) / len(seen), 1.0))
     if s.failed:
@@ -359,6 +361,10 @@ class Paired:
     def holm_status(self) -> str:
         """See :meth:`Verdict.holm_status`."""
         return _holm_status(self, self.significant)
+
+    def reading(self) -> str:
+        """See :meth:`Verdict.reading`."""
+        return _reading(self, self.significant)
 
     @property
     def significant(self) -> bool:
@@ -472,6 +478,17 @@ def _holm_status(v, decided: bool, words: bool = True) -> str:
             else f"{NOMINAL}: p {v.p:.2g}, Holm-adjusted {adj:.2g} over {family}")
 
 
+def _reading(v, decided: bool) -> str:
+    word = v.outcome.value
+    if not decided:
+        return word
+    if v.ledger is None:
+        return f"{word} (nominal: not in the chapter's Holm family)"
+    status = _holm_status(v, decided, words=False)
+    so_far = "" if v.ledger[0].closed else " so far"
+    return f"{word} ({HOLDS}{so_far})" if status == HOLDS else f"{word} (nominal: not kept by Holm)"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One cell against a reference, over the same seeds: the paired numbers, the outcome and the
@@ -544,6 +561,12 @@ class Verdict:
     def held(self) -> bool:
         """True for a decided verdict that holds after Holm over its chapter's family."""
         return self.holm_status(words=False) == HOLDS
+
+    def reading(self) -> str:
+        """The outcome as a chapter's headline may state it: 'worse (holds after Holm)', 'worse
+        (nominal: not kept by Holm)', 'worse (not in the chapter's ledger: nominal)', 'within
+        noise'; with ' so far' while the family is open."""
+        return _reading(self, self.decided)
 
     def has(self, kind: CauseKind, name: str | None = None) -> bool:
         """True when a cell (``name``, or either) has a cause of this kind."""

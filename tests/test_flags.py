@@ -172,3 +172,40 @@ def test_no_test_is_counted_twice_in_a_family():
     ch.record("dead 1", _v([None, None, None], [0.5, 0.6, 0.7]))
     ch.record("dead 2", _v([None, None, None], [0.5, 0.6, 0.8]))
     assert {"dead 1", "dead 2"} <= set(ch.pvalues)
+
+
+def test_bind_finds_a_recorded_test_and_adds_none():
+    ch = Chapter("x", (0, 1, 2))
+    ch.record("b vs a", _v([0.80, 0.82, 0.84], [0.90, 0.93, 0.95]))
+    again = ch.bind(_v([0.80, 0.82, 0.84], [0.90, 0.93, 0.95]))
+    assert again.ledger == (ch, "b vs a") and again.reading() == "better (holds after Holm so far)"
+    stranger = ch.bind(_v([0.80, 0.82, 0.84], [0.70, 0.71, 0.75]))
+    assert stranger.ledger is None and stranger.reading() == "worse (nominal: not in the chapter's Holm family)"
+    assert list(ch.pvalues) == ["b vs a"]
+    ch.report()
+    assert ch.bind(_v([0.80, 0.82, 0.84], [0.90, 0.93, 0.95])).reading() == "better (holds after Holm)"
+
+
+def test_the_same_arms_are_one_test_and_equal_numbers_are_not():
+    """Arms stuck at chance give equal accuracies by coincidence (a constant prediction): different
+    arms with equal numbers are different tests; the same arms (same configs, trained twice) are one."""
+    def cell(name, lr, accs):
+        runs = [hand_run([0.5] * 12, [a] * 3, seed=s) for s, a in enumerate(accs)]
+        for r in runs:
+            r.history.config = r.history.config.replace(lr=lr)
+        return Cell((("variant", name),), runs)
+
+    base = cell("base", 1.0, (0.80, 0.82, 0.84))
+    ch = Chapter("x", (0, 1, 2))
+    ch.record("LayerNorm vs base", cell("LayerNorm", 0.5, (0.109, 0.109, 0.109)).vs(base))
+    ch.record("GroupNorm vs base", cell("GroupNorm", 0.3, (0.109, 0.109, 0.109)).vs(base))
+    assert list(ch.pvalues) == ["LayerNorm vs base", "GroupNorm vs base"] and not ch.aliases
+    # the no-BN arm trained again (another label, the same config): the same test
+    ch.record("no BN vs base", cell("no BN", 0.5, (0.109, 0.109, 0.109)).vs(base))
+    assert ch.aliases == {"no BN vs base": "LayerNorm vs base"}
+
+
+def test_a_diverged_run_is_not_under_one_epoch():
+    runs = [hand_run([0.5] * 12, [0.6] * 3, seed=0, examples=8000),
+            hand_run([0.5] * 12, [0.6] * 3, status="diverged", seed=1, examples=300)]
+    assert [c.kind for c in vd.cell_causes(runs, train_size=8000)] == [K.DIVERGED]
