@@ -78,7 +78,7 @@ def _dataset_label(hists) -> str:
     return " / ".join(labels) or "data set unknown"
 
 
-TITLE_WIDTH = 44  # characters per title line: about what a 390-px phone column shows at 16 px
+TITLE_WIDTH = 38  # characters per title line: what a 358-px figure (a 390-px phone) shows at 16 px
 
 
 def _title(text: str, dataset_label: str) -> dict:
@@ -86,7 +86,7 @@ def _title(text: str, dataset_label: str) -> dict:
     own small line (the only place a figure names it: legends do not repeat it)."""
     text = text if "<br>" in text else short_label(text, TITLE_WIDTH)
     return {"text": f"{text}<br><sup>data: {dataset_label}</sup>", "x": 0.01, "xanchor": "left",
-            "font": {"size": 16}}
+            "y": 0.985, "yref": "container", "yanchor": "top", "pad": {"t": 10}, "font": {"size": 16}}
 
 
 def _legible(fig, legend_title: str | None = None, legend: bool = True):
@@ -95,6 +95,7 @@ def _legible(fig, legend_title: str | None = None, legend: bool = True):
     axis titles kept clear of the tick labels."""
     title = fig.layout.title.text or ""
     lines = title.count("<br>") + 1
+    above = any(a.yref == "paper" and (a.y or 0) >= 0.99 for a in fig.layout.annotations)  # subplot titles
     bottom = 60
     if legend:
         n = sum(1 for t in fig.data if t.showlegend is not False and t.name)
@@ -102,7 +103,9 @@ def _legible(fig, legend_title: str | None = None, legend: bool = True):
         fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yref": "container",
                                   "yanchor": "bottom", "font": {"size": 11},
                                   "title": {"text": legend_title or "", "side": "top left"}})
-    fig.update_layout(margin={"t": 30 + 22 * lines, "b": bottom, "l": 10, "r": 10, "autoexpand": True})
+    top = 20 + 21 * lines + (28 if above else 0)
+    fig.update_layout(margin={"t": top, "b": bottom, "l": 10, "r": 10, "autoexpand": True},
+                      height=fig.layout.height or max(480, top + bottom + 280))
     fig.update_xaxes(automargin=True, title_standoff=6)
     fig.update_yaxes(automargin=True, title_standoff=6)
     return fig
@@ -113,8 +116,13 @@ def _log_y_ticks(fig, values, **where) -> None:
     vals = [float(v) for v in values if v is not None and v == v and v > 0]
     if not vals:
         return
-    decades = math.log10(max(vals)) - math.log10(min(vals))
-    fig.update_yaxes(dtick=1 if decades > 2.5 else "D2", **where)
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    if hi - lo < 0.8:  # under a decade: 1-2-5 ticks may show one label; four labelled values instead
+        span = max(hi - lo, 0.02)
+        ticks = [10 ** (lo - 0.05 * span + k * 1.1 * span / 3) for k in range(4)]
+        fig.update_yaxes(tickvals=ticks, ticktext=[f"{t:.2g}" for t in ticks], **where)
+    else:
+        fig.update_yaxes(dtick=1 if hi - lo > 2.5 else "D2", **where)
 
 
 _METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
@@ -214,7 +222,7 @@ def comparison_figure(cmp: Comparison, title: str | None = None, chance: float =
                   annotation_position="bottom right")
     fig.update_layout(title=_title(title or "accuracy over seeds (bar: mean ± std; dots: seeds; ⚠: see CAUTION)",
                                    cmp.dataset_label),
-                      yaxis_title=_wrap(READABLE["acc"], 30), template="plotly_white", bargap=0.4)
+                      yaxis_title="test accuracy (PreciseBN,<br>last 3 epochs)", template="plotly_white", bargap=0.4)
     ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     fig.update_yaxes(range=[-0.15 if dead else 0, 1], tickvals=([-0.08] if dead else []) + ticks,
                      ticktext=(["diverged"] if dead else []) + [f"{t:g}" for t in ticks], automargin=True)
@@ -256,7 +264,7 @@ def lr_sweep_figure(result: GridResult, maxima: dict[str, MaxLR] | None = None, 
     fig.update_layout(title=_title(title or "accuracy against learning rate (mean ± std over seeds)",
                                    result.dataset_label),
                       xaxis_type="log", xaxis_title="learning rate (log scale)",
-                      yaxis_title=_wrap(READABLE["acc"], 30), template="plotly_white")
+                      yaxis_title="test accuracy (PreciseBN,<br>last 3 epochs)", template="plotly_white")
     _log_ticks(fig, "x", table["lr"])
     ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     fig.update_yaxes(range=[-0.25 if any_bad else 0, 1], automargin=True,
@@ -294,7 +302,7 @@ def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", d
     if chance is not None:
         fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
                       annotation_position="bottom right")
-    return _legible(fig, labels.get(color, "") if color else None, legend=bool(color))
+    return _legible(fig, labels.get(color, "") if color else None)  # a legend below even before traces are added
 
 
 def landscape_figure(df, dataset_label: str):
@@ -461,11 +469,13 @@ def forest_figure(verdicts, title: str = "Answers: Δ with its 95% interval", da
     fig.add_vline(x=0, line_color="#444", line_width=1)
     n_rows = len(labels)
     lines = sum(label.count("<br>") + 1 for label in labels)
-    sub = f"<br><sup>{dataset_label}; ⚠: a cell with a CAUTION</sup>" if dataset_label else \
-        "<br><sup>⚠: a cell with a CAUTION</sup>"
-    fig.update_layout(title={"text": title + sub, "x": 0.01, "xanchor": "left"}, template="plotly_white",
-                      height=max(280, 190 + 16 * lines + 10 * n_rows),
-                      margin={"l": 10, "r": 10, "t": 70, "b": 110},
+    sub = (f"<br><sup>data: {dataset_label}</sup>" if dataset_label else "") + "<br><sup>⚠: a cell with a CAUTION</sup>"
+    text = short_label(title, TITLE_WIDTH) + sub
+    top = 20 + 21 * (text.count("<br>") + 1)
+    fig.update_layout(title={"text": text, "x": 0.01, "xanchor": "left", "y": 0.985, "yref": "container",
+                             "yanchor": "top", "pad": {"t": 10}}, template="plotly_white",
+                      height=max(300, top + 130 + 16 * lines + 10 * n_rows),
+                      margin={"l": 10, "r": 10, "t": top, "b": 110},
                       legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yref": "container",
                               "yanchor": "bottom", "font": {"size": 11}},
                       xaxis={"title": {"text": "Δ accuracy (other − reference)", "standoff": 6}, "zeroline": False},

@@ -600,7 +600,7 @@ def _replay_controls(snaps: list, frame_ms: int) -> dict:
                                   showactive=False, buttons=[play, pause])],
                 sliders=[dict(active=0, steps=steps, x=0, len=1, xanchor="left", yanchor="top",
                               y=below(_BAND["axis"] + _BAND["legend"] + _BAND["buttons"]),
-                              currentvalue=dict(prefix="step ", font=dict(size=12), xanchor="left"),
+                              currentvalue=dict(prefix="step ", font=dict(size=13, color="#111827"), xanchor="left"),
                               font=dict(size=1, color="rgba(0,0,0,0)"),  # no per-step labels: they pile up
                               ticklen=3, minorticklen=0, pad=dict(t=8, b=4))])
 
