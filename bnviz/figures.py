@@ -112,17 +112,23 @@ def _legible(fig, legend_title: str | None = None, legend: bool = True):
 
 
 def _log_y_ticks(fig, values, **where) -> None:
-    """A log y axis with more than one labelled tick: powers of 10 over several decades, else 1-2-5."""
+    """A log y axis with more than one labelled tick, each labelled in full (plotly's own 1-2-5
+    labels read '5' for 0.5): 1-2-5 values over up to 2.5 decades, four values under a decade
+    where fewer than two 1-2-5 values fall, powers of 10 beyond."""
     vals = [float(v) for v in values if v is not None and v == v and v > 0]
     if not vals:
         return
     lo, hi = math.log10(min(vals)), math.log10(max(vals))
-    if hi - lo < 0.8:  # under a decade: 1-2-5 ticks may show one label; four labelled values instead
+    if hi - lo > 2.5:
+        fig.update_yaxes(dtick=1, **where)
+        return
+    ticks = [m * 10.0 ** k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)
+             if lo - 0.02 <= math.log10(m) + k <= hi + 0.02]
+    if len(ticks) < 2:
         span = max(hi - lo, 0.02)
         ticks = [10 ** (lo - 0.05 * span + k * 1.1 * span / 3) for k in range(4)]
-        fig.update_yaxes(tickvals=ticks, ticktext=[f"{t:.2g}" for t in ticks], **where)
-    else:
-        fig.update_yaxes(dtick=1 if hi - lo > 2.5 else "D2", **where)
+    digits = next(d for d in range(2, 8) if len({f"{t:.{d}g}" for t in ticks}) == len(ticks) or d == 7)
+    fig.update_yaxes(tickvals=ticks, ticktext=[f"{t:.{digits}g}" for t in ticks], **where)
 
 
 _METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
@@ -365,7 +371,7 @@ def saturation_figure(df, dataset_label: str, steps: tuple[str, str] = ("start",
                       title=_title("Sigmoid outputs per layer at step 0 (grey) and at the end (red); "
                                    "panel titles: saturated share start→end", dataset_label))
     fig.update_xaxes(range=[0, 1], tickvals=[0, 0.5, 1], ticktext=["0", ".5", "1"])
-    fig.update_xaxes(title_text="sigmoid output", row=len(models))
+    fig.update_xaxes(title_text="sigmoid output", row=len(models), col=1)  # once: four would overprint
     for r, m in enumerate(models, 1):
         fig.update_yaxes(title_text=f"<b>{m}</b><br>share of outputs", row=r, col=1)
     for ann in fig.layout.annotations:

@@ -209,3 +209,17 @@ def test_a_diverged_run_is_not_under_one_epoch():
     runs = [hand_run([0.5] * 12, [0.6] * 3, seed=0, examples=8000),
             hand_run([0.5] * 12, [0.6] * 3, status="diverged", seed=1, examples=300)]
     assert [c.kind for c in vd.cell_causes(runs, train_size=8000)] == [K.DIVERGED]
+
+
+def test_log_axes_get_more_than_one_full_label():
+    import plotly.graph_objects as go
+
+    from bnviz.figures import _log_y_ticks
+
+    for values, want in (([0.45, 5.8], ("0.5", "1", "2", "5")), ([0.77, 3.9], ("1", "2"))):
+        f = go.Figure()
+        _log_y_ticks(f, values)
+        assert f.layout.yaxis.ticktext == want
+    f = go.Figure()
+    _log_y_ticks(f, [1.01, 1.05])  # under a decade, no 1-2-5 value inside: four distinct labels
+    assert len(set(f.layout.yaxis.ticktext)) == 4

@@ -482,7 +482,8 @@ JS_LAYOUT = """() => {
     gd.querySelectorAll('.slider-container').forEach(t => parts.push(['slider', box(t)]));
     gd.querySelectorAll('.updatemenu-container').forEach(t => parts.push(['buttons', box(t)]));
     gd.querySelectorAll('.annotation').forEach(t => parts.push(['annotation "' + t.textContent.slice(0, 25) + '"', box(t)]));
-    gd.querySelectorAll('.g-xtitle, .g-ytitle').forEach(t => t.textContent && parts.push(['axis title "' + t.textContent.slice(0, 25) + '"', box(t)]));
+    gd.querySelectorAll('g[class*="title"]').forEach(t => /^g-[xy]\\d*title$/.test(t.getAttribute('class')) &&
+      t.textContent && parts.push(['axis title "' + t.textContent.slice(0, 25) + '"', box(t)]));
     for (const [what, r] of parts)
       if (['title', 'legend', 'slider', 'buttons'].includes(what) && !inside(r)) problems.push(what + ' cut off');
     for (let i = 0; i < parts.length; i++)
@@ -510,7 +511,7 @@ def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, 
     """Every figure of 03 and 05-07: its title, legend, slider and buttons inside the figure, no two
     of them (nor subplot titles, annotations, axis titles) drawn over each other, log axes with
     more than one tick label, the data set not repeated in legends; the page shows no setup cell,
-    no raw warning and no test scaffolding. Screenshots of each page's first figures go to
+    no raw warning and no test scaffolding. Screenshots of every figure go to
     test-artifacts/."""
     from browser_helpers import shot
 
@@ -533,7 +534,7 @@ def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, 
                 if f["problems"]:
                     failures.setdefault(name, []).append(f"{f['name']!r} ({f['width']} px): {f['problems']}")
             boxes = page.locator(".bnviz-plotly")
-            for k in range(min(boxes.count(), 3)):
+            for k in range(boxes.count()):
                 boxes.nth(k).scroll_into_view_if_needed()
                 boxes.nth(k).screenshot(path=str(_artifact(f"site-{name[:2]}-{width}-fig{k}.png")))
             if name == "03_lab.html":
