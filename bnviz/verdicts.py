@@ -573,14 +573,16 @@ class Verdict:
         return any(c.kind is kind for n in ([name] if name else self.names) for c in self.causes.get(n, ()))
 
     # the sentences, made from the fields above
-    def headline(self) -> str:
-        """'better (Δ +0.012, 95% CI +0.004 to +0.020)', without the CAUTION."""
+    def headline(self, short: bool = False) -> str:
+        """'better (Δ +0.012, 95% CI +0.004 to +0.020)', without the CAUTION, with the Holm status
+        when recorded ('[holds after Holm (adjusted p ..., 12 tests)]'; ``short``: '[nominal]',
+        '[holds after Holm]', for a table cell)."""
         if self.test is None:
             who = self.names[1] if self.other.n == 0 else self.names[0]
             return f"no comparison: every run of {who} diverged"
         if all(self.has(CauseKind.NEVER_LEFT_CHANCE, n) for n in self.names):
             return "no comparison: both never left chance"
-        status = self.holm_status()
+        status = self.holm_status(words=not short) if not short else self.holm_status(words=False)
         return str(replace(self.test, ledger=None)) + (f" [{status}]" if status else "")
 
     def caution(self) -> str:

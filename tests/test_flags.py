@@ -223,3 +223,13 @@ def test_log_axes_get_more_than_one_full_label():
     f = go.Figure()
     _log_y_ticks(f, [1.01, 1.05])  # under a decade, no 1-2-5 value inside: four distinct labels
     assert len(set(f.layout.yaxis.ticktext)) == 4
+
+
+def test_a_table_cell_gets_the_short_status():
+    ch = Chapter("x", (0, 1, 2))
+    strong = ch.record("strong", _v([0.80, 0.82, 0.84], [0.90, 0.93, 0.95]))
+    weak = ch.record("weak", _v([0.80, 0.82, 0.84], [0.82, 0.86, 0.87]))
+    ch.record("noise", _v([0.80, 0.82, 0.84], [0.81, 0.80, 0.86]))  # a third test: Holm no longer keeps 'weak'
+    assert strong.headline(short=True).endswith("[holds after Holm]") and weak.headline(short=True).endswith("[nominal]")
+    assert len(weak.headline(short=True)) < 100  # fits a table cell (pandas max_colwidth 100)
+    assert "Holm-adjusted" in weak.headline()
