@@ -97,7 +97,7 @@ class Comparison:
                 c = self.contrast(ref, v, statistics)
                 row.update({"Δ": c.delta, "threshold": c.half_width, "CI low": c.ci[0], "CI high": c.ci[1],
                             "p": c.p, "verdict": c.headline()})
-            row["caution"] = describe(s.causes)
+            row["caution"] = describe(s.causes, notes=False)  # notes (nearly converged) are not CAUTIONs
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -210,7 +210,7 @@ def summarize(result: GridResult, by: Sequence[str]):
         rows.append({**dict(zip(by, key)), "n": s.n, "mean": s.mean, "std": s.std, "min": s.min,
                      "max": s.max, "acc_ema": ema.mean, "diverged": s.failed,
                      "status": "diverged" if s.failed else "finished",
-                     "caution": describe(cell_causes(runs, train_size=result.train_size))})
+                     "caution": describe(cell_causes(runs, train_size=result.train_size), notes=False)})
     return pd.DataFrame(rows)
 
 

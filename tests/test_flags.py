@@ -233,3 +233,13 @@ def test_a_table_cell_gets_the_short_status():
     assert strong.headline(short=True).endswith("[holds after Holm]") and weak.headline(short=True).endswith("[nominal]")
     assert len(weak.headline(short=True)) < 100  # fits a table cell (pandas max_colwidth 100)
     assert "Holm-adjusted" in weak.headline()
+
+
+def test_a_note_is_not_listed_as_a_caution():
+    runs = _cell(BN_CURVE, (0.90, 0.91, 0.93))
+    for r in runs:
+        r.tags = {"model": "BN", "lr": 1.0, "seed": r.tags["seed"]}
+    grid = ex.GridResult(runs, "SYNTHETIC")
+    assert ex.summarize(grid, ("model", "lr"))["caution"].tolist() == [""]
+    text = ex.caution(grid)
+    assert text.startswith("note: BN, lr 1: nearly converged") and "CAUTION" not in text
