@@ -165,11 +165,14 @@ class Cell:
 
     @property
     def arm(self) -> str:
-        """What this cell trained: its runs' configs without their labels (two cells with the same
-        arm are the same runs, trained twice)."""
+        """What this cell trained: its runs' configs without their labels, and each run's final
+        loss to 4 significant digits (a model given as a function is not in the config: two such
+        cells with one config differ by their losses, also when both sit at chance with equal
+        accuracies). Two cells with the same arm are the same runs, trained twice."""
         import hashlib
 
-        text = repr([r.history.config.to_dict() | {"label": None} for r in self.runs])
+        loss = lambda r: None if r.loss is None or r.loss != r.loss else float(f"{r.loss:.4g}")  # noqa: E731
+        text = repr([(r.history.config.to_dict() | {"label": None}, loss(r)) for r in self.runs])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def stats(self, statistics: str = "precise") -> SeedStats:

@@ -203,6 +203,12 @@ def test_the_same_arms_are_one_test_and_equal_numbers_are_not():
     # the no-BN arm trained again (another label, the same config): the same test
     ch.record("no BN vs base", cell("no BN", 0.5, (0.109, 0.109, 0.109)).vs(base))
     assert ch.aliases == {"no BN vs base": "LayerNorm vs base"}
+    # models given as functions share one config: their losses tell them apart (06's deep MLPs)
+    other = cell("residual", 0.5, (0.109, 0.109, 0.109))
+    for r in other.runs:
+        r.history.snapshots[-1].loss = 2.3456
+    ch.record("residual vs base", other.vs(base))
+    assert "residual vs base" in ch.pvalues
 
 
 def test_a_diverged_run_is_not_under_one_epoch():
