@@ -249,3 +249,11 @@ def test_a_note_is_not_listed_as_a_caution():
     assert ex.summarize(grid, ("model", "lr"))["caution"].tolist() == [""]
     text = ex.caution(grid)
     assert text.startswith("note: BN, lr 1: nearly converged") and "CAUTION" not in text
+    # and in a comparison's table
+    runs = []
+    for v in ("BN", "BN again"):
+        for r in _cell(BN_CURVE, (0.90, 0.91, 0.93)):
+            r.tags = {"variant": v, "seed": r.tags["seed"]}
+            runs.append(r)
+    cmp = ex.Comparison("BN", ["BN", "BN again"], (0, 1, 2), ex.GridResult(runs, "SYNTHETIC"))
+    assert cmp.table()["caution"].tolist() == ["", ""]
