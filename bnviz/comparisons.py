@@ -54,7 +54,7 @@ class Comparison:
         runs = [r for r in self.runs if r.tags.get("variant") == variant]
         order = {s: i for i, s in enumerate(self.seeds)}
         runs = sorted(runs, key=lambda r: order.get(r.tags.get("seed"), len(order)))
-        return Cell((("variant", variant),), runs, self.full_size.get(variant))
+        return Cell((("variant", variant),), runs, self.full_size.get(variant), train_size=self.runs.train_size)
 
     def runs_of(self, variant: str) -> list[Run]:
         """The variant's runs, in the order of ``seeds``."""
@@ -97,7 +97,7 @@ class Comparison:
                 c = self.contrast(ref, v, statistics)
                 row.update({"Δ": c.delta, "threshold": c.half_width, "CI low": c.ci[0], "CI high": c.ci[1],
                             "p": c.p, "verdict": c.headline()})
-            row["caution"] = describe(s.causes)
+            row["caution"] = describe(s.causes, notes=False)  # notes (nearly converged) are not CAUTIONs
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -138,7 +138,8 @@ def compare(base: Config, variants: dict[str, dict], seeds=None, data: Dataset |
     if not new and include is None:
         raise ValueError("variants is empty: give at least one label -> changes")
     runs = run_grid(base, new, seeds, data=data, progress=progress, models=models,
-                    precise_bn=precise_bn) if new else GridResult(dataset_label=include.dataset_label)
+                    precise_bn=precise_bn) if new else GridResult(dataset_label=include.dataset_label,
+                                                                  train_size=include.runs.train_size)
     cmp = Comparison(reference or next(iter(variants)), list(new), seeds, runs, full_size=dict(full_size or {}))
     if include is not None:
         cmp = _merge(include, cmp, variants, reference)
@@ -152,7 +153,7 @@ def _merge(include: Comparison, new: Comparison, variants: dict, reference: str 
     order = [v for v in variants] + [v for v in include.variants if v not in variants]
     runs = GridResult([r for v in order for r in (include.runs_of(v) if v in include.variants
                                                    else new.runs_of(v))],
-                      include.dataset_label or new.dataset_label)
+                      include.dataset_label or new.dataset_label, include.runs.train_size or new.runs.train_size)
     return Comparison(reference or next(iter(variants)), order, new.seeds, runs,
                       full_size={**include.full_size, **new.full_size})
 
@@ -170,11 +171,17 @@ def caution(result: "GridResult | Comparison", limit: float = CHANCE_LIMIT, full
     no cell has one. ``full_size``: ``{cell name: full-size accuracy}`` (a Comparison uses its own)."""
     if isinstance(result, Comparison):
         full_size = {**result.full_size, **(full_size or {})}
-    lines = []
+    lines, notes = [], []
     for c in _cells(result):
-        causes = cell_causes(c.runs, (full_size or {}).get(c.name), limit)
-        if causes:
-            lines.append(f"CAUTION: {c.name}: {describe(causes)}")
+        causes = cell_causes(c.runs, (full_size or {}).get(c.name), limit, train_size=c.train_size,
+                             saturation=c.saturation)
+        if any(x.caution for x in causes):
+            lines.append(f"CAUTION: {c.name}: {describe(causes, notes=False)}")
+        notes += [f"note: {c.name}: {x}" for x in causes if not x.caution]
+    cautioned = bool(lines)
+    lines += notes
+    if not cautioned:
+        return "\n".join(lines)
     if not lines:
         return ""
     runs = result.runs if isinstance(result, Comparison) else result
@@ -202,7 +209,8 @@ def summarize(result: GridResult, by: Sequence[str]):
         ema = seed_stats(r.acc_ema for r in runs)
         rows.append({**dict(zip(by, key)), "n": s.n, "mean": s.mean, "std": s.std, "min": s.min,
                      "max": s.max, "acc_ema": ema.mean, "diverged": s.failed,
-                     "status": "diverged" if s.failed else "finished", "caution": describe(cell_causes(runs))})
+                     "status": "diverged" if s.failed else "finished",
+                     "caution": describe(cell_causes(runs, train_size=result.train_size), notes=False)})
     return pd.DataFrame(rows)
 
 

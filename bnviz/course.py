@@ -136,19 +136,73 @@ def default_seeds(cuda: bool | None = None) -> tuple[int, ...]:
 
 class Chapter:
     """One chapter's setup: the header every chapter prints (:func:`chapter`) and the chapter's
-    p-value ledger, the family Holm's correction runs over. ``record(name, v)`` keeps the p-value of
-    a verdict (anything with ``.p``: a :class:`~bnviz.verdicts.Verdict` or
-    :class:`~bnviz.verdicts.Paired`) and returns it; a name recorded twice is one test, kept once.
-    ``holm()`` gives the adjusted p-values, ``kept()`` the names that hold after Holm, ``report()``
-    prints the count of comparisons and those names."""
+    p-value ledger, the family Holm's correction runs over.
+
+    ``record(name, v)`` keeps the p-value of a verdict (a :class:`~bnviz.verdicts.Verdict` or
+    :class:`~bnviz.verdicts.Paired`) and returns it bound to the ledger, so that it says whether
+    it holds after Holm or is nominal (:meth:`~bnviz.verdicts.Verdict.holm_status`). No test is
+    counted twice: a name recorded again with the same test is kept once; a name recorded again
+    with a different test is refused (ValueError); the same test (same arms, same per-seed
+    values) under a second name is an alias of the first, not a second member of the family.
+    ``holm()`` gives the adjusted p-values, ``kept()`` the names that hold after Holm,
+    ``report()`` prints the count of comparisons and those names, and closes the family (statuses
+    printed before it say "so far"). ``verdicts`` keeps each recorded verdict, by name."""
 
     def __init__(self, name: str, seeds: tuple[int, ...]):
         self.name, self.seeds = name, tuple(seeds)
         self.pvalues: dict[str, float] = {}
+        self.verdicts: dict = {}
+        self.aliases: dict[str, str] = {}
+        self._signatures: dict[tuple, str] = {}
+        self.closed = False
+
+    @staticmethod
+    def _signature(v) -> tuple:
+        """What makes two recorded tests the same test: the same two arms (what was trained, in
+        either order) for a Verdict of cells; else the arms' per-seed values; the numbers for a
+        Paired."""
+        ref, other = getattr(v, "reference", None), getattr(v, "other", None)
+        if ref is not None and other is not None and ref.arm and other.arm:
+            return ("arms", tuple(sorted([ref.arm, other.arm])))
+        if ref is not None and other is not None and ref.raw is not None and other.raw is not None:
+            if not any(x is not None for x in ref.raw) or not any(x is not None for x in other.raw):
+                return ("untested", id(v))  # nothing to compare: never the same test as another
+            arms = sorted([tuple(ref.raw), tuple(other.raw)], key=repr)
+            return ("verdict", tuple(arms))
+        return ("paired", round(float(v.delta), 12), round(float(v.p), 12), int(getattr(v, "n", 0) or 0))
 
     def record(self, name: str, v):
+        """Keep ``v``'s p-value under ``name`` in this chapter's family and return ``v`` bound to
+        the ledger (see the class docstring for duplicates)."""
+        from dataclasses import replace
+
+        sig = self._signature(v)
+        if name in self.pvalues or name in self.aliases:
+            first = self.aliases.get(name, name)
+            if self._signatures.get(sig) != first:
+                raise ValueError(f"{name!r} is already in {self.name}'s ledger with another test; a test is "
+                                 "recorded once: give this one its own name")
+            return replace(v, ledger=(self, first))
+        if sig in self._signatures:  # the same test under another name: one member of the family
+            first = self._signatures[sig]
+            self.aliases[name] = first
+            return replace(v, ledger=(self, first))
+        if self.closed:
+            raise ValueError(f"{self.name}'s family was closed by report(); record every test before it")
         self.pvalues[name] = float(v.p)
-        return v
+        self._signatures[sig] = name
+        bound = replace(v, ledger=(self, name))
+        self.verdicts[name] = bound
+        return bound
+
+    def bind(self, v):
+        """``v`` bound to its entry when the same test is in the ledger (under any name), so it
+        reads 'holds after Holm' or 'nominal'; else ``v`` unchanged (a decided verdict outside
+        the family then reads as nominal). Never adds a test."""
+        from dataclasses import replace
+
+        name = self._signatures.get(self._signature(v))
+        return replace(v, ledger=(self, name)) if name is not None else v
 
     def holm(self) -> dict[str, float]:
         from .verdicts import holm
@@ -158,12 +212,24 @@ class Chapter:
     def kept(self, alpha: float = 0.05) -> list[str]:
         return [k for k, p in self.holm().items() if p < alpha]
 
+    def status(self, name: str) -> str:
+        """'holds after Holm' or 'nominal' for a decided test, '' for one within noise."""
+        v = self.verdicts[self.aliases.get(name, name)]
+        return v.holm_status(words=False) if hasattr(v, "names") else (
+            "" if not v.significant else ("holds after Holm" if self.holm()[self.aliases.get(name, name)] < v.alpha
+                                          else "nominal"))
+
     def report(self, what: str = "this chapter") -> None:
+        """Print the count of comparisons, how many Holm keeps and which; close the family."""
         from .verdicts import multiplicity_note
 
+        self.closed = True
         print(multiplicity_note(list(self.pvalues.values()), what=what))
         kept = self.kept()
         print("verdicts that hold after Holm's correction: " + ("; ".join(kept) if kept else "none"))
+        if self.aliases:
+            print("counted once (the same test under two names): "
+                  + "; ".join(f"{a} = {b}" for a, b in self.aliases.items()))
 
 
 def chapter(name: str) -> Chapter:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from .comparisons import Comparison, answer_table, caution, compare, ema_vs_precise, status_table, summarize
 from .probes import (Rescale, batch_stat_noise, bias_check, border_ink, deep_mlp, dropout_variance_shift,
-                     grad_norms_at_init, layer_health, loss_landscape_probe, scale_invariance_check,
-                     weight_norm_growth, weight_norms)
+                     grad_norms_at_init, layer_health, loss_landscape_probe, saturation_by_layer,
+                     scale_invariance_check, weight_norm_growth, weight_norms)
 from .runs import (ACCURACY, Cell, GridResult, Run, apply_changes, default_seeds, health_during_training,
                    landscape_during_training, run_accuracy, run_grid, run_with_probe)
 from .sweeps import MaxLR, batch_size_grid, fixed_steps, lr_sweep, max_lr, sweep_summary, tune_lr
-from .verdicts import (Cause, CauseKind, Outcome, SeedStats, Verdict, cell_causes, describe, fmt_stats, holm,
+from .verdicts import (Cause, CauseKind, Outcome, SeedStats, Verdict, cell_causes, describe, epochs_seen,
+                       layer_saturation,
+                       fmt_stats, holm,
                        multiplicity_note, paired, pooled_std, seed_stats, verdict)
 
 __all__ = [
@@ -34,5 +36,5 @@ __all__ = [
     "describe", "cell_causes", "pooled_std", "holm", "multiplicity_note",
     "Rescale", "deep_mlp", "batch_stat_noise", "bias_check", "border_ink", "dropout_variance_shift",
     "grad_norms_at_init", "layer_health", "loss_landscape_probe", "scale_invariance_check", "weight_norms",
-    "weight_norm_growth",
+    "weight_norm_growth", "saturation_by_layer", "epochs_seen", "layer_saturation",
 ]

@@ -15,7 +15,7 @@ from .sweeps import MaxLR, sweep_summary
 from .history import History
 
 __all__ = ["READABLE", "readable", "curves_figure", "bar_figure", "comparison_figure", "lr_sweep_figure",
-           "line_figure", "landscape_figure", "saturation_figure", "ratio_figure"]
+           "line_figure", "landscape_figure", "saturation_figure", "ratio_figure", "forest_figure", "short_label"]
 
 _FAILED = ("diverged", "error")
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
@@ -78,8 +78,57 @@ def _dataset_label(hists) -> str:
     return " / ".join(labels) or "data set unknown"
 
 
+TITLE_WIDTH = 38  # characters per title line: what a 358-px figure (a 390-px phone) shows at 16 px
+
+
 def _title(text: str, dataset_label: str) -> dict:
-    return {"text": f"{text}<br><sup>data: {dataset_label}</sup>"}
+    """The title, wrapped to :data:`TITLE_WIDTH` characters a line, and the data set once, on its
+    own small line (the only place a figure names it: legends do not repeat it)."""
+    text = text if "<br>" in text else short_label(text, TITLE_WIDTH)
+    return {"text": f"{text}<br><sup>data: {dataset_label}</sup>", "x": 0.01, "xanchor": "left",
+            "y": 0.985, "yref": "container", "yanchor": "top", "pad": {"t": 10}, "font": {"size": 16}}
+
+
+def _legible(fig, legend_title: str | None = None, legend: bool = True):
+    """What every figure here does for a 688-px column and a 390-px phone: the legend below the
+    plot (horizontal, titled without the data set), the top margin fitted to the title's lines,
+    axis titles kept clear of the tick labels."""
+    title = fig.layout.title.text or ""
+    lines = title.count("<br>") + 1
+    above = any(a.yref == "paper" and (a.y or 0) >= 0.99 for a in fig.layout.annotations)  # subplot titles
+    bottom = 60
+    if legend:
+        n = sum(1 for t in fig.data if t.showlegend is not False and t.name)
+        bottom = 90 + 18 * min(max(n - 1, 0), 8)
+        fig.update_layout(legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yref": "container",
+                                  "yanchor": "bottom", "font": {"size": 11},
+                                  "title": {"text": legend_title or "", "side": "top left"}})
+    top = 20 + 21 * lines + (28 if above else 0)
+    fig.update_layout(margin={"t": top, "b": bottom, "l": 10, "r": 10, "autoexpand": True},
+                      height=fig.layout.height or max(480, top + bottom + 280))
+    fig.update_xaxes(automargin=True, title_standoff=6)
+    fig.update_yaxes(automargin=True, title_standoff=6)
+    return fig
+
+
+def _log_y_ticks(fig, values, **where) -> None:
+    """A log y axis with more than one labelled tick, each labelled in full (plotly's own 1-2-5
+    labels read '5' for 0.5): 1-2-5 values over up to 2.5 decades, four values under a decade
+    where fewer than two 1-2-5 values fall, powers of 10 beyond."""
+    vals = [float(v) for v in values if v is not None and v == v and v > 0]
+    if not vals:
+        return
+    lo, hi = math.log10(min(vals)), math.log10(max(vals))
+    if hi - lo > 2.5:
+        fig.update_yaxes(dtick=1, **where)
+        return
+    ticks = [m * 10.0 ** k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)
+             if lo - 0.02 <= math.log10(m) + k <= hi + 0.02]
+    if len(ticks) < 2:
+        span = max(hi - lo, 0.02)
+        ticks = [10 ** (lo - 0.05 * span + k * 1.1 * span / 3) for k in range(4)]
+    digits = next(d for d in range(2, 8) if len({f"{t:.{d}g}" for t in ticks}) == len(ticks) or d == 7)
+    fig.update_yaxes(tickvals=ticks, ticktext=[f"{t:.{digits}g}" for t in ticks], **where)
 
 
 _METRICS = {"test_acc": "test accuracy", "train_acc": "training accuracy", "loss": "training loss",
@@ -107,10 +156,10 @@ def curves_figure(results, metric: str = "test_acc", x: str = "epoch", title: st
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=name))
     ds = _dataset_label([h for _, h in runs])
     fig.update_layout(title=_title(title or f"{_METRICS[metric]} per {x}", ds), xaxis_title=readable(x),
-                      yaxis_title=_METRICS[metric], legend_title_text=ds, template="plotly_white")
+                      yaxis_title=_wrap(_METRICS[metric], 30), template="plotly_white")
     if metric != "loss":
         fig.update_yaxes(range=_ACC_RANGE)
-    return fig
+    return _legible(fig)
 
 
 def bar_figure(results, metrics=("train_acc", "test_acc"), title: str | None = None):
@@ -131,10 +180,10 @@ def bar_figure(results, metrics=("train_acc", "test_acc"), title: str | None = N
     ds = _dataset_label([h for _, h in runs])
     low = -0.2 if "gap" in metrics else 0
     fig.update_layout(title=_title(title or "final " + " and ".join(_METRICS[m] for m in metrics), ds),
-                      barmode="group", legend_title_text=ds, template="plotly_white",
+                      barmode="group", template="plotly_white",
                       yaxis_title="accuracy" if "gap" not in metrics else "accuracy / gap")
     fig.update_yaxes(range=[low, 1.05])
-    return fig
+    return _legible(fig)
 
 
 def comparison_figure(cmp: Comparison, title: str | None = None, chance: float = 0.1, verdicts: bool = True,
@@ -179,12 +228,11 @@ def comparison_figure(cmp: Comparison, title: str | None = None, chance: float =
                   annotation_position="bottom right")
     fig.update_layout(title=_title(title or "accuracy over seeds (bar: mean ± std; dots: seeds; ⚠: see CAUTION)",
                                    cmp.dataset_label),
-                      yaxis_title=_wrap(READABLE["acc"]), legend_title_text=cmp.dataset_label,
-                      template="plotly_white", bargap=0.4)
+                      yaxis_title="test accuracy (PreciseBN,<br>last 3 epochs)", template="plotly_white", bargap=0.4)
     ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     fig.update_yaxes(range=[-0.15 if dead else 0, 1], tickvals=([-0.08] if dead else []) + ticks,
                      ticktext=(["diverged"] if dead else []) + [f"{t:g}" for t in ticks], automargin=True)
-    return fig
+    return _legible(fig)
 
 
 def lr_sweep_figure(result: GridResult, maxima: dict[str, MaxLR] | None = None, title: str | None = None,
@@ -222,14 +270,13 @@ def lr_sweep_figure(result: GridResult, maxima: dict[str, MaxLR] | None = None, 
     fig.update_layout(title=_title(title or "accuracy against learning rate (mean ± std over seeds)",
                                    result.dataset_label),
                       xaxis_type="log", xaxis_title="learning rate (log scale)",
-                      yaxis_title=_wrap(READABLE["acc"]), legend_title_text=result.dataset_label,
-                      template="plotly_white")
+                      yaxis_title="test accuracy (PreciseBN,<br>last 3 epochs)", template="plotly_white")
     _log_ticks(fig, "x", table["lr"])
     ticks = [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     fig.update_yaxes(range=[-0.25 if any_bad else 0, 1], automargin=True,
                      tickvals=([row_y] if any_bad else []) + ticks,  # the ✕ row is named by its tick
                      ticktext=(["diverged ✕"] if any_bad else []) + [f"{t:g}" for t in ticks])
-    return fig
+    return _legible(fig)
 
 
 def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", dataset_label: str = "",
@@ -251,18 +298,17 @@ def line_figure(df, x: str, y: str, color: str | None = None, title: str = "", d
     fig = px.line(df, x=x, y=y, color=color, markers=True, log_x=log_x, log_y=log_y, labels=labels,
                   error_y=error_y)
     fig.update_layout(title=_title(title, dataset_label),
-                      legend_title_text=f"{labels.get(color, '') if color else ''} ({dataset_label})",
-                      xaxis_title=_wrap(labels[x] + (" (log scale)" if log_x else ""), 70),
-                      yaxis_title=_wrap(labels[y] + (" (log scale)" if log_y else "")), template="plotly_white")
+                      xaxis_title=_wrap(labels[x] + (" (log scale)" if log_x else ""), 40),
+                      yaxis_title=_wrap(labels[y] + (" (log scale)" if log_y else ""), 30), template="plotly_white")
     fig.update_yaxes(automargin=True)
     if log_x:
         _log_ticks(fig, "x", df[x])
     if log_y:
-        fig.update_yaxes(dtick=1)
+        _log_y_ticks(fig, df[y])
     if chance is not None:
         fig.add_hline(y=chance, line_dash="dot", line_color="gray", annotation_text="chance",
                       annotation_position="bottom right")
-    return fig
+    return _legible(fig, labels.get(color, "") if color else None)  # a legend below even before traces are added
 
 
 def landscape_figure(df, dataset_label: str):
@@ -273,20 +319,25 @@ def landscape_figure(df, dataset_label: str):
 
     if not dataset_label:
         raise ValueError("dataset_label is required: every chart names its data set")
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss range along the gradient (Lipschitzness)",
-                                                        "gradient change / step (β-smoothness)"))
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14,
+                        subplot_titles=("loss range along the gradient (Lipschitzness)",
+                                        "gradient change per step (β-smoothness)"))
     for i, (model, rows) in enumerate(df.groupby("model", sort=False)):
         c = COLORS[i % len(COLORS)]
         fig.add_trace(go.Scatter(x=rows["step"], y=rows["loss_range"], name=model, line={"color": c}), 1, 1)
         fig.add_trace(go.Scatter(x=rows["step"], y=rows["beta"], name=model, line={"color": c},
-                                 showlegend=False), 1, 2)
+                                 showlegend=False), 2, 1)
     fig.update_yaxes(type="log")
-    fig.update_yaxes(title_text="max − min of the loss (log scale)", row=1, col=1)
-    fig.update_yaxes(title_text="‖Δ∇L‖ / ‖η∇L‖ (log scale)", row=1, col=2)
-    fig.update_xaxes(title_text="training step")
+    _log_y_ticks(fig, df["loss_range"], row=1, col=1)
+    _log_y_ticks(fig, df["beta"], row=2, col=1)
+    fig.update_yaxes(title_text="max − min of the loss<br>(log scale)", row=1, col=1)
+    fig.update_yaxes(title_text="‖Δ∇L‖ / ‖η∇L‖<br>(log scale)", row=2, col=1)
+    fig.update_xaxes(title_text="training step", row=2, col=1)
     fig.update_layout(title=_title("Loss landscape along the gradient, with and without BN", dataset_label),
-                      legend_title_text=dataset_label, template="plotly_white")
-    return fig
+                      template="plotly_white", height=620)
+    for ann in fig.layout.annotations:
+        ann.font.size = 12
+    return _legible(fig)
 
 
 def saturation_figure(df, dataset_label: str, steps: tuple[str, str] = ("start", "end")):
@@ -305,9 +356,9 @@ def saturation_figure(df, dataset_label: str, steps: tuple[str, str] = ("start",
     for m in models:
         for lay in layers:
             d = df[(df.model == m) & (df.layer == lay)]
-            titles.append(f"{m}: {lay}<br>saturated {d.iloc[0]['saturated']:.0%} → {d.iloc[-1]['saturated']:.0%}")
+            titles.append(f"{lay}<br>{d.iloc[0]['saturated']:.0%}→{d.iloc[-1]['saturated']:.0%}")
     fig = make_subplots(rows=len(models), cols=len(layers), subplot_titles=titles, shared_yaxes=True,
-                        vertical_spacing=0.2)
+                        vertical_spacing=0.3 if len(models) > 1 else 0.1, horizontal_spacing=0.04)
     for r, m in enumerate(models, 1):
         for c, lay in enumerate(layers, 1):
             d = df[(df.model == m) & (df.layer == lay)]
@@ -316,14 +367,16 @@ def saturation_figure(df, dataset_label: str, steps: tuple[str, str] = ("start",
                 mids = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
                 fig.add_trace(go.Bar(x=mids, y=row["hist"], name=which, marker_color=color, opacity=0.6,
                                      showlegend=(r == 1 and c == 1)), r, c)
-    fig.update_layout(barmode="overlay", template="plotly_white", height=300 * len(models) + 120,
-                      title=_title("Sigmoid outputs per layer: at step 0 (grey) and at the end (red)", dataset_label),
-                      legend_title_text=dataset_label)
-    fig.update_xaxes(title_text="sigmoid output", range=[0, 1])
-    fig.update_yaxes(title_text="share of outputs", col=1)
+    fig.update_layout(barmode="overlay", template="plotly_white", height=260 * len(models) + 200,
+                      title=_title("Sigmoid outputs per layer at step 0 (grey) and at the end (red); "
+                                   "panel titles: saturated share start→end", dataset_label))
+    fig.update_xaxes(range=[0, 1], tickvals=[0, 0.5, 1], ticktext=["0", ".5", "1"])
+    fig.update_xaxes(title_text="sigmoid output", row=len(models), col=1)  # once: four would overprint
+    for r, m in enumerate(models, 1):
+        fig.update_yaxes(title_text=f"<b>{m}</b><br>share of outputs", row=r, col=1)
     for ann in fig.layout.annotations:
-        ann.font.size = 10
-    return fig
+        ann.font.size = 11
+    return _legible(fig)
 
 
 def ratio_figure(df, dataset_label: str, y: str = "update_data"):
@@ -348,6 +401,90 @@ def ratio_figure(df, dataset_label: str, y: str = "update_data"):
     fig.update_yaxes(title_text=f"log10 {what}", col=1)
     fig.update_xaxes(title_text="training step")
     fig.update_layout(title=_title(f"{'Update' if y == 'update_data' else 'Gradient'}-to-data ratio per layer "
-                                   "(dotted: 1e-3)", dataset_label),
-                      legend_title_text=f"layer ({dataset_label})", template="plotly_white")
+                                   "(dotted: 1e-3)", dataset_label), template="plotly_white")
+    return _legible(fig, "layer")
+
+
+STATUS_STYLE = {  # status -> (legend name, colour, marker)
+    "holds after Holm": ("holds after Holm", "#08519c", "circle"),
+    "nominal": ("nominal (not kept by Holm)", "#e6550d", "diamond"),
+    "within noise": ("within noise", "#969696", "circle-open"),
+}
+
+
+def short_label(text: str, width: int = 30) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces), for axis labels
+    that must fit a phone's width."""
+    words, lines, line = text.split(), [], ""
+    for w in words:
+        if line and len(line) + 1 + len(w) > width:
+            lines.append(line)
+            line = w
+        else:
+            line = f"{line} {w}" if line else w
+    return "<br>".join(lines + ([line] if line else []))
+
+
+def forest_figure(verdicts, title: str = "Answers: Δ with its 95% interval", dataset_label: str = "",
+                  names: list[str] | None = None):
+    """A forest plot of a chapter's verdicts: one row per test, its Δ (other − reference,
+    accuracy) and 95% interval, coloured by its status: holds after Holm (over the chapter's
+    family), nominal (a 5% result Holm does not keep), within noise. A row whose cells carry a
+    CAUTION is marked ⚠ (the cause is printed where the verdict was made). ``verdicts``: a
+    :class:`~bnviz.course.Chapter` (its recorded verdicts, in order) or ``{name: Verdict}``;
+    ``names``: only these rows. Rows without an interval (not comparable) are listed as such."""
+    import plotly.graph_objects as go
+
+    if hasattr(verdicts, "verdicts"):
+        dataset_label = dataset_label or ""
+        verdicts = verdicts.verdicts
+    items = [(n, v) for n, v in verdicts.items() if names is None or n in names]
+    rows = {key: ([], [], [], [], []) for key in STATUS_STYLE}
+    missing = []
+    labels = []
+    for n, v in items:
+        lo, hi = v.ci
+        caution = bool(getattr(v, "cautioned", False))
+        label = short_label(n + (" ⚠" if caution else ""))
+        labels.append(label)
+        if lo != lo or hi != hi:  # NaN: no interval
+            missing.append(label)
+            continue
+        decided = v.decided if hasattr(v, "decided") else v.significant
+        status = ("holds after Holm" if v.holm_status(words=False) == "holds after Holm" else "nominal") \
+            if hasattr(v, "names") and decided else (
+            ("holds after Holm" if "holds" in v.holm_status() else "nominal") if decided else "within noise")
+        xs, ys, minus, plus, text = rows[status]
+        xs.append(v.delta)
+        ys.append(label)
+        minus.append(v.delta - lo)
+        plus.append(hi - v.delta)
+        text.append(f"{n}<br>Δ {v.delta:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), p {v.p:.2g}")
+    fig = go.Figure()
+    for status, (xs, ys, minus, plus, text) in rows.items():
+        if not xs:
+            continue
+        name, color, symbol = STATUS_STYLE[status]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=name, hovertext=text, hoverinfo="text",
+                                 marker={"color": color, "symbol": symbol, "size": 9},
+                                 error_x={"type": "data", "symmetric": False, "array": plus, "arrayminus": minus,
+                                          "color": color, "thickness": 1.5, "width": 4}))
+    if missing:
+        fig.add_trace(go.Scatter(x=[0] * len(missing), y=missing, mode="markers", name="no comparison",
+                                 marker={"symbol": "x", "color": "#bdbdbd", "size": 8}))
+    fig.add_vline(x=0, line_color="#444", line_width=1)
+    n_rows = len(labels)
+    lines = sum(label.count("<br>") + 1 for label in labels)
+    sub = (f"<br><sup>data: {dataset_label}</sup>" if dataset_label else "") + "<br><sup>⚠: a cell with a CAUTION</sup>"
+    text = short_label(title, TITLE_WIDTH) + sub
+    top = 20 + 21 * (text.count("<br>") + 1)
+    fig.update_layout(title={"text": text, "x": 0.01, "xanchor": "left", "y": 0.985, "yref": "container",
+                             "yanchor": "top", "pad": {"t": 10}}, template="plotly_white",
+                      height=max(300, top + 130 + 16 * lines + 10 * n_rows),
+                      margin={"l": 10, "r": 10, "t": top, "b": 110},
+                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 0, "yref": "container",
+                              "yanchor": "bottom", "font": {"size": 11}},
+                      xaxis={"title": {"text": "Δ accuracy (other − reference)", "standoff": 6}, "zeroline": False},
+                      yaxis={"categoryorder": "array", "categoryarray": labels[::-1], "automargin": True,
+                             "tickfont": {"size": 11}})
     return fig

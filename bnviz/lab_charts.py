@@ -426,7 +426,12 @@ class LabCharts:
 # A saved run played back: plotly frames, a play button and a step slider. Nothing needs a
 # kernel: the figure is plain plotly (a static HTML page, a notebook output, the course site).
 
-REPLAY_HEIGHT = 760
+REPLAY_HEIGHT = 840
+# The replay's bottom band, from the plot area down (px): the row-2 axis titles, the legend (up to
+# three lines on a 390-px phone), the ▶/❚❚ buttons on their own row, then the step slider across the
+# whole width with its "step N" label: nothing shares a row, so nothing overlaps at any width.
+_REPLAY_TOP, _REPLAY_BOTTOM = 95, 250
+_BAND = dict(axis=42, legend=62, buttons=44)
 _REPLAY_TRACES = ("loss", "train acc", "test acc", "γ first", "γ now", "β first", "β now",
                   "running mean", "batch mean", "running var", "batch var")
 _ANIMATED = (0, 1, 2, 4, 6, 7, 8, 9, 10)  # trace indices a frame updates (3, 5: the start, fixed)
@@ -588,10 +593,16 @@ def _replay_controls(snaps: list, frame_ms: int) -> dict:
     steps = [dict(label=str(s.step), method="animate",
                   args=[[f"f{k}"], dict(mode="immediate", frame=dict(duration=0, redraw=True),
                                         transition=dict(duration=0))]) for k, s in enumerate(snaps)]
-    return dict(updatemenus=[dict(type="buttons", direction="left", x=0, y=-0.08, xanchor="left", yanchor="top",
-                                  pad=dict(r=10, t=10), showactive=False, buttons=[play, pause])],
-                sliders=[dict(active=0, steps=steps, x=0.16, len=0.84, y=-0.06, yanchor="top",
-                              currentvalue=dict(prefix="step ", font=dict(size=12)), pad=dict(t=10, b=10))])
+    plot_h = REPLAY_HEIGHT - _REPLAY_TOP - _REPLAY_BOTTOM
+    below = lambda px: -px / plot_h  # noqa: E731  (paper coordinates below the plot area)
+    return dict(updatemenus=[dict(type="buttons", direction="left", x=0, xanchor="left", yanchor="top",
+                                  y=below(_BAND["axis"] + _BAND["legend"]), pad=dict(r=10, t=0),
+                                  showactive=False, buttons=[play, pause])],
+                sliders=[dict(active=0, steps=steps, x=0, len=1, xanchor="left", yanchor="top",
+                              y=below(_BAND["axis"] + _BAND["legend"] + _BAND["buttons"]),
+                              currentvalue=dict(prefix="step ", font=dict(size=13, color="#111827"), xanchor="left"),
+                              font=dict(size=1, color="rgba(0,0,0,0)"),  # no per-step labels: they pile up
+                              ticklen=3, minorticklen=0, pad=dict(t=8, b=4))])
 
 
 def replay(source, run=-1, layer: str | None = None, max_frames: int = 60, frame_ms: int = 250) -> go.Figure:
@@ -624,8 +635,9 @@ def replay(source, run=-1, layer: str | None = None, max_frames: int = 60, frame
         fig.data[i].update(**d)
     fig.update_layout(height=REPLAY_HEIGHT, autosize=True, template="plotly_white", barmode="overlay",
                       title=dict(text=_replay_title(h, snaps[0]), x=0.01, font=dict(size=14)),
-                      margin=dict(l=55, r=20, t=95, b=110), hovermode="closest", bargap=0.15,
-                      legend=dict(orientation="h", x=0, y=-0.2, font=dict(size=11)),
+                      margin=dict(l=55, r=20, t=_REPLAY_TOP, b=_REPLAY_BOTTOM), hovermode="closest", bargap=0.15,
+                      legend=dict(orientation="h", x=0, xanchor="left", yanchor="top", font=dict(size=11),
+                                  y=-_BAND["axis"] / (REPLAY_HEIGHT - _REPLAY_TOP - _REPLAY_BOTTOM)),
                       **_replay_controls(snaps, frame_ms))
     fig.update_annotations(font_size=12)
     return fig

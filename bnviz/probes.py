@@ -38,7 +38,7 @@ from .stats import layer_state
 __all__ = [
     "weight_norms", "weight_norm_growth", "layer_health", "bias_check", "scale_invariance_check",
     "batch_stat_noise", "border_ink", "dropout_variance_shift", "LandscapeProbe", "loss_landscape_probe",
-    "Rescale", "Residual", "deep_mlp", "grad_norms_at_init",
+    "Rescale", "Residual", "deep_mlp", "grad_norms_at_init", "saturation_by_layer",
 ]
 
 
@@ -72,6 +72,30 @@ def _act_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The activation modules after conv/linear layers, by layer name (act_conv1 -> conv1)."""
     return {name[len("act_"):]: m for name, m in model.named_modules()
             if name.startswith("act_") and isinstance(m, (nn.Sigmoid, nn.ReLU, nn.Tanh))}
+
+
+@torch.no_grad()
+def saturation_by_layer(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """{layer: share of its sigmoid outputs below SATURATED or above 1 − SATURATED} when ``model``
+    (eval mode; its mode is restored) sees the float images ``x``: one share per sigmoid layer
+    (``act_conv1`` -> 'conv1'), not one pooled over all of them (where conv1's many outputs
+    outweigh fc1's and fc2's). {} for a model without sigmoids. What
+    :func:`bnviz.verdicts.cell_causes` takes as ``saturation`` (the mean over a cell's seeds)."""
+    acts = {n: m for n, m in _act_modules(model).items() if isinstance(m, nn.Sigmoid)}
+    shares: dict[str, float] = {}
+    handles = [m.register_forward_hook(
+        lambda mod, inp, out, n=n: shares.__setitem__(n, float(((out < SATURATED) | (out > 1 - SATURATED))
+                                                                 .float().mean())))
+        for n, m in acts.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: shares[n] for n in acts if n in shares}
 
 
 def layer_health(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, bins: int = 20) -> list[dict]:

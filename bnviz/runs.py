@@ -144,6 +144,8 @@ class Cell:
     key: tuple
     runs: list[Run]
     full_size: float | None = None
+    train_size: int | None = None  # the experiment's training-set size (for 'under one epoch')
+    saturation: dict | None = None  # {layer: saturated share}, when measured per layer by a probe
 
     @property
     def name(self) -> str:
@@ -155,15 +157,28 @@ class Cell:
 
     @property
     def causes(self) -> list:
-        return cell_causes(self.runs, self.full_size)
+        return cell_causes(self.runs, self.full_size, train_size=self.train_size, saturation=self.saturation)
 
     def values(self, statistics: str = "precise") -> list[float | None]:
         """The accuracy of each run in seed order (None for a run that diverged)."""
         return [run_accuracy(r.history, statistics=statistics) for r in self.runs]
 
+    @property
+    def arm(self) -> str:
+        """What this cell trained: its runs' configs without their labels, and each run's final
+        loss to 4 significant digits (a model given as a function is not in the config: two such
+        cells with one config differ by their losses, also when both sit at chance with equal
+        accuracies). Two cells with the same arm are the same runs, trained twice."""
+        import hashlib
+
+        loss = lambda r: None if r.loss is None or r.loss != r.loss else float(f"{r.loss:.4g}")  # noqa: E731
+        text = repr([(r.history.config.to_dict() | {"label": None}, loss(r)) for r in self.runs])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def stats(self, statistics: str = "precise") -> SeedStats:
         s = seed_stats(self.values(statistics))
         s.causes = self.causes
+        s.arm = f"{self.arm}:{statistics}"
         return s
 
     @property
@@ -192,6 +207,7 @@ class GridResult:
 
     runs: list[Run] = field(default_factory=list)
     dataset_label: str = ""
+    train_size: int | None = None  # the training set the grid drew from (a run may use a slice of it)
 
     def table(self):
         import pandas as pd
@@ -207,7 +223,7 @@ class GridResult:
         out: OrderedDict = OrderedDict()
         for r in self.runs:
             out.setdefault(cell_key(r.tags), []).append(r)
-        return [Cell(k, _by_seed(v)) for k, v in out.items()]
+        return [Cell(k, _by_seed(v), train_size=self.train_size) for k, v in out.items()]
 
     def cell(self, **tags) -> Cell:
         """The cell whose runs have these tags, e.g. ``cell(model='LeNet-BN', lr=1.0)``."""
@@ -218,7 +234,7 @@ class GridResult:
         if len(keys) > 1:
             raise ValueError(f"the tags {tags} match {len(keys)} cells ({[cell_name(k) for k in keys]}); "
                              "name more tags")
-        return Cell(keys[0], _by_seed(runs))
+        return Cell(keys[0], _by_seed(runs), train_size=self.train_size)
 
     def __getitem__(self, label: str) -> Run:
         for r in self.runs:
@@ -233,7 +249,8 @@ class GridResult:
         return len(self.runs)
 
     def __add__(self, other: "GridResult") -> "GridResult":
-        return GridResult(self.runs + other.runs, self.dataset_label or other.dataset_label)
+        return GridResult(self.runs + other.runs, self.dataset_label or other.dataset_label,
+                          self.train_size or other.train_size)
 
 
 def apply_changes(base: Config, changes: dict) -> Config:
@@ -354,7 +371,7 @@ def run_grid(base: Config, variants: dict[str, dict], seeds=None, *, data: Datas
         model = model() if callable(model) and not isinstance(model, nn.Module) else model
         hists[label] = _fit(configs[i], _data_for(configs[i], data), model=model,
                             callbacks=(PreciseBNEval(precise_bn),) if precise_bn else ())
-    result = GridResult(dataset_label=data.label)
+    result = GridResult(dataset_label=data.label, train_size=len(data.train_x))
     for label in labels:
         shown = (tags or {}).get(label, {k: _tag(v) for k, v in variants[label].items()})
         result.runs.append(Run(label, dict(shown), hists[label]))

@@ -15,23 +15,32 @@ Conventions:
   then the other arm's std.
 * **Many comparisons** (:func:`holm`, :func:`multiplicity_note`): each verdict is a 5% test; a
   chapter that makes 45 of them expects about 2 false "better/worse" when nothing differs.
-* **Causes** (:func:`cell_causes`): each is measured, never fixed text: never left chance; not
-  converged (still improving, or far below a given full-size accuracy); diverged seeds; saturation.
+* **Causes** (:func:`cell_causes`): each is measured, never fixed text: never left chance; some
+  seeds learned and others did not ("2 of 3 seeds learned"); convergence, graded (far from
+  converged: a CAUTION; nearly converged: a note, not a CAUTION); under one epoch of data seen;
+  diverged seeds; far below a given full-size accuracy; saturation, per layer where measured.
+  :class:`Cause` holds the numbers; ``str(cause)`` (made in :meth:`Cause.__str__` only) the words.
+* **Holm in the readings** (:meth:`Verdict.holm_status`): a verdict recorded in a chapter's
+  ledger (:class:`bnviz.course.Chapter`) says whether it "holds after Holm" over the chapter's
+  family or is "nominal" (a 5% result that Holm's correction does not keep).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable
 
-__all__ = ["ALPHA", "CHANCE_LIMIT", "STILL_IMPROVING", "FAR_BELOW", "SATURATION_LIMIT", "SeedStats",
+__all__ = ["ALPHA", "CHANCE_LIMIT", "STILL_IMPROVING", "FAR_FROM_CONVERGED", "FAR_BELOW", "SATURATION_LIMIT",
+           "SeedStats",
            "fmt_stats", "seed_stats", "pooled_std", "Paired", "paired", "welch", "holm", "multiplicity_note",
-           "CauseKind", "Cause", "describe", "cell_causes", "Outcome", "Verdict", "verdict"]
+           "CauseKind", "NOTE_KINDS", "Cause", "describe", "cell_causes", "epochs_seen", "layer_saturation", "HOLDS",
+           "NOMINAL", "Outcome", "Verdict", "verdict"]
 
 ALPHA = 0.05  # each verdict is a two-sided test at 5%: the 95% t-interval of the paired difference
 CHANCE_LIMIT = 0.15  # a cell whose best seed stays below this (chance is 0.1) never left chance
 STILL_IMPROVING = 0.02  # training accuracy gained over the last quarter of the steps: not converged
+FAR_FROM_CONVERGED = 0.5  # that gain ≥ half the remaining training error (1 − training accuracy): far from it
 FAR_BELOW = 0.05  # this far below its full-size accuracy: not converged
 SATURATION_LIMIT = 0.5  # over half the sigmoid outputs in the flat tails at the end: saturated
 
@@ -50,6 +59,7 @@ class SeedStats:
     failed: int = 0
     raw: list[float | None] | None = None
     causes: list[Cause] = field(default_factory=list)
+    arm: str | None = None  # what was trained (configs without labels) and measured; set by Cell.stats
 
     @property
     def n(self) -> int:
@@ -121,70 +131,103 @@ def pooled_std(*groups: SeedStats) -> float:
 
 
 class CauseKind(Enum):
-    """Why a verdict about a cell needs a CAUTION (each measured, see :class:`Cause`)."""
+    """Why a verdict about a cell needs a CAUTION, or a note (each measured, see :class:`Cause`)."""
 
     NEVER_LEFT_CHANCE = "never left chance"
-    STILL_IMPROVING = "still improving"
-    FAR_BELOW_FULL_SIZE = "far below full size"
+    SOME_SEEDS_LEARNED = "some seeds learned"
+    STILL_IMPROVING = "far from converged"
+    NEARLY_CONVERGED = "nearly converged"
+    UNDER_ONE_EPOCH = "under one epoch"
     DIVERGED = "diverged"
+    FAR_BELOW_FULL_SIZE = "far below full size"
     SATURATION = "saturation"
+
+
+NOTE_KINDS = frozenset({CauseKind.NEARLY_CONVERGED})  # shown as a note, not a CAUTION
 
 
 @dataclass(frozen=True)
 class Cause:
-    """One measured reason for a CAUTION: its ``kind``, the measured ``value`` and what it was held
-    against (``ref``):
+    """One measured reason for a CAUTION (or a note): its ``kind``, the measured ``value`` and
+    what it was held against (``ref``):
 
     * NEVER_LEFT_CHANCE: value = the best seed's accuracy, ref = the limit (:data:`CHANCE_LIMIT`);
-    * STILL_IMPROVING: value = the mean training-accuracy gain over the last quarter, ref = its
-      standard error;
-    * FAR_BELOW_FULL_SIZE: value = the cell's mean accuracy, ref = its full-size accuracy;
+    * SOME_SEEDS_LEARNED: value = the seeds that left chance, ref = the seeds that finished
+      ("2 of 3 seeds learned": a bimodal cell, whose mean and interval describe neither mode);
+    * STILL_IMPROVING (far from converged) and NEARLY_CONVERGED: value = the mean training-accuracy
+      gain over the last quarter of the steps, ref = the training error left (1 − the mean training
+      accuracy over that quarter), ``se`` = the gain's standard error. Far when the gain is at least
+      :data:`FAR_FROM_CONVERGED` of the error left (another quarter at that pace would close half
+      of it), nearly converged below;
+    * UNDER_ONE_EPOCH: value = the epochs of the training set seen (examples ÷ training-set size),
+      ref = 1;
     * DIVERGED: value = the seeds that diverged, ref = the seeds run;
-    * SATURATION: value = the share of sigmoid outputs saturated at the end, ref =
-      :data:`SATURATION_LIMIT`.
+    * FAR_BELOW_FULL_SIZE: value = the cell's mean accuracy, ref = its full-size accuracy;
+    * SATURATION: value = the share of a layer's sigmoid outputs saturated at the end (``layer``
+      names it; None: all sigmoids pooled, when only that was measured), ref = :data:`SATURATION_LIMIT`.
 
     Code decides on ``kind`` and the numbers; ``str(cause)`` is the sentence shown (made here only)."""
 
     kind: CauseKind
     value: float
     ref: float
+    se: float | None = None
+    layer: str | None = None
 
     @property
     def unconverged(self) -> bool:
-        """True for the two 'not converged' kinds (still improving, far below full size)."""
-        return self.kind in (CauseKind.STILL_IMPROVING, CauseKind.FAR_BELOW_FULL_SIZE)
+        """True for the kinds that say the cell is not converged (far from converged, under one
+        epoch, far below full size); a nearly converged cell is not."""
+        return self.kind in (CauseKind.STILL_IMPROVING, CauseKind.FAR_BELOW_FULL_SIZE, CauseKind.UNDER_ONE_EPOCH)
+
+    @property
+    def caution(self) -> bool:
+        """True when this cause makes a CAUTION (all kinds but the notes: nearly converged)."""
+        return self.kind not in NOTE_KINDS
 
     def __str__(self) -> str:
         k, v, r = self.kind, self.value, self.ref
         if k is CauseKind.NEVER_LEFT_CHANCE:
             return f"never left chance (best seed {v:.3f} < {r:g})"
-        if k is CauseKind.STILL_IMPROVING:
-            return (f"not converged: still improving (training accuracy {v:+.3f} ± {r:.3f} over the last quarter "
-                    "of the steps)")
+        if k is CauseKind.SOME_SEEDS_LEARNED:
+            return f"{v:.0f} of {r:.0f} seeds learned (the other{'s' if r - v > 1 else ''} stayed below {CHANCE_LIMIT:g})"
+        if k in (CauseKind.STILL_IMPROVING, CauseKind.NEARLY_CONVERGED):
+            se = f" ± {self.se:.3f}" if self.se is not None else ""
+            what = "far from converged" if k is CauseKind.STILL_IMPROVING else "nearly converged"
+            return (f"{what}: training accuracy {v:+.3f}{se} over the last quarter of the steps, "
+                    f"{v / r if r > 0 else math.inf:.2g}× the training error left ({r:.3f})")
+        if k is CauseKind.UNDER_ONE_EPOCH:
+            return f"under one epoch: saw {v:.2g} of the training set"
         if k is CauseKind.FAR_BELOW_FULL_SIZE:
             return f"not converged: far below its full-size accuracy ({v:.3f} vs {r:.3f})"
         if k is CauseKind.DIVERGED:
             return f"diverged seeds ({v:.0f} of {r:.0f})"
-        return f"saturation ({v:.0%} of sigmoid outputs saturated at the end)"
+        where = f"{self.layer}'s sigmoid outputs" if self.layer else "sigmoid outputs (all layers pooled)"
+        return f"saturation ({v:.0%} of {where} saturated at the end)"
 
 
-def describe(causes: Iterable[Cause]) -> str:
-    """The causes as one text: 'never left chance (...); diverged seeds (1 of 3)' ('' for none)."""
-    return "; ".join(str(c) for c in causes)
+def describe(causes: Iterable[Cause], notes: bool = True) -> str:
+    """The causes as one text: 'never left chance (...); diverged seeds (1 of 3)' ('' for none);
+    ``notes=False`` leaves out the notes (nearly converged)."""
+    return "; ".join(str(c) for c in causes if notes or c.caution)
 
 
 def _value_causes(s: SeedStats, limit: float = CHANCE_LIMIT) -> list[Cause]:
     causes = []
     if s.n and s.max < limit:
         causes.append(Cause(CauseKind.NEVER_LEFT_CHANCE, s.max, limit))
+    elif s.n and s.min < limit:
+        stuck = [v for v in s.values if v < limit]
+        causes.append(Cause(CauseKind.SOME_SEEDS_LEARNED, s.n - len(stuck), s.n))
     if s.failed:
         causes.append(Cause(CauseKind.DIVERGED, s.failed, s.n + s.failed))
     return causes
 
 
-def _gain(history) -> tuple[float, float] | None:
-    """(gain, its standard error): the mean training accuracy of the step snapshots in the last
-    quarter of the steps minus that in the quarter before; None with fewer than 8 snapshots."""
+def _gain(history) -> tuple[float, float, float] | None:
+    """(gain, its standard error, the training accuracy reached): the mean training accuracy of the
+    step snapshots in the last quarter of the steps minus that in the quarter before, and the mean
+    over the last quarter; None with fewer than 8 snapshots."""
     steps = [s for s in history.snapshots if s.kind == "step"]
     if len(steps) < 8:
         return None
@@ -195,34 +238,80 @@ def _gain(history) -> tuple[float, float] | None:
         return None
     mean = lambda v: sum(v) / len(v)  # noqa: E731
     var = lambda v: sum((x - mean(v)) ** 2 for x in v) / (len(v) - 1)  # noqa: E731
-    return mean(last) - mean(before), math.sqrt(var(last) / len(last) + var(before) / len(before))
+    return mean(last) - mean(before), math.sqrt(var(last) / len(last) + var(before) / len(before)), mean(last)
 
 
-def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT) -> list[Cause]:
+def epochs_seen(history, train_size: int | None = None) -> float | None:
+    """Epochs of the training set a run saw: the examples of its last snapshot ÷ ``train_size``
+    (default: the run's ``config.train_size``); None when neither size is known."""
+    n = train_size or getattr(history.config, "train_size", None)
+    if not n or not history.snapshots:
+        return None
+    return history.snapshots[-1].examples / n
+
+
+def layer_saturation(snapshot) -> dict:
+    """{layer: saturated share} from a snapshot's ``saturated`` (a dict per layer, or one pooled
+    float, returned as ``{None: share}``); {} when not measured."""
+    sat = getattr(snapshot, "saturated", None)
+    if sat is None:
+        return {}
+    if isinstance(sat, dict):
+        return {k: float(v) for k, v in sat.items() if v is not None}
+    return {None: float(sat)}
+
+
+def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMIT, train_size: int | None = None,
+                saturation: dict | None = None) -> list[Cause]:
     """The measured reasons a verdict about this cell (runs that differ only by seed) needs a
-    CAUTION, as :class:`Cause` values, in this order: never left chance (the best seed below
-    ``limit``); still improving (the mean gain over the finished seeds is above
-    :data:`STILL_IMPROVING` and above twice its standard error, from the spread of the snapshots:
-    small batches' accuracy is noisy); diverged seeds; far below ``full_size`` (more than
-    :data:`FAR_BELOW`); saturation (mean of the last snapshot's ``saturated`` above
-    :data:`SATURATION_LIMIT`). A cell that never left chance is not also 'not converged'.
-    Empty when none applies."""
+    CAUTION (or a note), as :class:`Cause` values, in this order:
+
+    1. never left chance (the best seed below ``limit``), or some seeds learned and others did
+       not (the worst finished seed below ``limit``, the best above);
+    2. convergence, graded: when the mean gain over the finished seeds is above
+       :data:`STILL_IMPROVING` and above twice its standard error (from the spread of the
+       snapshots: small batches' accuracy is noisy), "far from converged" if that gain is at least
+       :data:`FAR_FROM_CONVERGED` of the training error left, else "nearly converged" (a note);
+    3. under one epoch: the mean over the finished seeds of :func:`epochs_seen` below 1
+       (``train_size``: the training-set size of the experiment; default each run's
+       ``config.train_size``; a diverged run, stopped early, is not counted);
+    4. diverged seeds;
+    5. far below ``full_size`` (more than :data:`FAR_BELOW`);
+    6. saturation, per layer: each layer whose share of saturated sigmoid outputs (mean over the
+       finished seeds' last snapshots, or ``saturation`` = {layer: share} measured by a probe,
+       e.g. :func:`bnviz.probes.saturation_by_layer`) is above :data:`SATURATION_LIMIT`. Where
+       only one pooled share was measured, that share, named as pooled.
+
+    A cell that never left chance is not also 'not converged'. Empty when none applies."""
     runs = list(runs)
     s = SeedStats([r.acc for r in runs if r.acc is not None], sum(r.acc is None for r in runs))
-    causes = _value_causes(s, limit)
+    causes = [c for c in _value_causes(s, limit) if c.kind is not CauseKind.DIVERGED]
     ok = [r for r in runs if r.acc is not None]
     stuck = any(c.kind is CauseKind.NEVER_LEFT_CHANCE for c in causes)
     gains = [g for g in (_gain(r.history) for r in ok) if g is not None]
     if gains and not stuck:
-        g = sum(x for x, _ in gains) / len(gains)
-        se = math.sqrt(sum(e ** 2 for _, e in gains)) / len(gains)
+        g = sum(x for x, _, _ in gains) / len(gains)
+        se = math.sqrt(sum(e ** 2 for _, e, _ in gains)) / len(gains)
+        left = 1 - sum(a for _, _, a in gains) / len(gains)
         if g > STILL_IMPROVING and g > 2 * se:  # a real rise, not the noise of small batches' accuracy
-            causes.insert(len(causes) - bool(s.failed), Cause(CauseKind.STILL_IMPROVING, g, se))
+            far = left <= 0 or g >= FAR_FROM_CONVERGED * left
+            causes.append(Cause(CauseKind.STILL_IMPROVING if far else CauseKind.NEARLY_CONVERGED, g, left, se=se))
+    seen = [e for e in (epochs_seen(r.history, train_size) for r in ok) if e is not None]  # a diverged run stopped early
+    if seen and sum(seen) / len(seen) < 1:
+        causes.append(Cause(CauseKind.UNDER_ONE_EPOCH, sum(seen) / len(seen), 1.0))
+    if s.failed:
+        causes.append(Cause(CauseKind.DIVERGED, s.failed, s.n + s.failed))
     if full_size is not None and s.n and not stuck and s.mean < full_size - FAR_BELOW:
         causes.append(Cause(CauseKind.FAR_BELOW_FULL_SIZE, s.mean, full_size))
-    sats = [e.saturated for r in ok for e in r.history.snapshots[-1:] if e.saturated is not None]
-    if sats and sum(sats) / len(sats) > SATURATION_LIMIT:
-        causes.append(Cause(CauseKind.SATURATION, sum(sats) / len(sats), SATURATION_LIMIT))
+    if saturation is None:
+        per: dict = {}
+        for r in ok:
+            for k, v in layer_saturation(r.history.snapshots[-1]).items():
+                per.setdefault(k, []).append(v)
+        saturation = {k: sum(v) / len(v) for k, v in per.items()}
+    for layer, share in saturation.items():
+        if share > SATURATION_LIMIT:
+            causes.append(Cause(CauseKind.SATURATION, share, SATURATION_LIMIT, layer=layer))
     return causes
 
 
@@ -267,6 +356,15 @@ class Paired:
     alpha: float = ALPHA
     dropped: int = 0
     kind: str = "paired"
+    ledger: tuple | None = field(default=None, compare=False, repr=False)
+
+    def holm_status(self) -> str:
+        """See :meth:`Verdict.holm_status`."""
+        return _holm_status(self, self.significant)
+
+    def reading(self) -> str:
+        """See :meth:`Verdict.reading`."""
+        return _reading(self, self.significant)
 
     @property
     def significant(self) -> bool:
@@ -287,7 +385,8 @@ class Paired:
         if self.n < 2:
             return f"no comparison: {self.n} seed(s) where both runs finished (2 needed)"
         ci = f"{1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
-        return f"{self.outcome.value} (Δ {self.delta:+.3f}, {ci})"
+        status = self.holm_status()
+        return f"{self.outcome.value} (Δ {self.delta:+.3f}, {ci})" + (f" [{status}]" if status else "")
 
 
 def paired(reference, other, alpha: float = ALPHA) -> Paired:
@@ -357,6 +456,39 @@ def multiplicity_note(pvalues: Iterable[float], alpha: float = ALPHA, what: str 
             f"(family-wise error 5%) keeps {kept} of them.")
 
 
+HOLDS = "holds after Holm"
+NOMINAL = "nominal"
+
+
+def _holm_status(v, decided: bool, words: bool = True) -> str:
+    """'holds after Holm' / 'nominal' for a decided verdict recorded in a chapter's ledger ('' when
+    not recorded or not decided: a within-noise verdict has nothing to hold). While the chapter's
+    family is still open the status is over the tests recorded so far (adding tests can turn
+    'holds' into 'nominal', never the reverse)."""
+    if v.ledger is None or not decided:
+        return ""
+    chapter, name = v.ledger
+    adj = chapter.holm().get(name, float("nan"))
+    held = adj < v.alpha if hasattr(v, "alpha") else adj < ALPHA
+    if not words:
+        return HOLDS if held else NOMINAL
+    m = len(chapter.pvalues)
+    family = f"{m} test{'s' if m != 1 else ''}" + ("" if chapter.closed else " so far")
+    return (f"{HOLDS} (adjusted p {adj:.2g}, {family})" if held
+            else f"{NOMINAL}: p {v.p:.2g}, Holm-adjusted {adj:.2g} over {family}")
+
+
+def _reading(v, decided: bool) -> str:
+    word = v.outcome.value
+    if not decided:
+        return word
+    if v.ledger is None:
+        return f"{word} (nominal: not in the chapter's Holm family)"
+    status = _holm_status(v, decided, words=False)
+    so_far = "" if v.ledger[0].closed else " so far"
+    return f"{word} ({HOLDS}{so_far})" if status == HOLDS else f"{word} (nominal: not kept by Holm)"
+
+
 @dataclass(frozen=True)
 class Verdict:
     """One cell against a reference, over the same seeds: the paired numbers, the outcome and the
@@ -374,6 +506,7 @@ class Verdict:
     test: Paired | None
     outcome: Outcome
     causes: dict = field(default_factory=dict)
+    ledger: tuple | None = field(default=None, compare=False, repr=False)  # (Chapter, name) once recorded
 
     # the paired numbers (NaN where there is no test)
     @property
@@ -408,31 +541,66 @@ class Verdict:
         return self.outcome in (Outcome.BETTER, Outcome.WORSE)
 
     @property
+    def alpha(self) -> float:
+        return self.test.alpha if self.test else ALPHA
+
+    @property
     def cautioned(self) -> bool:
-        """True when either cell has a measured cause."""
-        return any(self.causes.get(n) for n in self.names)
+        """True when either cell has a measured cause that makes a CAUTION (notes do not)."""
+        return any(c.caution for n in self.names for c in self.causes.get(n, ()))
+
+    def holm_status(self, words: bool = True) -> str:
+        """For a decided verdict recorded in a chapter's ledger (:meth:`bnviz.course.Chapter.record`):
+        'holds after Holm (adjusted p 0.004, 12 tests)' or 'nominal: p 0.017, Holm-adjusted 0.31
+        over 12 tests'; ``words=False``: just :data:`HOLDS` or :data:`NOMINAL`. '' when the verdict
+        is within noise or not recorded. Over the tests recorded so far until the chapter closes
+        its family (:meth:`~bnviz.course.Chapter.report`)."""
+        return _holm_status(self, self.decided, words)
+
+    @property
+    def held(self) -> bool:
+        """True for a decided verdict that holds after Holm over its chapter's family."""
+        return self.holm_status(words=False) == HOLDS
+
+    def reading(self) -> str:
+        """The outcome as a chapter's headline may state it: 'worse (holds after Holm)', 'worse
+        (nominal: not kept by Holm)', 'worse (not in the chapter's ledger: nominal)', 'within
+        noise'; with ' so far' while the family is open."""
+        return _reading(self, self.decided)
 
     def has(self, kind: CauseKind, name: str | None = None) -> bool:
         """True when a cell (``name``, or either) has a cause of this kind."""
         return any(c.kind is kind for n in ([name] if name else self.names) for c in self.causes.get(n, ()))
 
     # the sentences, made from the fields above
-    def headline(self) -> str:
-        """'better (Δ +0.012, 95% CI +0.004 to +0.020)', without the CAUTION."""
+    def headline(self, short: bool = False) -> str:
+        """'better (Δ +0.012, 95% CI +0.004 to +0.020)', without the CAUTION, with the Holm status
+        when recorded ('[holds after Holm (adjusted p ..., 12 tests)]'; ``short``: '[nominal]',
+        '[holds after Holm]', for a table cell)."""
         if self.test is None:
             who = self.names[1] if self.other.n == 0 else self.names[0]
             return f"no comparison: every run of {who} diverged"
         if all(self.has(CauseKind.NEVER_LEFT_CHANCE, n) for n in self.names):
             return "no comparison: both never left chance"
-        return str(self.test)
+        status = self.holm_status(words=not short) if not short else self.holm_status(words=False)
+        return str(replace(self.test, ledger=None)) + (f" [{status}]" if status else "")
 
     def caution(self) -> str:
-        """'no BN, lr 30: never left chance (...)' for each cell with a cause, joined by '; '."""
-        return "; ".join(f"{n}: {describe(self.causes[n])}" for n in self.names if self.causes.get(n))
+        """'no BN, lr 30: never left chance (...)' for each cell with a cause that makes a CAUTION,
+        joined by '; '."""
+        return "; ".join(f"{n}: {describe(self.causes[n], notes=False)}" for n in self.names
+                         if any(c.caution for c in self.causes.get(n, ())))
+
+    def notes(self) -> str:
+        """'BN, lr 1: nearly converged (...)' for each cell with a note (not a CAUTION)."""
+        return "; ".join(f"{n}: " + "; ".join(str(c) for c in self.causes[n] if not c.caution)
+                         for n in self.names if any(not c.caution for c in self.causes.get(n, ())))
 
     def __str__(self) -> str:
         caution = self.caution() if self.test is not None else ""
-        return self.headline() + (f" — CAUTION: {caution}" if caution else "")
+        notes = self.notes() if self.test is not None else ""
+        return (self.headline() + (f" — CAUTION: {caution}" if caution else "")
+                + (f" (note: {notes})" if notes else ""))
 
     def say(self) -> str:
         """'b vs a: Δ +0.012 ± 0.022 (threshold: 95% t-interval over 3 paired seeds) → <verdict>'."""

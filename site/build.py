@@ -320,11 +320,46 @@ def links_bar(name: str, urls: dict) -> str:
     return f'<div class="bnviz-runbar">{items}</div>'
 
 
+# What a web reader does not see (cell tags myst-nb honours, added at staging; the notebooks keep
+# every cell): the Colab setup cell, every raw stderr stream (warnings carry the building machine's
+# paths), and on the lab's page the scaffolding that drives the lab headless in fast mode and what it
+# printed and replayed (the page gets its own replay of a real lab run instead).
+LAB_CHECK = re.compile(r"^\s*if fast_mode\(\):.*\bassert\b", re.S)
+LAB_CHECK_NOTE = "### A check that runs without a browser"
+LAB_SESSION_OUTPUT = ("for h in lab.histories", "replay(runs)")
+
+
+def _tag(cell, *tags: str) -> None:
+    have = cell.setdefault("metadata", {}).setdefault("tags", [])
+    have += [t for t in tags if t not in have]
+
+
+def web_tags(nb, name: str):
+    """Tag ``nb``'s cells for the site (in place; see above) and return it: ``remove-cell`` on the
+    first code cell (the setup cell) and, on 03, on the headless check and its heading;
+    ``remove-stderr`` on every code cell; ``remove-output`` on 03's cells that print or replay this
+    session's runs (in a build, the headless check's tiny run)."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for c in code:
+        _tag(c, "remove-stderr")
+    if code:
+        _tag(code[0], "remove-cell")
+    if name.startswith("03_"):
+        for c in nb.cells:
+            if c.cell_type == "code" and LAB_CHECK.search(c.source):
+                _tag(c, "remove-cell")
+            elif c.cell_type == "markdown" and c.source.lstrip().startswith(LAB_CHECK_NOTE):
+                _tag(c, "remove-cell")
+            elif c.cell_type == "code" and any(k in c.source for k in LAB_SESSION_OUTPUT):
+                _tag(c, "remove-output")
+    return nb
+
+
 def site_notebook(nb, name: str, urls: dict, extra_cells=()):
     """A copy of executed chapter ``nb`` for the site: outputs made web-ready, widget state
-    dropped (no widget JS from a CDN), the links and the run note after the title, and
-    ``extra_cells`` as (index of the cell to follow, cell) pairs."""
-    nb = copy.deepcopy(nb)
+    dropped (no widget JS from a CDN), cells tagged for the web (:func:`web_tags`), the links and
+    the run note after the title, and ``extra_cells`` as (index of the cell to follow, cell) pairs."""
+    nb = web_tags(copy.deepcopy(nb), name)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = [o for o in map(_web_output, cell.get("outputs", [])) if o is not None]

@@ -189,10 +189,17 @@ def test_the_caution_rule_of_07_equals_the_library(data):
                                   hand_run(rising, [0.7] * 3, seed=2)], None),
         "far": ([hand_run(flat, [0.53] * 3, seed=s) for s in range(3)], 0.88),
         "saturated": ([hand_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)], None),
+        "fc1 saturated": ([hand_run(flat, [0.6] * 3, saturated={"conv1": 0.3, "fc1": 0.8}, seed=s)
+                           for s in range(3)], None),
+        "2 of 3 learned": ([hand_run(flat, [a] * 3, seed=s) for s, a in enumerate((0.093, 0.462, 0.678))], None),
+        "far from converged": ([hand_run([0.1] * 6 + [0.391] * 3 + [0.758] * 3, [0.7] * 3, seed=s)
+                                for s in range(3)], None),
+        "under one epoch": ([hand_run(flat, [0.6] * 3, examples=2000, seed=s) for s in range(3)], 8000),
     }
     kinds = set()
     for name, (runs, full) in cells.items():
-        mine, lib = rule(runs, full_size=full), vd.cell_causes(runs, full_size=full)
+        size = dict(train_size=full) if name == "under one epoch" else dict(full_size=full)
+        mine, lib = rule(runs, **size), vd.cell_causes(runs, **size)
         assert [c.kind for c in mine] == [c.kind for c in lib], name
         numbers = lambda causes: [x for c in causes for x in (c.value, c.ref)]  # noqa: E731
         assert numbers(mine) == pytest.approx(numbers(lib)), name

@@ -25,7 +25,8 @@ def test_the_ledger_keeps_one_p_per_test_and_applies_holm(capsys):
     ch = Chapter("x", (0, 1, 2))
     a = vd.verdict(vd.seed_stats([0.80, 0.82, 0.84]), vd.seed_stats([0.90, 0.93, 0.95]))
     b = vd.paired([0.5, 0.6, 0.7], [0.52, 0.61, 0.69])
-    assert ch.record("a", a) is a and ch.record("b", b) is b
+    ra, rb = ch.record("a", a), ch.record("b", b)  # returned bound to the ledger (for the Holm status)
+    assert (ra.p, rb.p) == (a.p, b.p) and ra.ledger == (ch, "a") and rb.ledger == (ch, "b")
     ch.record("a", a)  # the same test named again is one test
     assert ch.pvalues == {"a": pytest.approx(a.p), "b": pytest.approx(b.p)}
     assert list(ch.holm().values()) == pytest.approx(vd.holm([a.p, b.p]))

@@ -238,8 +238,10 @@ def test_figures_name_the_data_set_and_have_readable_axes(data):
             fg.curves_figure(res, metric="loss", x="step"), fg.bar_figure(res), fg.comparison_figure(cmp),
             fg.line_figure(noise, "batch_size", "mean_noise", dataset_label=res.dataset_label, log_x=True)]
     for f in figs:
-        assert "SYNTHETIC" in f.layout.title.text
-        assert "SYNTHETIC" in f.layout.legend.title.text
+        assert f.layout.title.text.count("SYNTHETIC") == 1  # the data set once, in the title
+        assert "SYNTHETIC" not in (f.layout.legend.title.text or "")  # not repeated in the legend
+        assert f.layout.legend.orientation == "h" and f.layout.legend.yref == "container"  # below the plot
+        assert all(len(line) <= 60 for line in f.layout.title.text.split("<br>"))  # wrapped for a phone
         assert f.layout.yaxis.title.text and "_" not in f.layout.yaxis.title.text
         assert f.layout.xaxis.title.text is None or "_" not in f.layout.xaxis.title.text
     assert figs[-1].layout.xaxis.title.text.startswith("batch size")

@@ -92,8 +92,9 @@ def test_each_cause_is_measured_and_named():
     assert _texts([_run(flat, [0.6, 0.6, 0.6], seed=s) for s in range(3)]) == []
     chance = _texts([_run([0.1] * 12, [a] * 3, seed=s) for s, a in enumerate((0.10, 0.11, 0.113))])
     assert chance == ["never left chance (best seed 0.113 < 0.15)"]
-    still = _texts([_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)])
-    assert len(still) == 1 and still[0].startswith("not converged: still improving (training accuracy +0.090 ±")
+    still = _texts([_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)])  # +0.09 with 0.4 left
+    assert len(still) == 1 and still[0].startswith("nearly converged: training accuracy +0.090 ±")
+    assert still[0].endswith("0.22× the training error left (0.400)")
     noisy = [0.5 + (0.2 if i % 2 else -0.2) for i in range(11)] + [0.7]  # a gain of +0.13 between the quarters, inside ±0.2 noise
     assert _texts([_run(noisy, [0.6] * 3, seed=s) for s in range(3)]) == []
     runs = [_run(flat, [0.6] * 3, seed=0), _run(flat, [0.6] * 3, status="diverged", seed=1)]
@@ -101,7 +102,7 @@ def test_each_cause_is_measured_and_named():
     far = _texts([_run(flat, [0.53] * 3, seed=s) for s in range(3)], full_size=0.88)
     assert far == ["not converged: far below its full-size accuracy (0.530 vs 0.880)"]
     sat = _texts([_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)])
-    assert sat == ["saturation (62% of sigmoid outputs saturated at the end)"]
+    assert sat == ["saturation (62% of sigmoid outputs (all layers pooled) saturated at the end)"]
     assert _texts([_run(flat, [0.6] * 3, saturated=0.4)]) == []
 
 
@@ -126,7 +127,8 @@ def test_caution_is_per_cell_not_per_model():
 def test_causes_are_typed_values_with_their_measured_numbers():
     rising = [0.3 + 0.03 * i for i in range(12)]
     (still,) = vd.cell_causes([_run(rising, [0.6, 0.7, 0.8], seed=s) for s in range(3)])
-    assert still.kind is vd.CauseKind.STILL_IMPROVING and still.value == pytest.approx(0.09) and still.unconverged
+    assert still.kind is vd.CauseKind.NEARLY_CONVERGED and still.value == pytest.approx(0.09)
+    assert not still.unconverged and not still.caution and still.ref == pytest.approx(0.4)
     (chance,) = vd.cell_causes([_run([0.1] * 12, [a] * 3, seed=s) for s, a in enumerate((0.10, 0.11, 0.113))])
     assert chance.kind is vd.CauseKind.NEVER_LEFT_CHANCE and chance.value == pytest.approx(0.113)
     assert chance.ref == vd.CHANCE_LIMIT and not chance.unconverged

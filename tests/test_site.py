@@ -81,6 +81,27 @@ def test_sync_rewrites_only_the_setup_cell(tmp_path):
         assert others == [(c.cell_type, c.source) for i, c in enumerate(before[p.name].cells) if i != code[0]]
 
 
+@pytest.mark.parametrize("path", site.chapters(), ids=lambda p: p.name)
+def test_the_site_hides_setup_warnings_and_the_labs_scaffolding(path):
+    """Cell tags myst-nb honours, added at staging (the notebooks keep every cell)."""
+    nb = nbformat.read(path, as_version=4)
+    web = site.site_notebook(nb, path.name, site.project_urls())
+    tags = lambda c: c.get("metadata", {}).get("tags", [])  # noqa: E731
+    code = [c for c in web.cells if c.cell_type == "code"]
+    assert code[0].source == site.setup_cell_source() and "remove-cell" in tags(code[0])
+    assert all("remove-stderr" in tags(c) for c in code)
+    shown = [c for c in web.cells if "remove-cell" not in tags(c)]
+    assert not any("google.colab" in c.source for c in shown)
+    assert nb.cells[0].get("metadata", {}).get("tags") is None or "remove-cell" not in nb.cells[0].metadata.tags
+    if path.name.startswith("03_"):
+        assert not any(c.cell_type == "code" and "assert " in c.source for c in shown), "test scaffolding published"
+        assert not any(c.source.lstrip().startswith(site.LAB_CHECK_NOTE) for c in shown)
+        session = [c for c in code if "replay(runs)" in c.source or "for h in lab.histories" in c.source]
+        assert len(session) == 2 and all("remove-output" in tags(c) for c in session)
+    else:
+        assert len(shown) == len(web.cells) - 1  # only the setup cell is hidden
+
+
 def test_a_url_that_colab_cannot_open_is_refused(tmp_path):
     bad = tmp_path / "pyproject.toml"
     bad.write_text('[project]\nname = "x"\n[project.urls]\nRepository = "https://gitlab.com/a/b.git"\n')
@@ -442,3 +463,90 @@ def test_search_and_phone_width(served, browser_page):
             assert overflow <= 1, f"{name} scrolls sideways by {overflow}px on a 390-px phone"
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
+
+
+# ----------------------------------------------------------------------------- what a reader sees
+
+JS_LAYOUT = """() => {
+  const box = el => { const r = el.getBoundingClientRect();
+    return {l: r.left, r: r.right, t: r.top, b: r.bottom, w: r.width, h: r.height}; };
+  const hit = (a, b) => Math.min(a.r, b.r) - Math.max(a.l, b.l) > 2 && Math.min(a.b, b.b) - Math.max(a.t, b.t) > 2;
+  return Array.from(document.querySelectorAll('.bnviz-plotly .js-plotly-plot')).map(gd => {
+    const svg = box(gd.querySelector('svg.main-svg'));
+    const name = ((gd.querySelector('.gtitle') || {}).textContent || 'untitled').slice(0, 50);
+    const problems = [];
+    const inside = r => r.w === 0 || (r.l >= svg.l - 1 && r.r <= svg.r + 1 && r.t >= svg.t - 1 && r.b <= svg.b + 1);
+    const parts = [];
+    gd.querySelectorAll('.gtitle').forEach(t => parts.push(['title', box(t)]));
+    gd.querySelectorAll('.legend').forEach(t => parts.push(['legend', box(t)]));
+    gd.querySelectorAll('.slider-container').forEach(t => parts.push(['slider', box(t)]));
+    gd.querySelectorAll('.updatemenu-container').forEach(t => parts.push(['buttons', box(t)]));
+    gd.querySelectorAll('.annotation').forEach(t => parts.push(['annotation "' + t.textContent.slice(0, 25) + '"', box(t)]));
+    gd.querySelectorAll('g[class*="title"]').forEach(t => /^g-[xy]\\d*title$/.test(t.getAttribute('class')) &&
+      t.textContent && parts.push(['axis title "' + t.textContent.slice(0, 25) + '"', box(t)]));
+    for (const [what, r] of parts)
+      if (['title', 'legend', 'slider', 'buttons'].includes(what) && !inside(r)) problems.push(what + ' cut off');
+    for (let i = 0; i < parts.length; i++)
+      for (let j = i + 1; j < parts.length; j++)
+        if (hit(parts[i][1], parts[j][1])) problems.push(parts[i][0] + ' overlaps ' + parts[j][0]);
+    for (const [k, ax] of Object.entries(gd._fullLayout))
+      if (/^[xy]axis\\d*$/.test(k) && ax.type === 'log' && ax.visible !== false) {
+        const n = (ax._vals || []).filter(v => v.text && String(v.text).trim()).length;
+        if (n < 2) problems.push(k + ': a log axis with ' + n + ' tick label(s)');
+      }
+    const legendText = Array.from(gd.querySelectorAll('.legend text')).map(t => t.textContent).join(' | ');
+    if ((legendText.match(/SYNTHETIC/g) || []).length) problems.push('the legend repeats the data set');
+    return {name, width: Math.round(svg.w), replay: !!gd.closest('.bnviz-replay'), problems};
+  });
+}"""
+
+LAYOUT_PAGES = ["03_lab.html", "05_optimisation.html", "06_architecture.html", "07_batches.html"]
+
+
+@pytest.mark.site
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("width", [1280, 390], ids=["688-px column", "390-px phone"])
+def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, width):
+    """Every figure of 03 and 05-07: its title, legend, slider and buttons inside the figure, no two
+    of them (nor subplot titles, annotations, axis titles) drawn over each other, log axes with
+    more than one tick label, the data set not repeated in legends; the page shows no setup cell,
+    no raw warning and no test scaffolding. Screenshots of every figure go to
+    test-artifacts/."""
+    from browser_helpers import shot
+
+    page = browser_page
+    page.set_viewport_size({"width": width, "height": 900})
+    failures = {}
+    try:
+        for name in LAYOUT_PAGES:
+            assert not _visit(page, f"{served}/{name}")
+            page.wait_for_timeout(400)
+            text = page.inner_text("article")
+            for leak in ("google.colab", "UserWarning", "!!!!", "assert history.status", "lab.run_clicked()"):
+                if leak in text:
+                    failures.setdefault(name, []).append(f"the page shows {leak!r}")
+            figures = page.evaluate(JS_LAYOUT)
+            if width == 1280:
+                widths = {f["width"] for f in figures if not f["replay"]}
+                assert not widths or max(widths) <= 700, f"{name}: figures wider than the column: {widths}"
+            for f in figures:
+                if f["problems"]:
+                    failures.setdefault(name, []).append(f"{f['name']!r} ({f['width']} px): {f['problems']}")
+            boxes = page.locator(".bnviz-plotly")
+            for k in range(boxes.count()):
+                boxes.nth(k).scroll_into_view_if_needed()
+                boxes.nth(k).screenshot(path=str(_artifact(f"site-{name[:2]}-{width}-fig{k}.png")))
+            if name == "03_lab.html":
+                page.locator(".bnviz-replay").first.screenshot(path=str(_artifact(f"site-replay-{width}.png")))
+        shot(page, f"site-07-{width}", full_page=False)
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+    assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)[:8000]
+
+
+def _artifact(name: str) -> Path:
+    from browser_helpers import ARTIFACTS
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS / name
