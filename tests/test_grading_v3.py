@@ -8,7 +8,6 @@ or the log. The rest checks the pieces directly.
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -36,14 +35,7 @@ REF_ABOVE_DEF = ("import torch.nn.functional as F\n_x = torch.randn(8, 3, dtype=
 ESC = "\x1b]0;pwned\x07\x1b[31m"
 # item 2: forbidden features the strict pass missed (issue 23), each with names built at run time so
 # that only the strict re-run can see them. The cache batch_norm_backward expects, computed honestly:
-CACHE = r'''
-def _cache(x, gamma, running_mean, running_var, eps, training):
-    dims = [0] + list(range(2, x.dim()))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean, var = (x.mean(dim=dims), x.var(dim=dims, correction=0)) if training else (running_mean, running_var)
-    inv_std = 1.0 / torch.sqrt(var + eps)
-    return (x - mean.reshape(shape)) * inv_std.reshape(shape), inv_std, gamma, dims, shape
-'''
+from test_grading_trusted import CACHE, _edit_cell, _insert_after, _src  # noqa: E402,F401 - shared with the trusted tests
 # PyTorch's own batch norm from torch._decomp: no kernel, no tampering
 EVADE_DECOMP = CACHE + r'''
 import importlib
@@ -82,27 +74,6 @@ def batch_norm_backward(dy, cache):
 EVASIONS = {"evade_decomp": ("def batch_norm_forward", EVADE_DECOMP, "q1", 9),
             "evade_forward_ad": ("def batch_norm_backward", EVADE_FORWARD_AD, "q2", 4),
             "evade_thread_autograd": ("def batch_norm_backward", EVADE_THREAD_AUTOGRAD, "q2", 4)}  # a terminal title and a colour: what a zip member name can carry
-
-
-def _src(cell):
-    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
-
-
-def _edit_cell(nb: dict, startswith: str, edit) -> dict:
-    nb = copy.deepcopy(nb)
-    hits = [c for c in nb["cells"] if c["cell_type"] == "code" and _src(c).startswith(startswith)]
-    assert len(hits) == 1, startswith
-    hits[0]["source"] = edit(_src(hits[0]))
-    return nb
-
-
-def _insert_after(nb: dict, startswith: str, source: str) -> dict:
-    nb = copy.deepcopy(nb)
-    idx = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and _src(c).startswith(startswith)]
-    assert len(idx) == 1, startswith
-    nb["cells"].insert(idx[0] + 1, {"cell_type": "code", "execution_count": None, "metadata": {},
-                                    "outputs": [], "source": source})
-    return nb
 
 
 def _write(path: Path, nb: dict) -> None:
