@@ -78,8 +78,26 @@ def _grade(args, parser) -> int:
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    after_grade(Path(args.submissions), Path(args.out), manifest, results, student_nb)
     print(f"graded {len(results)} submission(s) -> {Path(args.out) / 'gradebook.csv'}")
     return 0
+
+
+def after_grade(submissions: Path, out: Path, manifest: dict, results: list, student_nb: Path) -> None:
+    """What `grade` writes after judging (issue 24): manual.csv gets the missing rows (typed ones
+    are never changed), gradebook.csv merges the manual points, the written-answer pages."""
+    from . import ingest, manual as manual_mod
+
+    out = out.resolve()
+    manual = {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items() if c.get("manual")}
+    manual_mod.sync_manual_csv(out, [r.student for r in results], manual)
+    manual_mod.merge_gradebook(out, results, manual)
+    files, _ = ingest.list_folder(submissions.resolve())
+    names = ingest.student_names(files)
+    graded = {r.student for r in results}
+    handout = json.loads(student_nb.read_text(encoding="utf-8")) if student_nb.is_file() else None
+    manual_mod.write_written_pages(out, {n: p for p, n in names.items() if n in graded}, manual,
+                                   manual_mod.rubrics(manifest), handout, student_nb.name)
 
 
 def main(argv: list[str] | None = None) -> int:
