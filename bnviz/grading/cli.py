@@ -6,6 +6,7 @@
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
                                   [--regrade]
                                   [--sandbox-user USER]
+    python -m bnviz.grading feedback GRADES [--dist dist/batch_norm] [--release-hidden]
 """
 
 from __future__ import annotations
@@ -51,7 +52,26 @@ def _parser() -> argparse.ArgumentParser:
                         "drawn per run, never shown, and a seed per student derived from it)")
     g.add_argument("--regrade", action="store_true",
                    help="grade every submission again (default: resume, keeping results of unchanged files)")
+    f = sub.add_parser("feedback", help="one HTML page per student (and a zip of them) that students can be given")
+    f.add_argument("grades", help="the grades folder `grade` wrote")
+    f.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
+    f.add_argument("--release-hidden", action="store_true",
+                   help="show the hidden tests' messages (default: only passed/failed and points)")
     return parser
+
+
+def _feedback(args, parser) -> int:
+    from . import feedback
+
+    manifest_path = Path(args.dist) / "assignment.json"
+    if not manifest_path.is_file():
+        parser.error(f"{manifest_path} not found: pass the --dist the class was graded with")
+    if not Path(args.grades).is_dir():
+        parser.error(f"{args.grades}: not a grades folder")
+    pages = feedback.write_feedback(Path(args.grades), json.loads(manifest_path.read_text()), args.release_hidden)
+    print(f"feedback for {len(pages)} student(s) -> {Path(args.grades) / 'feedback'} (feedback.zip)"
+          + ("" if args.release_hidden else "; hidden tests' messages not shown (--release-hidden)"))
+    return 0
 
 
 def _grade(args, parser) -> int:
@@ -113,4 +133,6 @@ def main(argv: list[str] | None = None) -> int:
               f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
               f"{manifest['autograded_points']:g} autograded + {manifest['manual_points']:g} manual points")
         return 0
+    if args.cmd == "feedback":
+        return _feedback(args, parser)
     return _grade(args, parser)
