@@ -4,7 +4,7 @@
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
-                                  [--regrade]
+                                  [--regrade] [--roster CSV] [--canvas-assignment COLUMN]
                                   [--sandbox-user USER]
     python -m bnviz.grading feedback GRADES [--dist dist/batch_norm] [--release-hidden]
 """
@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
                         "drawn per run, never shown, and a seed per student derived from it)")
     g.add_argument("--regrade", action="store_true",
                    help="grade every submission again (default: resume, keeping results of unchanged files)")
+    g.add_argument("--roster", default=None, metavar="CSV",
+                   help="roster (id/user_id, file, name, email, sis_id, login_id, section) for canvas.csv and gradescope.csv")
+    g.add_argument("--canvas-assignment", default=None, metavar="COLUMN",
+                   help="the assignment's column in canvas.csv, as in a Canvas gradebook export: 'Batch norm (12345)' "
+                        "(default: the notebook's name)")
     f = sub.add_parser("feedback", help="one HTML page per student (and a zip of them) that students can be given")
     f.add_argument("grades", help="the grades folder `grade` wrote")
     f.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
@@ -98,26 +103,36 @@ def _grade(args, parser) -> int:
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    after_grade(Path(args.submissions), Path(args.out), manifest, results, student_nb)
+    after_grade(Path(args.submissions), Path(args.out), manifest, results, student_nb,
+                roster=Path(args.roster) if args.roster else None, canvas_assignment=args.canvas_assignment)
     print(f"graded {len(results)} submission(s) -> {Path(args.out) / 'gradebook.csv'}")
     return 0
 
 
-def after_grade(submissions: Path, out: Path, manifest: dict, results: list, student_nb: Path) -> None:
+def after_grade(submissions: Path, out: Path, manifest: dict, results: list, student_nb: Path,
+                roster: Path | None = None, canvas_assignment: str | None = None) -> None:
     """What `grade` writes after judging (issue 24): manual.csv gets the missing rows (typed ones
-    are never changed), gradebook.csv merges the manual points, the written-answer pages."""
-    from . import ingest, manual as manual_mod
+    are never changed), gradebook.csv merges the manual points, the written-answer pages, the LMS
+    CSVs (canvas.csv, gradescope.csv, submissions.csv)."""
+    import csv
+
+    from . import lms, manual as manual_mod
 
     out = out.resolve()
     manual = {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items() if c.get("manual")}
     manual_mod.sync_manual_csv(out, [r.student for r in results], manual)
-    manual_mod.merge_gradebook(out, results, manual)
-    files, _ = ingest.list_folder(submissions.resolve())
-    names = ingest.student_names(files)
+    header = manual_mod.merge_gradebook(out, results, manual)
+    files, names, _, infos = lms.collect(submissions.resolve(), student_nb.name)
     graded = {r.student for r in results}
     handout = json.loads(student_nb.read_text(encoding="utf-8")) if student_nb.is_file() else None
     manual_mod.write_written_pages(out, {n: p for p, n in names.items() if n in graded}, manual,
                                    manual_mod.rubrics(manifest), handout, student_nb.name)
+    with open(out / "gradebook.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    questions = [c for c in header[1:header.index("total")]]
+    possible = sum(float(c["points"] or 0) for c in manifest.get("questions", {}).values())
+    lms.write_lms_csvs(out, rows, infos, {n: str(p.relative_to(submissions.resolve())) for p, n in names.items()},
+                       questions, possible, lms.read_roster(roster), canvas_assignment or Path(student_nb.name).stem)
 
 
 def main(argv: list[str] | None = None) -> int:

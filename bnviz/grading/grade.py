@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checker, ingest, records, report, rules, sandbox, scoring, similarity, worker
+from . import checker, ingest, lms, records, report, rules, sandbox, scoring, similarity, worker
 from .judge import GiB, Judge, JudgeError
 from .records import Result
 from .text import clean, visible
@@ -255,8 +255,7 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     limits = limits or sandbox.Limits(timeout_s=timeout_s, threads=1 if jobs > 1 else 2)
     rules_ = {} if allow_forbidden else {q: set(f) for q, f in (forbidden if forbidden is not None else rules.DEFAULT_RULES).items()}
     student_nb = json.loads(Path(student_notebook).read_text(encoding="utf-8")) if student_notebook else None
-    files, skipped = ingest.list_folder(sub_dir)
-    names = ingest.student_names(files)
+    files, names, skipped, _ = lms.collect(sub_dir, Path(student_notebook).name if student_notebook else "batch_norm.ipynb")
     manual = dict(manual_questions or {})
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bnviz-grading-"))
