@@ -42,7 +42,7 @@ def fb(grading_dist, bwrap, tmp_path_factory):
     (subs / f"{STUDENTS[0]}.ipynb").write_text(json.dumps(solution))
     (subs / f"{STUDENTS[1]}.ipynb").write_text(json.dumps(buggy))
     (subs / f"{STUDENTS[2]}.ipynb").write_text(json.dumps(solution))
-    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(out), "--jobs", "1", "--timeout", "150"]) == 0
+    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(out), "--jobs", "1", "--timeout", "150", "--seed", "982451653"]) == 0
     man = (out / "manual.csv").read_text()
     man = man.replace(f"{STUDENTS[0]},q4,,,,", f"{STUDENTS[0]},q4,1.5,output,\"Good; <b>NaN</b> missing\",TA1")
     (out / "manual.csv").write_text(man)

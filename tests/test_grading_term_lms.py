@@ -144,7 +144,7 @@ def canvas_graded(grading_dist, bwrap, tmp_path_factory):
     os.utime(subs / "alphaanna_12345_900_batch_norm.ipynb", (100, 100))
     roster = subs.parent / "canvas-roster.csv"
     roster.write_text("id,name,sis_id,login_id,section\n12345,\"Alpha, Anna\",S1,aalpha,A\n23456,\"Bravo, Ben\",S2,bbravo,B\n")
-    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(out), "--jobs", "1", "--timeout", "150",
+    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(out), "--jobs", "1", "--timeout", "150", "--seed", "982451653",
                      "--roster", str(roster), "--canvas-assignment", "Batch norm (777)"]) == 0
     return out
 
@@ -172,9 +172,19 @@ def test_a_gradescope_export_is_graded(grading_dist, bwrap, tmp_path):
     (subs / "submission_222" / "work").mkdir(parents=True)
     (subs / "submission_metadata.yml").write_text(META)
     (subs / "submission_222" / "work" / "batch_norm.ipynb").write_text((dist / "autograder" / "batch_norm.ipynb").read_text())
-    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(tmp_path / "g"), "--timeout", "150"]) == 0
+    assert cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(tmp_path / "g"), "--timeout", "150", "--seed", "982451653"]) == 0
     book = _rows(tmp_path / "g" / "gradebook.csv")
     assert [(r["student"], r["total"]) for r in book] == [("anna_uni.example", "19")]
     gs = _check_gradescope(tmp_path / "g" / "gradescope.csv", ["q1", "q2", "q3", "q4"])
     assert (gs[0]["Email"], gs[0]["SID"], gs[0]["Name"], gs[0]["Total Score"], gs[0]["Max Points"]) == (
         "anna@uni.example", "9001", "Anna Alpha", "19", "21")
+
+
+def test_items_csv_of_a_graded_folder(canvas_graded):
+    from bnviz.grading import checker
+
+    rows = _rows(canvas_graded / "items.csv")
+    assert [r["test"] for r in rows] == [t.name for t in checker.make_tests(0)]
+    for r in rows:  # two students: 12345 (the solution) passes all, 23456 (the hand-out) none
+        assert int(r["passed"]) + int(r["failed"]) + int(r["no_result"]) == 2, r
+        assert r["passed"] == "1", r
