@@ -4,7 +4,8 @@
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
-                                  [--regrade] [--roster CSV] [--canvas-assignment COLUMN]
+                                  [--regrade] [--only STUDENT]... [--new-seed]
+                                  [--roster CSV] [--canvas-assignment COLUMN]
                                   [--sandbox-user USER]
     python -m bnviz.grading feedback GRADES [--dist dist/batch_norm] [--release-hidden]
 """
@@ -52,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                         "drawn per run, never shown, and a seed per student derived from it)")
     g.add_argument("--regrade", action="store_true",
                    help="grade every submission again (default: resume, keeping results of unchanged files)")
+    g.add_argument("--only", action="append", default=[], metavar="STUDENT",
+                   help="grade this student again (repeatable; the name in the gradebook); the others resume as usual")
+    g.add_argument("--new-seed", action="store_true",
+                   help="fresh test inputs for everyone (default: an unchanged file keeps the seed in its JSON)")
     g.add_argument("--roster", default=None, metavar="CSV",
                    help="roster (id/user_id, file, name, email, sis_id, login_id, section) for canvas.csv and gradescope.csv")
     g.add_argument("--canvas-assignment", default=None, metavar="COLUMN",
@@ -99,10 +104,13 @@ def _grade(args, parser) -> int:
                                allow_forbidden=args.allow_forbidden, seed=args.seed,
                                sandbox_backend="none" if args.no_sandbox else args.sandbox,
                                docker_image=args.docker_image, extra_masks=[dist.resolve()],
-                               regrade=args.regrade)
+                               regrade=args.regrade, only=set(args.only), new_seed=args.new_seed)
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    unknown = sorted(set(args.only) - {r.student for r in results})
+    if unknown:
+        print(f"warning: --only {', '.join(unknown)}: no such student in {args.submissions}", file=sys.stderr)
     after_grade(Path(args.submissions), Path(args.out), manifest, results, student_nb,
                 roster=Path(args.roster) if args.roster else None, canvas_assignment=args.canvas_assignment)
     print(f"graded {len(results)} submission(s) -> {Path(args.out) / 'gradebook.csv'}")
