@@ -91,6 +91,12 @@ def _grade(args, parser) -> int:
         parser.error(f"{manifest_path} not found: run `python -m bnviz.grading build --out {dist}` first")
     manifest = json.loads(manifest_path.read_text())
     student_nb = dist / manifest["student_notebook"]
+    from . import late
+
+    try:
+        late.parse_policy(manifest)  # a wrong late policy stops before grading
+    except (late.PolicyError, KeyError, TypeError) as e:
+        parser.error(f"{manifest_path}: late policy: {e}")
     manual = {q: c["points"] for q, c in manifest.get("questions", {}).items() if c.get("manual")}
     limits = sandbox.Limits(timeout_s=args.timeout, memory_bytes=int(args.memory_gb * sandbox.GiB),
                             output_bytes=int(args.output_mb * sandbox.MiB), processes=args.processes,
@@ -124,13 +130,17 @@ def after_grade(submissions: Path, out: Path, manifest: dict, results: list, stu
     CSVs (canvas.csv, gradescope.csv, submissions.csv), the class pass rate per test (items.csv)."""
     import csv
 
-    from . import lms, manual as manual_mod
+    from . import late, lms, manual as manual_mod
 
     out = out.resolve()
     manual = {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items() if c.get("manual")}
     manual_mod.sync_manual_csv(out, [r.student for r in results], manual)
-    header = manual_mod.merge_gradebook(out, results, manual)
     files, names, _, infos = lms.collect(submissions.resolve(), student_nb.name)
+    policy = late.parse_policy(manifest)
+    assessed = None if policy is None else {
+        r.student: late.assess(policy, r.student, infos[r.student].submitted_at if r.student in infos else "",
+                               r.student in infos and infos[r.student].late) for r in results}
+    header = manual_mod.merge_gradebook(out, results, manual, assessed)
     graded = {r.student for r in results}
     handout = json.loads(student_nb.read_text(encoding="utf-8")) if student_nb.is_file() else None
     manual_mod.write_written_pages(out, {n: p for p, n in names.items() if n in graded}, manual,

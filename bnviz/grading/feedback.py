@@ -63,7 +63,7 @@ def student_error(error: str) -> list[str]:
 
 
 def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], rubric: dict[str, list[dict]],
-         tests: list[tuple[str, str, bool, float]], release_hidden: bool) -> str:
+         tests: list[tuple[str, str, bool, float]], release_hidden: bool, late_row: dict | None = None) -> str:
     """One student's feedback page (HTML) from their JSON and their manual.csv entries."""
     e = html.escape
     failed = {f.get("name"): f for f in data.get("failed_tests") or [] if isinstance(f, dict)}
@@ -81,6 +81,9 @@ def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], ru
             rows.append(f"<tr><td>{e(q)}</td><td>{scores.get(q, 0.0):g} / {possible[q]:g}</td><td>autograded</td></tr>")
     parts.append(f"<h2>Score: {total:g} / {out_of:g}</h2><table><tr><th>question</th><th>points</th><th></th></tr>"
                  + "".join(rows) + "</table>")
+    if late_row and late_row.get("final", "") != "" and late_row.get("late_days", "0") not in ("", "0"):
+        parts.append(f"<p>Late: {e(late_row['late_days'])} day(s); penalty {e(late_row.get('penalty', ''))} points; "
+                     f"final score {e(late_row['final'])} / {out_of:g}.</p>")
     errors = student_error(data.get("error", ""))
     if errors:
         parts.append("<h2>What stopped your notebook</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in errors) + "</ul>")
@@ -125,6 +128,13 @@ def write_feedback(grades: Path, manifest: dict, release_hidden: bool = False) -
     rubric = manual_mod.rubrics(manifest)
     points = manual_mod.manual_points(manual_mod.read_manual(grades / "manual.csv"), manual)
     tests = _all_tests()
+    late_rows = {}
+    if (grades / "gradebook.csv").is_file():  # only the late columns are read from it
+        import csv
+
+        with open(grades / "gradebook.csv", newline="", encoding="utf-8") as f:
+            late_rows = {r.get("student", "").lstrip("'"): {k: (r.get(k) or "").lstrip("'") for k in ("late_days", "penalty", "final")}
+                         for r in csv.DictReader(f)}
     fb = grades / "feedback"
     fb.mkdir(exist_ok=True)
     pages = []
@@ -138,7 +148,7 @@ def write_feedback(grades: Path, manifest: dict, release_hidden: bool = False) -
         if not isinstance(data, dict) or data.get("student") != path.stem or "failed_tests" not in data:
             continue
         target = fb / f"{path.stem}.html"
-        atomic_write(target, page(data, points.get(path.stem, {}), manual, rubric, tests, release_hidden))
+        atomic_write(target, page(data, points.get(path.stem, {}), manual, rubric, tests, release_hidden, late_rows.get(path.stem)))
         pages.append(target)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:

@@ -225,7 +225,7 @@ def write_lms_csvs(out: Path, gradebook_rows: list[dict], infos: dict[str, Info]
         name = r.get("name") or info.name or ""
         email = r.get("email") or info.email
         sid = r.get("sid") or info.sid
-        total = row["total"]
+        total = row.get("final") or row["total"]  # with a late policy: the score after the penalty
         canvas.append([name or s, r.get("id") or info.lms_user_id, sid, r.get("login_id", ""), r.get("section", ""), total])
         gs.append([name, sid, email, *[row.get(q, "") for q in questions], total, f"{possible:g}"])
         subs.append([s, files.get(s, ""), info.source, info.lms_user_id, info.submission_id, name, email, sid,

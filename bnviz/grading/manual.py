@@ -128,9 +128,14 @@ def manual_points(rows: list[dict[str, str]], manual: dict[str, float]) -> dict[
     return got
 
 
-def merge_gradebook(out: Path, results: list, manual: dict[str, float]) -> list[str]:
-    """Write ``<out>/gradebook.csv`` from each result's autograded ``row`` plus ``manual.csv``.
-    Returns the header."""
+LATE_COLUMNS = ["late_days", "penalty", "final"]
+
+
+def merge_gradebook(out: Path, results: list, manual: dict[str, float],
+                    late: dict[str, tuple[float, float, str]] | None = None) -> list[str]:
+    """Write ``<out>/gradebook.csv`` from each result's autograded ``row`` plus ``manual.csv``;
+    with a late policy (``late``: student -> (days late, share taken, why), ``late.assess``) also
+    ``late_days, penalty, final`` (``total`` is then the raw score). Returns the header."""
     points = manual_points(read_manual(out / "manual.csv"), manual)
     header = None
     rows = []
@@ -148,10 +153,14 @@ def merge_gradebook(out: Path, results: list, manual: dict[str, float]) -> list[
                 total += v
         row["total"], row["possible"] = f"{total:g}", f"{possible:g}"
         row[UNGRADED] = "; ".join(ungraded)
+        if late is not None:
+            days, share, _why = late.get(r.student, (0.0, 0.0, ""))
+            penalty = round(total * share, 4)
+            row.update(late_days=f"{days:g}", penalty=f"{penalty:g}", final=f"{total - penalty:g}")
         if header is None:
-            header = list(r.row) + [UNGRADED]
-        rows.append([csv_cell(row.get(c, "")) if c in (UNGRADED, "total", "possible") or c in manual else row.get(c, "")
-                     for c in header])
+            header = list(r.row) + [UNGRADED] + (LATE_COLUMNS if late is not None else [])
+        rows.append([csv_cell(row.get(c, "")) if c in (UNGRADED, "total", "possible", *LATE_COLUMNS) or c in manual
+                     else row.get(c, "") for c in header])
     header = header or ["student", *sorted(manual, key=natural_key), "total", "possible", "error", "flags", UNGRADED]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
