@@ -127,13 +127,15 @@ def after_grade(submissions: Path, out: Path, manifest: dict, results: list, stu
                 roster: Path | None = None, canvas_assignment: str | None = None) -> None:
     """What `grade` writes after judging (issue 24): manual.csv gets the missing rows (typed ones
     are never changed), gradebook.csv merges the manual points, the written-answer pages, the LMS
-    CSVs (canvas.csv, gradescope.csv, submissions.csv), the class pass rate per test (items.csv)."""
+    CSVs (canvas.csv, gradescope.csv, submissions.csv), the class pass rate per test (items.csv);
+    overrides.csv first."""
     import csv
 
-    from . import late, lms, manual as manual_mod
+    from . import feedback, items, late, lms, manual as manual_mod, overrides
 
     out = out.resolve()
     manual = {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items() if c.get("manual")}
+    overrides.apply_overrides(out, results, feedback._all_tests(), manual)
     manual_mod.sync_manual_csv(out, [r.student for r in results], manual)
     files, names, _, infos = lms.collect(submissions.resolve(), student_nb.name)
     policy = late.parse_policy(manifest)
@@ -149,8 +151,6 @@ def after_grade(submissions: Path, out: Path, manifest: dict, results: list, stu
         rows = list(csv.DictReader(f))
     questions = [c for c in header[1:header.index("total")]]
     possible = sum(float(c["points"] or 0) for c in manifest.get("questions", {}).values())
-    from . import feedback, items
-
     items.write_items(out, results, feedback._all_tests())
     lms.write_lms_csvs(out, rows, infos, {n: str(p.relative_to(submissions.resolve())) for p, n in names.items()},
                        questions, possible, lms.read_roster(roster), canvas_assignment or Path(student_nb.name).stem)
