@@ -188,3 +188,15 @@ def test_items_csv_of_a_graded_folder(canvas_graded):
     for r in rows:  # two students: 12345 (the solution) passes all, 23456 (the hand-out) none
         assert int(r["passed"]) + int(r["failed"]) + int(r["no_result"]) == 2, r
         assert r["passed"] == "1", r
+
+
+def test_a_plain_folder_is_read_as_before(tmp_path):
+    from bnviz.grading import ingest
+
+    for name in ("b.ipynb", "A.zip", "a.IPYNB", "notes.txt", ".hidden.ipynb", "x\x1by.ipynb", "hw_1_2_x.ipynb"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "submission_5").mkdir()  # no submission_metadata.yml: a folder as any other
+    files, skipped = ingest.list_folder(tmp_path)
+    got_files, got_names, got_skipped, _ = lms.collect(tmp_path)
+    assert (got_files, got_names, got_skipped) == (files, ingest.student_names(files), skipped)

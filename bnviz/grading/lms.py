@@ -4,6 +4,8 @@ In (``collect``, used by ``grade_folder`` in place of ``ingest.list_folder`` + `
 
 * A Canvas bulk download: ``<lastfirst>[_LATE]_<user id>_<submission id>_<original name>``. The
   student is the Canvas user id (``CANVAS_RE``); ``LATE`` is kept as data (``submissions.csv``).
+  A folder is read as a Canvas download when at least half of its submissions are named so (a
+  plain ``hw_1_2_x.ipynb`` among other names stays a plain file).
 * A Gradescope export: ``submission_<id>/`` folders next to ``submission_metadata.yml`` (a map from
   folder name to ``:submitters: [{:name, :sid, :email}]``, ``:created_at``). The student is the
   first submitter's email (its SID, else the folder, when there is none); the notebook (or zip) is
@@ -129,8 +131,10 @@ def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Pat
     meta = _gradescope_meta(folder)
     keyed: list[tuple[str, Path, Info]] = []  # LMS submissions: (student key, file, info)
     plain: list[Path] = []
+    canvas = sum(1 for p in files if CANVAS_RE.match(p.name))
+    canvas = canvas > 0 and 2 * canvas >= len(files)  # a Canvas download: at least half its files are named so
     for p in files:
-        m = CANVAS_RE.match(p.name)
+        m = CANVAS_RE.match(p.name) if canvas else None
         if m:
             keyed.append((m["uid"], p, Info("canvas", m["uid"], m["sid"], "", "", "", _iso(_mtime(p)), bool(m["late"]),
                                             ("", int(m["sid"]), _mtime(p), p.name))))
@@ -180,8 +184,8 @@ def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Pat
         infos[name] = info
     for p in plain:
         infos[names[p]] = Info("folder", submitted_at=_iso(_mtime(p)))
-    graded = sorted(names, key=lambda q: q.name)
-    return graded, names, sorted(rest), infos
+    graded = sorted(names, key=str)  # a plain folder: the order of ingest.list_folder
+    return graded, names, rest, infos  # skipped: list_folder's order, then older duplicates
 
 
 # --------------------------------------------------------------------------- out
