@@ -93,6 +93,8 @@ def _grade(args, parser) -> int:
     student_nb = dist / manifest["student_notebook"]
     from . import late
 
+    if args.roster and not Path(args.roster).is_file():
+        parser.error(f"--roster {args.roster}: no such file")
     try:
         late.parse_policy(manifest)  # a wrong late policy stops before grading
     except (late.PolicyError, KeyError, TypeError) as e:
