@@ -22,3 +22,15 @@ def test_items_counts_pass_fail_and_no_result(tmp_path):
     assert (rows["q1 - 1"]["passed"], rows["q1 - 1"]["failed"], rows["q1 - 1"]["no_result"], rows["q1 - 1"]["pass_rate"]) == ("3", "0", "1", "1.00")
     assert (rows["q1 - 2"]["passed"], rows["q1 - 2"]["failed"], rows["q1 - 2"]["pass_rate"], rows["q1 - 2"]["hidden"]) == ("1", "2", "0.33", "yes")
     assert (rows["q2 - 1"]["passed"], rows["q2 - 1"]["no_result"], rows["q2 - 1"]["pass_rate"]) == ("2", "2", "1.00")
+
+
+def test_histogram_counts_each_score(tmp_path):
+    res = [SimpleNamespace(scores={"q1": 9.0, "q2": 4.0}), SimpleNamespace(scores={"q1": 9.0, "q2": 1.5}),
+           SimpleNamespace(scores={"q1": 0.0, "q2": 4.0})]
+    lines: list[str] = []
+    items.write_histogram(tmp_path, res, {"q1": 9.0, "q2": 4.0}, log=lines.append)
+    with open(tmp_path / "histogram.csv", newline="") as f:
+        rows = {(r["question"], r["score"]): int(r["students"]) for r in csv.DictReader(f)}
+    assert rows[("q1", "9")] == 2 and rows[("q1", "0")] == 1 and rows[("q1", "5")] == 0
+    assert rows[("q2", "1.5")] == 1 and rows[("q2", "4")] == 2 and sum(rows.values()) == 6
+    assert any(ln.startswith("q2 (4 points)") for ln in lines)

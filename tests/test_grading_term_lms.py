@@ -200,3 +200,12 @@ def test_a_plain_folder_is_read_as_before(tmp_path):
     files, skipped = ingest.list_folder(tmp_path)
     got_files, got_names, got_skipped, _ = lms.collect(tmp_path)
     assert (got_files, got_names, got_skipped) == (files, ingest.student_names(files), skipped)
+
+
+def test_histogram_csv_of_a_graded_folder(canvas_graded):
+    rows = _rows(canvas_graded / "histogram.csv")
+    per_q: dict[str, int] = {}
+    for r in rows:
+        per_q[r["question"]] = per_q.get(r["question"], 0) + int(r["students"])
+    assert per_q == {"q1": 2, "q2": 2, "q3": 2}  # every student once per autograded question
+    assert {(r["question"], r["score"]): r["students"] for r in rows}[("q1", "9")] == "1"  # the solution

@@ -154,6 +154,8 @@ def after_grade(submissions: Path, out: Path, manifest: dict, results: list, stu
     questions = [c for c in header[1:header.index("total")]]
     possible = sum(float(c["points"] or 0) for c in manifest.get("questions", {}).values())
     items.write_items(out, results, feedback._all_tests())
+    items.write_histogram(out, results, {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items()
+                                         if not c.get("manual")})
     lms.write_lms_csvs(out, rows, infos, {n: str(p.relative_to(submissions.resolve())) for p, n in names.items()},
                        questions, possible, lms.read_roster(roster), canvas_assignment or Path(student_nb.name).stem)
 

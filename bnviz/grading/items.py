@@ -32,3 +32,24 @@ def write_items(out: Path, results: list, tests: list[tuple[str, str, bool, floa
         rows.append([q, name, "yes" if hidden else "", f"{points:g}", str(passed), str(failed), str(none), rate])
     write_table(out / "items.csv", ["question", "test", "hidden", "points", "passed", "failed", "no_result", "pass_rate"], rows)
     return rows
+
+
+def write_histogram(out: Path, results: list, questions: dict[str, float], log=print) -> list[list[str]]:
+    """``<out>/histogram.csv`` (``question, score, students``: how many students got each score of
+    each autograded question, every score from 0 to the points in steps of 1 plus any other score
+    seen) and a text histogram in the log."""
+    from .text import natural_key
+
+    rows = []
+    for q in sorted(questions, key=natural_key):
+        counts: dict[float, int] = {float(k): 0 for k in range(int(questions[q]) + 1)}
+        for r in results:
+            s = float(r.scores.get(q, 0.0))
+            counts[s] = counts.get(s, 0) + 1
+        width = max(counts.values()) or 1
+        log(f"{q} ({questions[q]:g} points):")
+        for s in sorted(counts):
+            rows.append([q, f"{s:g}", str(counts[s])])
+            log(f"  {s:>5g} | {'#' * round(30 * counts[s] / width)} {counts[s]}")
+    write_table(out / "histogram.csv", ["question", "score", "students"], rows)
+    return rows
