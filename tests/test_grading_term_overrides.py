@@ -65,3 +65,16 @@ def test_scores_stay_within_the_question(tmp_path):
     (tmp_path / "overrides.csv").write_text("student,target,points,reason\nanna,q1 - 1,5,x\nanna,q2,-3,y\n")
     overrides.apply_overrides(tmp_path, [a], TESTS, {}, log=lambda *_: None)
     assert (a.scores["q1"], a.scores["q2"]) == (3.0, 0.0)
+
+
+def test_feedback_shows_the_adjustment_not_the_reason(tmp_path):
+    from bnviz.grading import feedback
+
+    a = _graded(tmp_path, "anna", {"q1": 1.0, "q2": 4.0}, [{"name": "q1 - 2", "question": "q1", "points": 2.0,
+                                                             "hidden": True, "reason": "x"}])
+    (tmp_path / "overrides.csv").write_text("student,target,points,reason\nanna,q1 - 2,2,same bug as ben_secret\n")
+    overrides.apply_overrides(tmp_path, [a], TESTS, {}, log=lambda *_: None)
+    data = json.loads((tmp_path / "anna.json").read_text())
+    page = feedback.page(data, {}, {}, {}, TESTS, False)
+    assert "q1 - 2: q1 1 &rarr; 3 points" in page and "Score: 7 / 7" in page
+    assert "ben_secret" not in page and "withheld" not in page

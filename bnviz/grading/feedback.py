@@ -102,7 +102,13 @@ def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], ru
                    f"<td>{e(msg)}</td></tr>")
     parts.append("<h2>Tests</h2><table><tr><th>test</th><th>result</th><th>points</th><th>message</th></tr>"
                  + "".join(trs) + "</table>")
-    lowered = [q for q in possible if scores.get(q, 0.0) < sum(p for qq, n, _, p in tests if qq == q and n not in failed) - 1e-9]
+    adjusted = [o for o in data.get("overrides") or [] if isinstance(o, dict)]
+    if adjusted:  # overrides.csv: what changed, not the instructor's reason
+        parts.append("<h2>Adjusted by your instructor</h2><ul>" + "".join(
+            f"<li>{e(str(o.get('target', '')))}: {e(str(o.get('question', '')))} "
+            f"{float(o.get('before', 0)):g} &rarr; {float(o.get('after', 0)):g} points</li>" for o in adjusted) + "</ul>")
+    judged = {q: float(v) for q, v in (data.get("judged_scores") or scores).items()}
+    lowered = [q for q in possible if judged.get(q, 0.0) < sum(p for qq, n, _, p in tests if qq == q and n not in failed) - 1e-9]
     if lowered:
         parts.append("<p>" + e(", ".join(sorted(lowered, key=natural_key))) + ": points withheld under the "
                      "assignment's rules (for example a forbidden function); ask your instructor.</p>")
