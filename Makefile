@@ -56,7 +56,7 @@ GRADE_TIMEOUT ?= 300
 GRADE_JOBS ?= 1
 GRADE_FLAGS ?=
 
-.PHONY: assignment grade site
+.PHONY: assignment grade site feedback
 
 # the course as a static web site: _build/site/index.html (chapters executed at this machine's sizes,
 # unchanged ones reused from _build/site-cache; BNVIZ_FAST=1 for a quick build; see README)
@@ -80,3 +80,10 @@ grade: $(STAMP)
 	$(PY) -m bnviz.grading grade "$(SUBMISSIONS)" --dist $(ASSIGNMENT_DIST) --out $(GRADES) \
 		--timeout $(GRADE_TIMEOUT) --jobs $(GRADE_JOBS) $(GRADE_FLAGS)
 	@echo "gradebook: $(GRADES)/gradebook.csv"
+
+# one HTML page per student in $(GRADES)/feedback/ (+ feedback.zip): scores, visible tests' messages,
+# manual points, rubric, comments; no flags, no other student. FEEDBACK_FLAGS=--release-hidden shows
+# the hidden tests' messages (after the deadline).
+FEEDBACK_FLAGS ?=
+feedback: $(VENV)/.installed
+	$(PY) -m bnviz.grading feedback "$(GRADES)" --dist $(ASSIGNMENT_DIST) $(FEEDBACK_FLAGS)

@@ -4,8 +4,10 @@
     python -m bnviz.grading grade SUBMISSIONS_DIR [--dist dist/batch_norm] [--out grades]
                                   [--timeout 300] [--jobs 1] [--memory-gb 4] [--allow-forbidden]
                                   [--sandbox auto|bwrap|docker] [--docker-image IMAGE] [--no-sandbox]
-                                  [--regrade]
+                                  [--regrade] [--only STUDENT]... [--new-seed]
+                                  [--roster CSV] [--canvas-assignment COLUMN]
                                   [--sandbox-user USER]
+    python -m bnviz.grading feedback GRADES [--dist dist/batch_norm] [--release-hidden]
 """
 
 from __future__ import annotations
@@ -51,7 +53,35 @@ def _parser() -> argparse.ArgumentParser:
                         "drawn per run, never shown, and a seed per student derived from it)")
     g.add_argument("--regrade", action="store_true",
                    help="grade every submission again (default: resume, keeping results of unchanged files)")
+    g.add_argument("--only", action="append", default=[], metavar="STUDENT",
+                   help="grade this student again (repeatable; the name in the gradebook); the others resume as usual")
+    g.add_argument("--new-seed", action="store_true",
+                   help="fresh test inputs for everyone (default: an unchanged file keeps the seed in its JSON)")
+    g.add_argument("--roster", default=None, metavar="CSV",
+                   help="roster (id/user_id, file, name, email, sis_id, login_id, section) for canvas.csv and gradescope.csv")
+    g.add_argument("--canvas-assignment", default=None, metavar="COLUMN",
+                   help="the assignment's column in canvas.csv, as in a Canvas gradebook export: 'Batch norm (12345)' "
+                        "(default: the notebook's name)")
+    f = sub.add_parser("feedback", help="one HTML page per student (and a zip of them) that students can be given")
+    f.add_argument("grades", help="the grades folder `grade` wrote")
+    f.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
+    f.add_argument("--release-hidden", action="store_true",
+                   help="show the hidden tests' messages (default: only passed/failed and points)")
     return parser
+
+
+def _feedback(args, parser) -> int:
+    from . import feedback
+
+    manifest_path = Path(args.dist) / "assignment.json"
+    if not manifest_path.is_file():
+        parser.error(f"{manifest_path} not found: pass the --dist the class was graded with")
+    if not Path(args.grades).is_dir():
+        parser.error(f"{args.grades}: not a grades folder")
+    pages = feedback.write_feedback(Path(args.grades), json.loads(manifest_path.read_text()), args.release_hidden)
+    print(f"feedback for {len(pages)} student(s) -> {Path(args.grades) / 'feedback'} (feedback.zip)"
+          + ("" if args.release_hidden else "; hidden tests' messages not shown (--release-hidden)"))
+    return 0
 
 
 def _grade(args, parser) -> int:
@@ -61,6 +91,14 @@ def _grade(args, parser) -> int:
         parser.error(f"{manifest_path} not found: run `python -m bnviz.grading build --out {dist}` first")
     manifest = json.loads(manifest_path.read_text())
     student_nb = dist / manifest["student_notebook"]
+    from . import late
+
+    if args.roster and not Path(args.roster).is_file():
+        parser.error(f"--roster {args.roster}: no such file")
+    try:
+        late.parse_policy(manifest)  # a wrong late policy stops before grading
+    except (late.PolicyError, KeyError, TypeError) as e:
+        parser.error(f"{manifest_path}: late policy: {e}")
     manual = {q: c["points"] for q, c in manifest.get("questions", {}).items() if c.get("manual")}
     limits = sandbox.Limits(timeout_s=args.timeout, memory_bytes=int(args.memory_gb * sandbox.GiB),
                             output_bytes=int(args.output_mb * sandbox.MiB), processes=args.processes,
@@ -74,12 +112,52 @@ def _grade(args, parser) -> int:
                                allow_forbidden=args.allow_forbidden, seed=args.seed,
                                sandbox_backend="none" if args.no_sandbox else args.sandbox,
                                docker_image=args.docker_image, extra_masks=[dist.resolve()],
-                               regrade=args.regrade)
+                               regrade=args.regrade, only=set(args.only), new_seed=args.new_seed)
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    unknown = sorted(set(args.only) - {r.student for r in results})
+    if unknown:
+        print(f"warning: --only {', '.join(unknown)}: no such student in {args.submissions}", file=sys.stderr)
+    after_grade(Path(args.submissions), Path(args.out), manifest, results, student_nb,
+                roster=Path(args.roster) if args.roster else None, canvas_assignment=args.canvas_assignment)
     print(f"graded {len(results)} submission(s) -> {Path(args.out) / 'gradebook.csv'}")
     return 0
+
+
+def after_grade(submissions: Path, out: Path, manifest: dict, results: list, student_nb: Path,
+                roster: Path | None = None, canvas_assignment: str | None = None) -> None:
+    """What `grade` writes after judging (issue 24): manual.csv gets the missing rows (typed ones
+    are never changed), gradebook.csv merges the manual points, the written-answer pages, the LMS
+    CSVs (canvas.csv, gradescope.csv, submissions.csv), the class pass rate per test (items.csv);
+    overrides.csv first."""
+    import csv
+
+    from . import feedback, items, late, lms, manual as manual_mod, overrides
+
+    out = out.resolve()
+    manual = {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items() if c.get("manual")}
+    overrides.apply_overrides(out, results, feedback._all_tests(), manual)
+    manual_mod.sync_manual_csv(out, [r.student for r in results], manual)
+    files, names, _, infos = lms.collect(submissions.resolve(), student_nb.name)
+    policy = late.parse_policy(manifest)
+    assessed = None if policy is None else {
+        r.student: late.assess(policy, r.student, infos[r.student].submitted_at if r.student in infos else "",
+                               r.student in infos and infos[r.student].late) for r in results}
+    header = manual_mod.merge_gradebook(out, results, manual, assessed)
+    graded = {r.student for r in results}
+    handout = json.loads(student_nb.read_text(encoding="utf-8")) if student_nb.is_file() else None
+    manual_mod.write_written_pages(out, {n: p for p, n in names.items() if n in graded}, manual,
+                                   manual_mod.rubrics(manifest), handout, student_nb.name)
+    with open(out / "gradebook.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    questions = [c for c in header[1:header.index("total")]]
+    possible = sum(float(c["points"] or 0) for c in manifest.get("questions", {}).values())
+    items.write_items(out, results, feedback._all_tests())
+    items.write_histogram(out, results, {q: float(c["points"] or 0) for q, c in manifest.get("questions", {}).items()
+                                         if not c.get("manual")})
+    lms.write_lms_csvs(out, rows, infos, {n: str(p.relative_to(submissions.resolve())) for p, n in names.items()},
+                       questions, possible, lms.read_roster(roster), canvas_assignment or Path(student_nb.name).stem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,4 +173,6 @@ def main(argv: list[str] | None = None) -> int:
               f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
               f"{manifest['autograded_points']:g} autograded + {manifest['manual_points']:g} manual points")
         return 0
+    if args.cmd == "feedback":
+        return _feedback(args, parser)
     return _grade(args, parser)

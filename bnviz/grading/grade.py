@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checker, ingest, records, report, rules, sandbox, scoring, similarity, worker
+from . import checker, ingest, lms, records, report, rules, sandbox, scoring, seeds, similarity, worker
 from .judge import GiB, Judge, JudgeError
 from .records import Result
 from .text import clean, visible
@@ -72,6 +72,7 @@ class Session:
                  docker_image: str | None = None):
         self._secret = secrets.token_bytes(32) if seed is None else None
         self.fixed_seed = None if seed is None else int(seed)
+        self.recorded: dict[str, int] = {}  # seeds in the students' JSON, reused for unchanged files (seeds.py)
         self.variant = _variant(student_nb)  # the class variant (build --variant)
         self.tests = self.tests_for(0)  # the questions, tests and points (the same for every seed)
         self.questions = checker.question_points(self.tests)
@@ -86,7 +87,9 @@ class Session:
             limits, timeout_s=2 * limits.timeout_s + 15, cpu_seconds=2 * (limits.cpu_seconds or int(limits.timeout_s) + 1))
 
     def seed_for(self, student: str) -> int:
-        return self.fixed_seed if self.fixed_seed is not None else derive_seed(self._secret, student)
+        if self.fixed_seed is not None:
+            return self.fixed_seed
+        return self.recorded[student] if student in self.recorded else derive_seed(self._secret, student)
 
     def tests_for(self, seed: int) -> list:
         return checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
@@ -199,7 +202,7 @@ def _read_cells(p: Path, judges: _Judges) -> list | None:
 def _grade_one(p: Path, name: str, session: Session, judges: _Judges, ctx: dict) -> Result:
     """Resume or grade one file, write its records at once; never raises."""
     digest = records.sha256(p)
-    if not ctx["regrade"]:
+    if not ctx["regrade"] and name not in ctx.get("only", ()):
         prev = records.previous_result(ctx["out"], name, digest, ctx["config"], ctx["columns"])
         if prev is not None:
             prev.resumed = True
@@ -232,7 +235,8 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  limits: sandbox.Limits | None = None, forbidden: dict[str, Any] | None = None,
                  allow_forbidden: bool = False, seed: int | None = None, docker_image: str | None = None,
                  extra_masks: list[str | os.PathLike] = (), regrade: bool = False,
-                 judge_memory_bytes: int = 3 * GiB, judge_timeout_s: float = 120.0, log=print) -> list[Result]:
+                 judge_memory_bytes: int = 3 * GiB, judge_timeout_s: float = 120.0, log=print,
+                 only: set[str] = frozenset(), new_seed: bool = False) -> list[Result]:
     """Grade every ``*.ipynb`` / ``*.zip`` (any case) in ``submissions_dir`` (not recursive) into ``out_dir``.
 
     Writes ``<out>/<student>.json`` (student: the file's name without extension, see
@@ -255,8 +259,7 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     limits = limits or sandbox.Limits(timeout_s=timeout_s, threads=1 if jobs > 1 else 2)
     rules_ = {} if allow_forbidden else {q: set(f) for q, f in (forbidden if forbidden is not None else rules.DEFAULT_RULES).items()}
     student_nb = json.loads(Path(student_notebook).read_text(encoding="utf-8")) if student_notebook else None
-    files, skipped = ingest.list_folder(sub_dir)
-    names = ingest.student_names(files)
+    files, names, skipped, _ = lms.collect(sub_dir, Path(student_notebook).name if student_notebook else "batch_norm.ipynb")
     manual = dict(manual_questions or {})
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bnviz-grading-"))
@@ -266,12 +269,14 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if student_notebook:
             masks.append(Path(student_notebook).resolve().parent.parent)
         session = Session(work, backend, limits, [m.resolve() for m in masks], rules_, student_nb, seed, docker_image)
+        if not new_seed:  # issue 24: an unchanged file keeps its recorded seed (seeds.py)
+            session.recorded = seeds.recorded_seeds(out, {names[p]: records.sha256(p) for p in files})
         handed_out = ([ingest._text(c.get("source", "")) or "" for c in student_nb["cells"] if c.get("cell_type") == "code"]
                       if student_nb else None)
         preferred = Path(student_notebook).name if student_notebook else "batch_norm.ipynb"
         judges = _Judges(max(1, jobs), session.judge_config(handed_out, preferred), judge_memory_bytes, judge_timeout_s)
         columns = records.gradebook_columns(session.questions, manual)
-        ctx = {"out": out, "columns": columns, "manual": manual, "regrade": regrade, "log": log,
+        ctx = {"out": out, "columns": columns, "manual": manual, "regrade": regrade, "log": log, "only": set(only),
                "config": records.fingerprint(session.questions, rules_, manual, session.variant, _limits_key(limits, jobs))}
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             results = list(pool.map(lambda p: _grade_one(p, names[p], session, judges, ctx), files))
