@@ -886,7 +886,8 @@ def test_no_sandbox_flag_warns(dist, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "WARNING: --no-sandbox" in proc.stdout and "other submissions" in proc.stdout
-    assert "good,9,4,6,,19,19,," in (tmp_path / "grades" / "gradebook.csv").read_text()
+    # total 19 of 21 possible: q4's 2 points are graded by hand (grades/manual.csv), still blank
+    assert "good,9,4,6,,19,21,," in (tmp_path / "grades" / "gradebook.csv").read_text()
 
 
 def test_cli_grade(dist, bwrap, tmp_path):
@@ -903,9 +904,11 @@ def test_cli_grade(dist, bwrap, tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.reader(io.StringIO((tmp_path / "grades" / "gradebook.csv").read_text())))
-    assert rows[0] == ["student", "q1", "q2", "q3", "q4", "total", "possible", "error", "flags"]
-    assert rows[1][0] == "broken" and rows[1][5:7] == ["0", "19"] and "not valid JSON" in rows[1][7]
-    assert rows[2][0] == "good" and rows[2][5:8] == ["19", "19", ""], rows[2]
+    assert rows[0] == ["student", "q1", "q2", "q3", "q4", "total", "possible", "error", "flags", "manual_ungraded"]
+    # possible counts q4's 2 hand-graded points; manual_ungraded says they are still to grade
+    assert rows[1][0] == "broken" and rows[1][5:7] == ["0", "21"] and "not valid JSON" in rows[1][7]
+    assert rows[2][0] == "good" and rows[2][5:8] == ["19", "21", ""], rows[2]
+    assert "q4" in rows[2][9], rows[2]
     assert rows[2][8].startswith("similar to the public solution (score"), rows[2]  # the answer key is a copy
     assert (tmp_path / "grades" / "similarity.html").is_file()
     assert len(rows) == 3
