@@ -6,9 +6,9 @@
   model stops answering is rebuilt from its data (at most ``MAX_REVIVALS`` times per lab).
 * :class:`DisplayView` (``"display"``, the default in Colab and VS Code, see
   :func:`bnviz.colab.default_drawing`): the figures are plain plotly figures, each in its own
-  output with a display id (``IPython.display.display(fig, display_id=True)``); a draw re-sends
-  the figures that changed through their handles (``DisplayHandle.update``). Nothing but core
-  ipywidgets (the controls) and plain outputs is used: what Colab renders without a custom
+  output with a display id (``IPython.display.display(..., display_id=True)``); a draw re-sends
+  the figures that changed through their handles (``DisplayHandle.update``) as HTML. Nothing but
+  core ipywidgets (the controls) and plain outputs is used: what Colab renders without a custom
   widget manager. A re-sent figure is redrawn whole, so the lab draws at most once a second.
 
 Both have ``widget`` (what holds the controls), ``show()`` (display everything), and
@@ -110,6 +110,7 @@ class DisplayView:
         if not _in_ipython():
             return
         with self._lock:
+            _load_plotlyjs()
             display(self.widget)
             self.handles["fig_curves"] = display(_bundle(self.charts.fig_curves), raw=True, display_id=True)
             display(self.layer_row)
@@ -141,20 +142,28 @@ def _in_ipython() -> bool:
 
 
 def _bundle(fig) -> dict:
-    """The figure as one output: in Colab, Colab's own plotly renderer (HTML that loads
-    plotly.js from its CDN); elsewhere plotly's mimetype (drawn by JupyterLab's and VS Code's
-    plotly renderers) with a text fallback. Built here, not by displaying the figure: plotly's
-    ``_ipython_display_`` ignores display ids, and its default renderers may re-send the whole
-    plotly.js (about 5 MB) with every figure."""
+    """The figure as one HTML output. In Colab: plotly's Colab renderer (the HTML loads plotly.js
+    from its CDN). Elsewhere: the figure's HTML without plotly.js, drawn by the plotly.js that
+    :meth:`DisplayView.show` put on the page once (plotly's "notebook" renderer). Built here, not
+    by displaying the figure: plotly's ``_ipython_display_`` ignores display ids, its default
+    renderers re-send the whole plotly.js (about 5 MB) with every figure, and JupyterLab's plotly
+    mimetype renderer does not redraw an updated output (checked in Chromium)."""
     import plotly.io as pio
 
     with fig._sync_lock:
         fig_dict = fig.to_dict()
     if in_colab():
         return pio.renderers["colab"].to_mimebundle(fig_dict)
-    bundle = pio.renderers["plotly_mimetype"].to_mimebundle(fig_dict)
-    bundle["text/plain"] = "<plotly figure: the bnviz lab's chart>"
-    return bundle
+    html = pio.to_html(fig_dict, include_plotlyjs=False, full_html=False, validate=False)
+    return {"text/html": html, "text/plain": "<plotly figure: the bnviz lab's chart>"}
+
+
+def _load_plotlyjs() -> None:
+    """Put plotly.js on the page once (outside Colab), as plotly's notebook renderer does."""
+    import plotly.io as pio
+
+    if not in_colab():
+        pio.renderers["notebook"].activate()
 
 
 def pick_drawing(drawing: str | None) -> str:

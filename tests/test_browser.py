@@ -242,3 +242,29 @@ def test_make_lab_opens_the_start_page_unmodified_without_a_news_prompt(chromium
         except Exception:
             shot(page, "make-lab-failure")
             raise
+
+
+def test_lab_display_drawing_redraws_in_jupyterlab(chromium_path, tmp_path, monkeypatch, notebook_guard):
+    """The "display" drawing (Colab's default; BNVIZ_LAB_DRAWING=display here) in a real page: the
+    figures are outputs re-sent through display handles from the training thread, and the page
+    redraws them. (With plotly's mimetype, JupyterLab kept the first, empty picture: checked.)"""
+    monkeypatch.setenv("BNVIZ_LAB_DRAWING", "display")
+    with jupyter_lab(tmp_path) as (base, token, _proc), chromium(chromium_path, 1280, 1000) as page:
+        try:
+            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
+            page.wait_for_selector(".jp-Notebook", timeout=90_000)
+            wait_kernel_idle(page)
+            run_all_cells(page)
+            wait_for(page, lambda: page.locator(".js-plotly-plot").count() >= 3, 150, "the three figures")
+            wait_kernel_idle(page, 120)
+            assert page.locator(".bnviz-lab .js-plotly-plot").count() == 0, "display drawing: figures are outputs"
+            click_button(page, "Run")
+            wait_for(page, lambda: state(page) == "finished", 150, "the run to finish")
+            points = ("() => Math.max(0, ...Array.from(document.querySelectorAll('.js-plotly-plot'))"
+                      ".flatMap(g => (g._fullData || []).map(t => (t.x || []).length)))")  # decoded arrays
+            wait_for(page, lambda: page.evaluate(points) > 10, 30, "the curves to show the run's steps")
+            page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+            shot(page, "jupyterlab-display-drawing", full_page=False)
+        except Exception:
+            shot(page, "jupyterlab-display-drawing-failure")
+            raise

@@ -148,7 +148,14 @@ def shell():
 
 
 def _plotly(output) -> dict:
-    return output["data"]["application/vnd.plotly.v1+json"]
+    """{"data", "layout"} of a figure sent as HTML (Plotly.newPlot(id, data, layout, config))."""
+    html = output["data"]["text/html"]
+    start = html.index("[", html.index("Plotly.newPlot("))
+    dec = json.JSONDecoder()
+    data, end = dec.raw_decode(html[start:])
+    rest = html[start + end:]
+    layout, _ = dec.raw_decode(rest[rest.index("{"):])
+    return {"data": data, "layout": layout}
 
 
 def test_display_drawing_updates_the_charts_through_display_handles(shell):
@@ -160,7 +167,9 @@ def test_display_drawing_updates_the_charts_through_display_handles(shell):
     shown = [o for o in outs if (o.get("transient") or {}).get("display_id")]
     assert len(shown) == 3, "curves, γ/β and statistics: one output each, with a display id"
     ids = {o["transient"]["display_id"] for o in shown}
-    assert all(len(str(o["data"])) < 200_000 for o in outs), "no output may carry plotly.js itself"
+    # plotly.js goes on the page once (before the figures); no figure output carries it again
+    big = [o for o in outs if len(str(o["data"])) > 200_000]
+    assert len(big) <= 1 and (not big or outs.index(big[0]) < outs.index(shown[0])), [len(str(o["data"])) for o in outs]
 
     h = lab.run_clicked()
     deadline = time.monotonic() + 120
@@ -173,6 +182,7 @@ def test_display_drawing_updates_the_charts_through_display_handles(shell):
 
     updates = [o for o in outs if o.get("update")]
     assert updates and {o["transient"]["display_id"] for o in updates} <= ids
+    assert all(len(str(o["data"])) < 200_000 and "Plotly.newPlot" in o["data"]["text/html"] for o in updates)
     assert lab.view.updates == len(updates) >= 3
     last_curves = [o for o in updates if o["transient"]["display_id"] == shown[0]["transient"]["display_id"]][-1]
     fig = _plotly(last_curves)
