@@ -157,17 +157,22 @@ def stop_and_check(page, name: str) -> None:
     shot(page, f"{name}-stopped")
 
 
+def open_and_run_lab(page, base: str, token: str, figures: str, enough) -> None:
+    """Open the lab's notebook in JupyterLab, run all its cells, and wait until the figures
+    matched by the CSS selector ``figures`` are drawn (``enough(count)``) and the kernel is idle."""
+    page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
+    page.wait_for_selector(".jp-Notebook", timeout=90_000)
+    wait_kernel_idle(page)
+    run_all_cells(page)
+    wait_for(page, lambda: enough(page.locator(figures).count()), 150, "the lab's three figures")
+    wait_kernel_idle(page, 120)
+
+
 def test_lab_in_jupyterlab(chromium_path, tmp_path, notebook_guard):
     t0 = time.monotonic()
     with jupyter_lab(tmp_path) as (base, token, _proc), chromium(chromium_path, 1280, 800) as page:
         try:
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-            page.wait_for_selector(".jp-Notebook", timeout=90_000)
-            wait_kernel_idle(page)
-            run_all_cells(page)
-            wait_for(page, lambda: page.locator(".bnviz-lab .js-plotly-plot").count() == 3, 150,
-                     "the lab's three figures")
-            wait_kernel_idle(page, 120)
+            open_and_run_lab(page, base, token, ".bnviz-lab .js-plotly-plot", lambda n: n == 3)
             page.locator(".bnviz-lab").first.scroll_into_view_if_needed()
             assert state(page) == "idle" and "no run yet" in status(page)
 
@@ -251,12 +256,7 @@ def test_lab_display_drawing_redraws_in_jupyterlab(chromium_path, tmp_path, monk
     monkeypatch.setenv("BNVIZ_LAB_DRAWING", "display")
     with jupyter_lab(tmp_path) as (base, token, _proc), chromium(chromium_path, 1280, 1000) as page:
         try:
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}")
-            page.wait_for_selector(".jp-Notebook", timeout=90_000)
-            wait_kernel_idle(page)
-            run_all_cells(page)
-            wait_for(page, lambda: page.locator(".js-plotly-plot").count() >= 3, 150, "the three figures")
-            wait_kernel_idle(page, 120)
+            open_and_run_lab(page, base, token, ".js-plotly-plot", lambda n: n >= 3)
             assert page.locator(".bnviz-lab .js-plotly-plot").count() == 0, "display drawing: figures are outputs"
             click_button(page, "Run")
             wait_for(page, lambda: state(page) == "finished", 150, "the run to finish")
