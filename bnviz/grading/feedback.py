@@ -62,15 +62,11 @@ def student_error(error: str) -> list[str]:
     return out
 
 
-def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], rubric: dict[str, list[dict]],
-         tests: list[tuple[str, str, bool, float]], release_hidden: bool, late_row: dict | None = None) -> str:
-    """One student's feedback page (HTML) from their JSON and their manual.csv entries."""
+def _score_table(scores, possible, manual, manual_rows) -> tuple[str, float, float]:
+    """The per-question table; returns it with the total (manual points included) and the maximum."""
     e = html.escape
-    failed = {f.get("name"): f for f in data.get("failed_tests") or [] if isinstance(f, dict)}
-    scores = {q: float(v) for q, v in (data.get("scores") or {}).items()}
-    possible = {q: float(v) for q, v in (data.get("possible") or {}).items()}
     total, out_of = sum(scores.values()), sum(possible.values()) + sum(manual.values())
-    rows, parts = [], []
+    rows = []
     for q in sorted(set(possible) | set(manual), key=natural_key):
         if q in manual:
             v = manual_rows.get(q, (None,))[0]
@@ -79,14 +75,14 @@ def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], ru
                         "<td>graded by hand</td></tr>")
         else:
             rows.append(f"<tr><td>{e(q)}</td><td>{scores.get(q, 0.0):g} / {possible[q]:g}</td><td>autograded</td></tr>")
-    parts.append(f"<h2>Score: {total:g} / {out_of:g}</h2><table><tr><th>question</th><th>points</th><th></th></tr>"
-                 + "".join(rows) + "</table>")
-    if late_row and late_row.get("final", "") != "" and late_row.get("late_days", "0") not in ("", "0"):
-        parts.append(f"<p>Late: {e(late_row['late_days'])} day(s); penalty {e(late_row.get('penalty', ''))} points; "
-                     f"final score {e(late_row['final'])} / {out_of:g}.</p>")
-    errors = student_error(data.get("error", ""))
-    if errors:
-        parts.append("<h2>What stopped your notebook</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in errors) + "</ul>")
+    table = (f"<h2>Score: {total:g} / {out_of:g}</h2><table><tr><th>question</th><th>points</th><th></th></tr>"
+             + "".join(rows) + "</table>")
+    return table, total, out_of
+
+
+def _tests_table(tests, failed: dict, release_hidden: bool) -> str:
+    """Every test with its result; a hidden test's message only after ``release_hidden``."""
+    e = html.escape
     trs = []
     for q, name, hidden, points in tests:
         f = failed.get(name)
@@ -100,10 +96,16 @@ def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], ru
             msg = clean(f.get("reason") or "", 400)
         trs.append(f"<tr><td>{e(name)}{' (hidden)' if hidden else ''}</td><td>{status}</td><td>{got:g} / {points:g}</td>"
                    f"<td>{e(msg)}</td></tr>")
-    parts.append("<h2>Tests</h2><table><tr><th>test</th><th>result</th><th>points</th><th>message</th></tr>"
-                 + "".join(trs) + "</table>")
+    return ("<h2>Tests</h2><table><tr><th>test</th><th>result</th><th>points</th><th>message</th></tr>"
+            + "".join(trs) + "</table>")
+
+
+def _adjustments(data: dict, scores, possible, tests, failed: dict) -> list[str]:
+    """Overrides (what changed, not the instructor's reason) and points withheld under the rules."""
+    e = html.escape
+    parts = []
     adjusted = [o for o in data.get("overrides") or [] if isinstance(o, dict)]
-    if adjusted:  # overrides.csv: what changed, not the instructor's reason
+    if adjusted:
         parts.append("<h2>Adjusted by your instructor</h2><ul>" + "".join(
             f"<li>{e(str(o.get('target', '')))}: {e(str(o.get('question', '')))} "
             f"{float(o.get('before', 0)):g} &rarr; {float(o.get('after', 0)):g} points</li>" for o in adjusted) + "</ul>")
@@ -112,15 +114,41 @@ def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], ru
     if lowered:
         parts.append("<p>" + e(", ".join(sorted(lowered, key=natural_key))) + ": points withheld under the "
                      "assignment's rules (for example a forbidden function); ask your instructor.</p>")
-    for q in sorted(manual, key=natural_key):
-        v, _why, row = manual_rows.get(q, (None, "", None))
-        given = {s.strip() for s in re.split(r"[;,]", (row or {}).get("rubric_items", "")) if s.strip()}
-        items = "".join(f"<li>{'&#10003;' if str(r.get('id')) in given else '&#10007;'} {e(str(r.get('item', '')))} "
-                        f"({float(r.get('points', 0)):g} pt)</li>" for r in rubric.get(q, []))
-        comment = (row or {}).get("comment", "").lstrip("'")
-        parts.append(f"<h2>{e(q)} (graded by hand): {'not graded yet' if v is None else f'{v:g}'} / {manual[q]:g}</h2>"
-                     + (f"<ul>{items}</ul>" if items and v is not None else "")
-                     + (f"<p>Comment: {e(clean(comment, 2000))}</p>" if comment and v is not None else ""))
+    return parts
+
+
+def _manual_section(q: str, out_of: float, manual_row: tuple, rubric: list[dict]) -> str:
+    """One hand-graded question: points, the rubric items given (ticked) and the grader's comment."""
+    e = html.escape
+    v, _why, row = manual_row
+    given = {s.strip() for s in re.split(r"[;,]", (row or {}).get("rubric_items", "")) if s.strip()}
+    items = "".join(f"<li>{'&#10003;' if str(r.get('id')) in given else '&#10007;'} {e(str(r.get('item', '')))} "
+                    f"({float(r.get('points', 0)):g} pt)</li>" for r in rubric)
+    comment = (row or {}).get("comment", "").lstrip("'")
+    return (f"<h2>{e(q)} (graded by hand): {'not graded yet' if v is None else f'{v:g}'} / {out_of:g}</h2>"
+            + (f"<ul>{items}</ul>" if items and v is not None else "")
+            + (f"<p>Comment: {e(clean(comment, 2000))}</p>" if comment and v is not None else ""))
+
+
+def page(data: dict, manual_rows: dict[str, tuple], manual: dict[str, float], rubric: dict[str, list[dict]],
+         tests: list[tuple[str, str, bool, float]], release_hidden: bool, late_row: dict | None = None) -> str:
+    """One student's feedback page (HTML) from their JSON and their manual.csv entries."""
+    e = html.escape
+    failed = {f.get("name"): f for f in data.get("failed_tests") or [] if isinstance(f, dict)}
+    scores = {q: float(v) for q, v in (data.get("scores") or {}).items()}
+    possible = {q: float(v) for q, v in (data.get("possible") or {}).items()}
+    table, _total, out_of = _score_table(scores, possible, manual, manual_rows)
+    parts = [table]
+    if late_row and late_row.get("final", "") != "" and late_row.get("late_days", "0") not in ("", "0"):
+        parts.append(f"<p>Late: {e(late_row['late_days'])} day(s); penalty {e(late_row.get('penalty', ''))} points; "
+                     f"final score {e(late_row['final'])} / {out_of:g}.</p>")
+    errors = student_error(data.get("error", ""))
+    if errors:
+        parts.append("<h2>What stopped your notebook</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in errors) + "</ul>")
+    parts.append(_tests_table(tests, failed, release_hidden))
+    parts += _adjustments(data, scores, possible, tests, failed)
+    parts += [_manual_section(q, manual[q], manual_rows.get(q, (None, "", None)), rubric.get(q, []))
+              for q in sorted(manual, key=natural_key)]
     student = str(data.get("student", ""))
     return (f"<!doctype html><meta charset=utf-8><title>Feedback: {e(student)}</title><style>{STYLE}</style>"
             f"<h1>Feedback for {e(student)}</h1>" + "".join(parts))
