@@ -125,14 +125,12 @@ def _gradescope_info(key: str, meta: dict) -> Info:
                 get(first, "sid"), created, False, (created, key))
 
 
-def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Path], dict[Path, str], list[tuple[str, str]], dict[str, Info]]:
-    """(files to grade, file -> student, [(entry, why skipped)], student -> Info)."""
-    files, skipped = ingest.list_folder(folder)
-    meta = _gradescope_meta(folder)
-    keyed: list[tuple[str, Path, Info]] = []  # LMS submissions: (student key, file, info)
-    plain: list[Path] = []
+def _canvas_split(files: list[Path]) -> tuple[list[tuple[str, Path, Info]], list[Path]]:
+    """Canvas bulk-download files keyed by user id, and the plain files. A folder is read as a
+    Canvas download when at least half its files are named the Canvas way."""
     canvas = sum(1 for p in files if CANVAS_RE.match(p.name))
-    canvas = canvas > 0 and 2 * canvas >= len(files)  # a Canvas download: at least half its files are named so
+    canvas = canvas > 0 and 2 * canvas >= len(files)
+    keyed, plain = [], []
     for p in files:
         m = CANVAS_RE.match(p.name) if canvas else None
         if m:
@@ -140,7 +138,13 @@ def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Pat
                                             ("", int(m["sid"]), _mtime(p), p.name))))
         else:
             plain.append(p)
-    rest = []
+    return keyed, plain
+
+
+def _gradescope_entries(folder: Path, skipped, meta, preferred: str):
+    """Gradescope ``submission_<id>/`` folders among ``list_folder``'s skipped entries:
+    ([(student key, notebook, Info)], [(entry, why skipped)])."""
+    keyed, rest = [], []
     for name, why in skipped:
         path = folder / name
         if meta and name == GRADESCOPE_META:
@@ -152,18 +156,21 @@ def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Pat
                 continue
             found.sort(key=lambda q: (q.name.lower() != preferred.lower(), len(q.relative_to(path).parts), str(q)))
             info = _gradescope_info(name, meta)
-            key = info.email or info.sid or name
-            keyed.append((key, found[0], info))
+            keyed.append((info.email or info.sid or name, found[0], info))
             for other in found[1:]:
                 rest.append((ingest.printable(str(other.relative_to(folder))),
                              f"another notebook of {name} ({ingest.printable(found[0].name)} is graded)"))
             continue
         rest.append((name, why))
-    # one submission per student: the newest
-    by_key: dict[str, list[tuple[Path, Info]]] = {}
+    return keyed, rest
+
+
+def _newest_per_student(folder: Path, keyed) -> tuple[list[tuple[str, Path, Info]], list[tuple[str, str]]]:
+    """One submission per student key (case-insensitive): the newest; the older ones are skipped."""
+    by_key: dict[str, list[tuple[Path, Info, str]]] = {}
     for key, p, info in keyed:
         by_key.setdefault(_safe(key).lower(), []).append((p, info, key))
-    chosen: list[tuple[str, Path, Info]] = []
+    chosen, rest = [], []
     for group in by_key.values():
         group.sort(key=lambda t: t[1].order)
         p, info, key = group[-1]
@@ -171,6 +178,16 @@ def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Pat
         for q, _, _ in group[:-1]:
             rest.append((ingest.printable(str(q.relative_to(folder))),
                          f"an older submission of {ingest.printable(_safe(key))} ({ingest.printable(str(p.relative_to(folder)))} is graded)"))
+    return chosen, rest
+
+
+def collect(folder: Path, preferred: str = "batch_norm.ipynb") -> tuple[list[Path], dict[Path, str], list[tuple[str, str]], dict[str, Info]]:
+    """(files to grade, file -> student, [(entry, why skipped)], student -> Info)."""
+    files, skipped = ingest.list_folder(folder)
+    keyed, plain = _canvas_split(files)
+    more, rest = _gradescope_entries(folder, skipped, _gradescope_meta(folder), preferred)
+    chosen, older = _newest_per_student(folder, keyed + more)
+    rest += older
     names = ingest.student_names(plain)
     used = {n.lower() for n in names.values()}
     infos: dict[str, Info] = {}
