@@ -159,75 +159,127 @@ def _syn_class_shapes(c: int, m: int, g: torch.Generator) -> torch.Tensor:
     pullover / coat overlap in Fashion-MNIST)."""
     U = lambda lo, hi: _syn_uniform(g, m, lo, hi)  # noqa: E731
     P = torch.zeros(m, _SYN_SLOTS, 8)
-    s, w = U(0.98, 1.18), U(0.8, 1.2)  # size, width factor
-    cx, cy = 14 + U(-1.5, 1.5), 14 + U(-1.5, 1.5)
-    deg = math.pi / 180
-    one, k = torch.ones(m), 0
+    slot = [0]
 
     def put(x, y, hh, hw_top, hw_bottom, angle, kind=1.0, gain=1.0):
-        nonlocal k
         for i, value in enumerate((x, y, hh, hw_top, hw_bottom, angle, kind, gain)):
-            P[:, k, i] = value
-        k += 1
+            P[:, slot[0], i] = value
+        slot[0] += 1
 
-    if c in (0, 2, 4, 6):  # tops: t-shirt, pullover, coat, shirt
-        hh = {0: 11.0, 2: 9.5, 4: 10.5, 6: 10.0}[c] * s * U(0.88, 1.05) - 1
-        hw = 6.3 * s * w
-        top = cy - hh
-        put(cx, cy, hh, hw * U(0.95, 1.1), hw * U(0.9, 1.1), 0 * one)
-        if c == 0:    # short sleeves
-            sleeve, angle = 2.6 * s * U(0.8, 1.8), U(25, 65) * deg
-        elif c == 6:  # shirt: long sleeves, sometimes short
-            sleeve, angle = 7.5 * s * U(0.35, 1.1), U(10, 50) * deg
-        else:         # pullover, coat: long sleeves
-            sleeve, angle = 8.2 * s * U(0.8, 1.1), U(8, 32) * deg
-        sw = 2.3 * s * U(0.85, 1.15)
-        for side in (-1, 1):
-            put(cx + side * hw + side * sleeve * torch.sin(angle), top + 2.0 + sleeve * torch.cos(angle),
-                sleeve, sw, sw * 1.05, -side * angle)
-        neck = 2.2 * s * U(0.8, 1.2)
-        if c == 6:    # V collar, on 70 % of shirts
-            put(cx, top + 1.6, 2.4 * one, neck, 0.2 * one, 0 * one, -1.0 * (torch.rand(m, generator=g) < 0.7))
-        elif c == 4:  # coat: an opening down the middle (faint to clear) and a collar
-            put(cx, cy, hh, 0.45 * one, 0.45 * one, 0 * one, -1, U(0, 0.8))
-            put(cx, top + 0.8, 1.5 * one, neck, 0.5 * neck, 0 * one, -1)
-        else:
-            put(cx, top, 1.3 * one, neck, neck * 0.8, 0 * one, -1)
-    elif c == 1:  # trouser: two legs and a waist band
-        hh, lw, spread = 12.0 * s, 2.5 * s * w, U(0, 4) * deg
-        for side in (-1, 1):
-            put(cx + side * (lw + 0.3 + 0.25 * hh * torch.sin(spread)), cy + 0.5, hh, lw * 0.95, lw * 1.05,
-                -side * spread)
-        put(cx, cy - hh + 1.5, 1.6 * one, 2 * lw + 0.8, 2 * lw + 0.8, 0 * one)
-    elif c == 3:  # dress: a trapezoid widening downwards, and straps
-        hh = 12.0 * s * U(0.9, 1.05)
-        put(cx, cy, hh, 3.2 * s * w, 7.5 * s * w * U(0.85, 1.15), 0 * one)
-        put(cx, cy - hh - 0.5, 1.5 * one, 3.0 * s * w, 3.0 * s * w, 0 * one)
-        put(cx, cy - hh - 1.5, 1.2 * one, 1.3 * one, 1.3 * one, 0 * one, -1)
-    elif c == 5:  # sandal: a sole and thin straps
-        base, length = cy + 3 + U(-1, 1), 11.5 * s * w
-        put(cx, base + 2.5, 1.3 * one, length, length, U(-4, 4) * deg)
-        for j, offset in enumerate((-0.55, 0.0, 0.55)):
-            put(cx + offset * length, base - 1.5, 4.5 * s * one, 0.9 * one, 0.9 * one,
-                U(20, 60) * deg * (1 if j % 2 else -1))
-        put(cx + 0.5 * length, base - 3.5, 0.8 * one, 0.45 * length, 0.45 * length, 0 * one)
-    elif c == 7:  # sneaker: a low shoe with a bright sole
-        base, length = cy + 2 + U(-1, 1), 12.0 * s * w
-        put(cx, base, 4.0 * s * U(0.85, 1.15), 0.55 * length, length, 0 * one)
-        put(cx - 0.35 * length, base - 4.5 * s, 2.2 * s * one, 0.3 * length, 0.35 * length, U(-8, 8) * deg)
-        put(cx, base + 4.0 * s, 1.0 * one, length, length, 0 * one, 1, 1.3)
-    elif c == 9:  # ankle boot: a sole and a tall shaft (an L)
-        base, length = cy + 6 + U(-1, 1), 11.5 * s * w
-        put(cx, base, 3.0 * s * one, 0.8 * length, length, 0 * one)
-        shaft = 8.0 * s * U(0.8, 1.15)
-        put(cx - 0.35 * length, base - shaft, shaft, 4.6 * s * one, 5.0 * s * one, U(-8, 8) * deg)
-    elif c == 8:  # bag: a body and a handle (a ring)
-        bh, bw, by = 7.0 * s * U(0.8, 1.2), 10.5 * s * w, cy + 3
-        put(cx, by, bh, bw * 0.9, bw, 0 * one)
-        hh = 4.5 * s * U(0.7, 1.3)
-        put(cx, by - bh - hh + 1, hh, 0.45 * bw, 0.55 * bw, 0 * one)
-        put(cx, by - bh - hh + 2.3, hh - 1.3, 0.45 * bw - 1.6, 0.55 * bw - 1.6, 0 * one, -1)
+    s, w = U(0.98, 1.18), U(0.8, 1.2)  # size, width factor
+    cx, cy = 14 + U(-1.5, 1.5), 14 + U(-1.5, 1.5)
+    draw = _syn_top if c in (0, 2, 4, 6) else _SYN_DRAW[c]
+    draw(_SynPen(put, U, g, m, s, w, cx, cy), c)
     return P
+
+
+@dataclass
+class _SynPen:
+    """What one class's drawing needs: ``put`` (one primitive per slot), ``U`` (uniform draws, one
+    per shape), the generator, the count, the size and width factors and the centre."""
+    put: Callable
+    U: Callable
+    g: torch.Generator
+    m: int
+    s: torch.Tensor
+    w: torch.Tensor
+    cx: torch.Tensor
+    cy: torch.Tensor
+
+    @property
+    def one(self) -> torch.Tensor:
+        return torch.ones(self.m)
+
+
+_DEG = math.pi / 180
+
+
+def _syn_top(p: _SynPen, c: int) -> None:
+    """Tops: 0 t-shirt, 2 pullover, 4 coat, 6 shirt (a torso, sleeves, a collar or an opening)."""
+    put, U, s, cx, cy, one = p.put, p.U, p.s, p.cx, p.cy, p.one
+    hh = {0: 11.0, 2: 9.5, 4: 10.5, 6: 10.0}[c] * s * U(0.88, 1.05) - 1
+    hw = 6.3 * s * p.w
+    top = cy - hh
+    put(cx, cy, hh, hw * U(0.95, 1.1), hw * U(0.9, 1.1), 0 * one)
+    if c == 0:    # short sleeves
+        sleeve, angle = 2.6 * s * U(0.8, 1.8), U(25, 65) * _DEG
+    elif c == 6:  # shirt: long sleeves, sometimes short
+        sleeve, angle = 7.5 * s * U(0.35, 1.1), U(10, 50) * _DEG
+    else:         # pullover, coat: long sleeves
+        sleeve, angle = 8.2 * s * U(0.8, 1.1), U(8, 32) * _DEG
+    sw = 2.3 * s * U(0.85, 1.15)
+    for side in (-1, 1):
+        put(cx + side * hw + side * sleeve * torch.sin(angle), top + 2.0 + sleeve * torch.cos(angle),
+            sleeve, sw, sw * 1.05, -side * angle)
+    neck = 2.2 * s * U(0.8, 1.2)
+    if c == 6:    # V collar, on 70 % of shirts
+        put(cx, top + 1.6, 2.4 * one, neck, 0.2 * one, 0 * one, -1.0 * (torch.rand(p.m, generator=p.g) < 0.7))
+    elif c == 4:  # coat: an opening down the middle (faint to clear) and a collar
+        put(cx, cy, hh, 0.45 * one, 0.45 * one, 0 * one, -1, U(0, 0.8))
+        put(cx, top + 0.8, 1.5 * one, neck, 0.5 * neck, 0 * one, -1)
+    else:
+        put(cx, top, 1.3 * one, neck, neck * 0.8, 0 * one, -1)
+
+
+def _syn_trouser(p: _SynPen, c: int) -> None:
+    """Two legs and a waist band."""
+    put, s, cx, cy, one = p.put, p.s, p.cx, p.cy, p.one
+    hh, lw, spread = 12.0 * s, 2.5 * s * p.w, p.U(0, 4) * _DEG
+    for side in (-1, 1):
+        put(cx + side * (lw + 0.3 + 0.25 * hh * torch.sin(spread)), cy + 0.5, hh, lw * 0.95, lw * 1.05,
+            -side * spread)
+    put(cx, cy - hh + 1.5, 1.6 * one, 2 * lw + 0.8, 2 * lw + 0.8, 0 * one)
+
+
+def _syn_dress(p: _SynPen, c: int) -> None:
+    """A trapezoid widening downwards, and straps."""
+    put, U, s, w, cx, cy, one = p.put, p.U, p.s, p.w, p.cx, p.cy, p.one
+    hh = 12.0 * s * U(0.9, 1.05)
+    put(cx, cy, hh, 3.2 * s * w, 7.5 * s * w * U(0.85, 1.15), 0 * one)
+    put(cx, cy - hh - 0.5, 1.5 * one, 3.0 * s * w, 3.0 * s * w, 0 * one)
+    put(cx, cy - hh - 1.5, 1.2 * one, 1.3 * one, 1.3 * one, 0 * one, -1)
+
+
+def _syn_sandal(p: _SynPen, c: int) -> None:
+    """A sole and thin straps."""
+    put, U, s, cx, cy, one = p.put, p.U, p.s, p.cx, p.cy, p.one
+    base, length = cy + 3 + U(-1, 1), 11.5 * s * p.w
+    put(cx, base + 2.5, 1.3 * one, length, length, U(-4, 4) * _DEG)
+    for j, offset in enumerate((-0.55, 0.0, 0.55)):
+        put(cx + offset * length, base - 1.5, 4.5 * s * one, 0.9 * one, 0.9 * one,
+            U(20, 60) * _DEG * (1 if j % 2 else -1))
+    put(cx + 0.5 * length, base - 3.5, 0.8 * one, 0.45 * length, 0.45 * length, 0 * one)
+
+
+def _syn_sneaker(p: _SynPen, c: int) -> None:
+    """A low shoe with a bright sole."""
+    put, U, s, cx, cy, one = p.put, p.U, p.s, p.cx, p.cy, p.one
+    base, length = cy + 2 + U(-1, 1), 12.0 * s * p.w
+    put(cx, base, 4.0 * s * U(0.85, 1.15), 0.55 * length, length, 0 * one)
+    put(cx - 0.35 * length, base - 4.5 * s, 2.2 * s * one, 0.3 * length, 0.35 * length, U(-8, 8) * _DEG)
+    put(cx, base + 4.0 * s, 1.0 * one, length, length, 0 * one, 1, 1.3)
+
+
+def _syn_boot(p: _SynPen, c: int) -> None:
+    """Ankle boot: a sole and a tall shaft (an L)."""
+    put, U, s, cx, cy, one = p.put, p.U, p.s, p.cx, p.cy, p.one
+    base, length = cy + 6 + U(-1, 1), 11.5 * s * p.w
+    put(cx, base, 3.0 * s * one, 0.8 * length, length, 0 * one)
+    shaft = 8.0 * s * U(0.8, 1.15)
+    put(cx - 0.35 * length, base - shaft, shaft, 4.6 * s * one, 5.0 * s * one, U(-8, 8) * _DEG)
+
+
+def _syn_bag(p: _SynPen, c: int) -> None:
+    """A body and a handle (a ring)."""
+    put, U, s, cx, cy, one = p.put, p.U, p.s, p.cx, p.cy, p.one
+    bh, bw, by = 7.0 * s * U(0.8, 1.2), 10.5 * s * p.w, cy + 3
+    put(cx, by, bh, bw * 0.9, bw, 0 * one)
+    hh = 4.5 * s * U(0.7, 1.3)
+    put(cx, by - bh - hh + 1, hh, 0.45 * bw, 0.55 * bw, 0 * one)
+    put(cx, by - bh - hh + 2.3, hh - 1.3, 0.45 * bw - 1.6, 0.55 * bw - 1.6, 0 * one, -1)
+
+
+_SYN_DRAW = {1: _syn_trouser, 3: _syn_dress, 5: _syn_sandal, 7: _syn_sneaker, 8: _syn_bag, 9: _syn_boot}
 
 
 def _syn_render(P: torch.Tensor) -> torch.Tensor:
