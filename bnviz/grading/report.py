@@ -86,10 +86,8 @@ def _tensor_table(table: Any, payload_len: int, limits: Limits) -> list[tuple[st
     return rows
 
 
-def decode(part: bytes, limits: Limits = Limits()) -> dict:
-    """One pass's report: parse (no shared references possible), rebuild tensors, check limits."""
-    import torch
-
+def _split(part: bytes) -> tuple[dict, memoryview]:
+    """A report's JSON header ({report, tensors}) and the tensor bytes after it."""
     if not part.startswith(MAGIC) or len(part) < len(MAGIC) + 8:
         raise ReportError("not a report of this grader's format")
     (n,) = struct.unpack_from("<Q", part, len(MAGIC))
@@ -102,24 +100,37 @@ def decode(part: bytes, limits: Limits = Limits()) -> dict:
         raise ReportError(f"header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict) or set(header) != {"report", "tensors"}:
         raise ReportError("header is not {report, tensors}")
-    payload = memoryview(part)[start + n:]
-    table = _tensor_table(header["tensors"], len(payload), limits)
-    used = [False] * len(table)
-    state = {"nodes": 0}
+    return header, memoryview(part)[start + n:]
 
-    def tensor(index, where):
-        if type(index) is not int or not 0 <= index < len(table) or used[index]:
+
+@dataclasses.dataclass
+class _Rebuild:
+    """Walks a parsed header's report within ``limits``, putting each tensor (used once) in place."""
+
+    table: list
+    payload: memoryview
+    limits: Limits
+    nodes: int = 0
+
+    def __post_init__(self):
+        self.used = [False] * len(self.table)
+
+    def tensor(self, index, where):
+        import torch
+
+        if type(index) is not int or not 0 <= index < len(self.table) or self.used[index]:
             _fail(where, "tensor reference out of range or used twice")
-        used[index] = True
-        dtype, shape, offset, length = table[index]
+        self.used[index] = True
+        dtype, shape, offset, length = self.table[index]
         dt = getattr(torch, dtype)
         if length == 0:
             return torch.empty(shape, dtype=dt)
-        return torch.frombuffer(bytearray(payload[offset:offset + length]), dtype=dt).reshape(shape)
+        return torch.frombuffer(bytearray(self.payload[offset:offset + length]), dtype=dt).reshape(shape)
 
-    def walk(value, where, depth):
-        state["nodes"] += 1
-        if state["nodes"] > limits.nodes:
+    def walk(self, value, where, depth):
+        limits = self.limits
+        self.nodes += 1
+        if self.nodes > limits.nodes:
             _fail(where, f"more than {limits.nodes} values in the report")
         if depth > limits.depth:
             _fail(where, f"nested deeper than {limits.depth}")
@@ -132,22 +143,30 @@ def decode(part: bytes, limits: Limits = Limits()) -> dict:
         if isinstance(value, list):
             if len(value) > limits.items:
                 _fail(where, f"a list of {len(value)} items (at most {limits.items})")
-            return [walk(v, where + [str(i)], depth + 1) for i, v in enumerate(value)]
+            return [self.walk(v, where + [str(i)], depth + 1) for i, v in enumerate(value)]
         if isinstance(value, dict):
-            if len(value) > limits.items:
-                _fail(where, f"a dict of {len(value)} keys (at most {limits.items})")
-            if set(value) == {TENSOR_KEY}:
-                return tensor(value[TENSOR_KEY], where)
-            out = {}
-            for k, v in value.items():
-                if len(k) > 200:
-                    _fail(where, "a key longer than 200 characters")
-                out[k] = walk(v, where + [_printable(k)], depth + 1)
-            return out
+            return self.walk_dict(value, where, depth)
         _fail(where, "an unexpected type")  # json.loads makes nothing else
 
-    report = walk(header["report"], [], 0)
-    if not all(used):
+    def walk_dict(self, value: dict, where, depth):
+        if len(value) > self.limits.items:
+            _fail(where, f"a dict of {len(value)} keys (at most {self.limits.items})")
+        if set(value) == {TENSOR_KEY}:
+            return self.tensor(value[TENSOR_KEY], where)
+        out = {}
+        for k, v in value.items():
+            if len(k) > 200:
+                _fail(where, "a key longer than 200 characters")
+            out[k] = self.walk(v, where + [_printable(k)], depth + 1)
+        return out
+
+
+def decode(part: bytes, limits: Limits = Limits()) -> dict:
+    """One pass's report: parse (no shared references possible), rebuild tensors, check limits."""
+    header, payload = _split(part)
+    rebuild = _Rebuild(_tensor_table(header["tensors"], len(payload), limits), payload, limits)
+    report = rebuild.walk(header["report"], [], 0)
+    if not all(rebuild.used):
         _fail(["tensors"], "a tensor no value refers to")
     return report
 
