@@ -68,8 +68,9 @@ SETUP_SH = """#!/usr/bin/env bash
 # bnviz's Gradescope autograder: installs what run_autograder needs (Gradescope runs this once, as root,
 # when it builds the image). Pins: the versions the grader that built this zip ran ({python}).
 set -euxo pipefail
+apt-get update
 apt-get install -y --no-install-recommends python3 python3-venv bubblewrap libseccomp2 util-linux
-python3 -c 'import sys; assert sys.version_info >= (3, 10), "bnviz needs Python >= 3.10: pick a newer base image"'
+python3 -c 'import sys; assert sys.version_info >= {min_py}, "the pins need Python >= {min_txt}: pick a newer base image"'
 python3 -m venv /autograder/venv
 /autograder/venv/bin/pip install --upgrade pip
 /autograder/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu "torch=={torch}"
@@ -86,9 +87,23 @@ def _version(dist: str) -> str:
     return metadata.version(dist).split("+")[0]  # 2.14.1+cu130 -> 2.14.1 (the CPU wheel of the same release)
 
 
+def _min_python() -> tuple[int, int]:
+    """The highest ``Requires-Python: >=3.N`` of the pinned packages (numpy 2.4: 3.11), at least 3.10."""
+    import re
+
+    found = [(3, 10)]
+    for dist in ("torch", *PINNED):
+        m = re.search(r">=\s*3\.(\d+)", metadata.metadata(dist).get("Requires-Python") or "")
+        if m:
+            found.append((3, int(m.group(1))))
+    return max(found)
+
+
 def setup_script() -> str:
     pins = " ".join(f'"{p}=={_version(p)}"' for p in PINNED)
-    return SETUP_SH.format(torch=_version("torch"), pins=pins, python=f"Python {sys.version.split()[0]}")
+    low = _min_python()
+    return SETUP_SH.format(torch=_version("torch"), pins=pins, python=f"Python {sys.version.split()[0]}",
+                           min_py=repr(low), min_txt=f"{low[0]}.{low[1]}")
 
 
 def _add(zf: zipfile.ZipFile, name: str, data: bytes, mode: int = 0o644) -> None:
