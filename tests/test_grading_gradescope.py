@@ -218,6 +218,8 @@ def test_a_planted_bug_loses_exactly_its_tests_points_as_grade_does(gs, tmp_path
 def test_without_bwrap_student_code_runs_unprivileged(gs):
     """No bubblewrap (forced): the worker runs as bnviz-grader, so student code can neither write
     results/ nor read secret.key (as root it could do both), and the solution still scores."""
+    if os.geteuid() != 0:
+        pytest.skip("the drop to bnviz-grader is for a grader running as root (as on Gradescope)")
     zip_path, solution, _, manifest = gs
     drop = Path(tempfile.mkdtemp(prefix="gradescope-drop-", dir="/tmp"))
     drop.chmod(0o777)
@@ -236,6 +238,31 @@ def test_without_bwrap_student_code_runs_unprivileged(gs):
     finally:
         ag.close()
         shutil.rmtree(drop, ignore_errors=True)
+
+
+def test_seeds_follow_the_secret_and_the_submission_id(tmp_path):
+    """A rerun of one submission draws its inputs again; another submission or another zip's
+    secret draws others; no id: a random seed per run."""
+    from bnviz.grading import gradescope
+
+    (tmp_path / "source").mkdir()
+
+    def seed(key: bytes, sid) -> int:
+        (tmp_path / "source" / "secret.key").write_bytes(key)
+        (tmp_path / "submission_metadata.json").write_text(json.dumps({} if sid is None else {"id": sid}))
+        return gradescope.seed_for(tmp_path, log=lambda *_: None)
+
+    a = seed(b"k1", 1)
+    assert a == seed(b"k1", 1) and len({a, seed(b"k1", 2), seed(b"k2", 1)}) == 3
+    assert seed(b"k1", None) != seed(b"k1", None)
+
+
+def test_building_without_an_assignment_says_what_to_do(tmp_path):
+    from bnviz.grading import gradescope
+
+    with pytest.raises(FileNotFoundError, match="make assignment"):
+        gradescope.build_zip(tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_no_notebook_is_a_zero_with_the_reason(gs):
