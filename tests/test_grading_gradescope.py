@@ -257,6 +257,26 @@ def test_seeds_follow_the_secret_and_the_submission_id(tmp_path):
     assert seed(b"k1", None) != seed(b"k1", None)
 
 
+def test_withheld_points_and_errors_are_said_without_grader_internals():
+    """A question the rules lowered below its passing tests gets a visible 0-point note; a cell
+    error reaches the student, the sandbox's own words do not; the score is the checker's total."""
+    from bnviz.grading import gradescope
+
+    tests = [("q1", "q1 - 1", False, 1.0), ("q1", "q1 - 2", True, 2.0), ("q2", "q2 - 1", False, 4.0)]
+    result = {"scores": {"q1": 0.0, "q2": 4.0}, "total": 4.0, "possible_total": 7.0, "elapsed_s": 3.2,
+              "failed_tests": [{"name": "q1 - 2", "reason": "hidden input (2, 3) differs"}],
+              "error": "1 cell(s) raised; first: cell 5: student code raised NameError: name 'x' is not defined; "
+                       "the sandboxed run ended without a report (exit status 137); no score"}
+    data = gradescope.results_json(result, tests, {"q4": 2.0})
+    assert check_results(data) == [] and data["score"] == 4.0
+    by_name = {t["name"]: t for t in data["tests"]}
+    assert by_name["q1 - 2 (hidden)"]["visibility"] == "after_published" and by_name["q1 - 2 (hidden)"]["score"] == 0
+    withheld = by_name["q1: points withheld under the assignment's rules"]
+    assert withheld["visibility"] == "visible" and withheld["max_score"] == 0 and not any(n.startswith("q2:") for n in by_name)
+    assert "NameError: name 'x' is not defined" in data["output"] and "exit status" not in data["output"]
+    assert "q4 (2 points)" in data["output"]
+
+
 def test_building_without_an_assignment_says_what_to_do(tmp_path):
     from bnviz.grading import gradescope
 
