@@ -56,7 +56,7 @@ GRADE_TIMEOUT ?= 300
 GRADE_JOBS ?= 1
 GRADE_FLAGS ?=
 
-.PHONY: assignment grade site feedback
+.PHONY: assignment grade site feedback gradescope
 
 # the course as a static web site: _build/site/index.html (chapters executed at this machine's sizes,
 # unchanged ones reused from _build/site-cache; BNVIZ_FAST=1 for a quick build; see README)
@@ -87,3 +87,9 @@ grade: $(STAMP)
 FEEDBACK_FLAGS ?=
 feedback: $(VENV)/.installed
 	$(PY) -m bnviz.grading feedback "$(GRADES)" --dist $(ASSIGNMENT_DIST) $(FEEDBACK_FLAGS)
+
+# a Gradescope autograder zip ($(ASSIGNMENT_DIST)/gradescope_autograder.zip) that runs this grader's worker and
+# trusted checker on each upload (bnviz/grading/gradescope.py; the assignment's README, "Grading on Gradescope")
+gradescope: $(STAMP)
+	@test -f $(ASSIGNMENT_DIST)/assignment.json || $(MAKE) assignment
+	$(PY) -m bnviz.grading gradescope --dist $(ASSIGNMENT_DIST)

@@ -8,7 +8,9 @@ Leaves in ``out_dir``::
     autograder/batch_norm.ipynb                the solution notebook without tests
     public_answers.py                          the public solution's answer code (similarity flags)
     assignment.json                            questions, points, manual questions, rules, paths,
-                                               the variant's conventions (never its secret)
+                                               the variant's conventions (never its secret); a
+                                               rebuild keeps the keys build does not write (``late``,
+                                               an instructor's own: ``instructor_keys``)
 
 Grading (``grade``) no longer runs otter: it uses ``assignment.json``, the student notebook and
 ``checker.py``. otter stays on the students' side (``grader.check``) and checks, at build time,
@@ -218,6 +220,29 @@ def _otter_assign(source: Path, out: Path, timeout_s: float, variant: Variant) -
         shutil.copytree(scratch / "dist" / "autograder", out / "autograder")
 
 
+# the keys build writes; any other key of an existing assignment.json (``late``, an instructor's own) is
+# the instructor's and is carried over by a rebuild
+GENERATED_KEYS = ("source", "notebook", "autograder_zip", "student_notebook", "student_zip", "questions",
+                  "autograded_points", "manual_points", "forbidden", "variant")
+
+
+def instructor_keys(out: Path) -> dict[str, Any]:
+    """The keys of ``<out>/assignment.json`` that build did not write (``late`` and any an instructor
+    added), to carry over a rebuild. ValueError, before anything is changed, if the file is there
+    but unreadable (rebuilding would lose what it holds)."""
+    path = Path(out) / "assignment.json"
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} exists but cannot be read as JSON ({e}); a rebuild would lose its late policy "
+                         "and other keys you added: fix it, or move it away to start from a fresh one") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} holds {type(old).__name__}, not a JSON object: fix it, or move it away")
+    return {k: v for k, v in old.items() if k not in GENERATED_KEYS}
+
+
 def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os.PathLike | None = None,
                      timeout_s: float = 600.0, variant: str | Variant | None = None) -> dict[str, Any]:
     """Run ``otter assign`` on the solution notebook into ``out_dir``; return the manifest.
@@ -231,6 +256,7 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     source = Path(source).resolve() if source else default_source().resolve()
     if not source.is_file():
         raise FileNotFoundError(f"assignment source notebook not found: {source}")
+    kept = instructor_keys(out)  # read (and checked) before anything is removed
     for sub in ("student", "autograder"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,6 +288,7 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
         "forbidden": {q: sorted(f) for q, f in rules.DEFAULT_RULES.items()},
         # the conventions the tests and `grade` follow (variants.py); the secret is not stored
         "variant": variant.to_dict(),
+        **kept,  # the late policy and the instructor's own keys of the previous assignment.json
     }
     (out / "assignment.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -8,6 +8,8 @@
                                   [--roster CSV] [--canvas-assignment COLUMN]
                                   [--sandbox-user USER]
     python -m bnviz.grading feedback GRADES [--dist dist/batch_norm] [--release-hidden]
+    python -m bnviz.grading gradescope [--dist dist/batch_norm] [--out ZIP]   (the Gradescope autograder zip)
+    python -m bnviz.grading gradescope-run [--root /autograder]             (inside Gradescope: run_autograder)
 """
 
 from __future__ import annotations
@@ -67,7 +69,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
     f.add_argument("--release-hidden", action="store_true",
                    help="show the hidden tests' messages (default: only passed/failed and points)")
+    z = sub.add_parser("gradescope", help="a Gradescope autograder zip that runs this grader (gradescope.py)")
+    z.add_argument("--dist", default=str(build.DEFAULT_DIST), help="output folder of `build` (assignment.json)")
+    z.add_argument("--out", default=None, help="the zip to write (default: <dist>/gradescope_autograder.zip)")
+    r = sub.add_parser("gradescope-run", help="grade <root>/submission into <root>/results/results.json (run_autograder)")
+    r.add_argument("--root", default=None, help="Gradescope's folder (default: $AUTOGRADER_ROOT or /autograder)")
     return parser
+
+
+def _gradescope(args, parser) -> int:
+    from . import gradescope
+
+    if args.cmd == "gradescope-run":
+        return gradescope.run(args.root)
+    try:
+        path = gradescope.build_zip(args.dist, args.out)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+    print(f"Gradescope autograder: {path} (upload it as the assignment's autograder; see "
+          "notebooks/assignments/batch_norm/README.md, 'Grading on Gradescope')")
+    return 0
 
 
 def _feedback(args, parser) -> int:
@@ -168,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             manifest = build.build_assignment(args.out, args.source, variant=args.variant)
         except (FileNotFoundError, ValueError) as e:  # ValueError: an empty --variant secret
             parser.error(str(e))
+        kept = sorted(k for k in manifest if k not in build.GENERATED_KEYS)
+        if kept:
+            print("kept from the previous assignment.json: " + ", ".join(kept))
         print("conventions: " + "; ".join(build.variants.describe(build.Variant.from_dict(manifest["variant"]))))
         print(f"built {args.out}: student notebook {manifest['student_notebook']}, "
               f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
@@ -175,4 +199,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "feedback":
         return _feedback(args, parser)
+    if args.cmd in ("gradescope", "gradescope-run"):
+        return _gradescope(args, parser)
     return _grade(args, parser)

@@ -619,7 +619,7 @@ def run_worker(request: bytes, backend: str, limits: Limits, worker_root: Path, 
     else:
         scratch = worker_root.parent / f"scratch-{token}"
         scratch.mkdir()
-        cmd = groups.wrap([sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"])
+        cmd = groups.wrap(_none_user(limits, worker_root, scratch) + [sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"])
         env, cwd = worker_env(limits, str(worker_root), str(scratch)), str(scratch)
     t0 = time.monotonic()
     try:
@@ -652,6 +652,18 @@ def run_worker(request: bytes, backend: str, limits: Limits, worker_root: Path, 
     return Run(report=None if problem else state.get("report"), log_tail=state.get("log", b""),
                printed=state.get("log_total", 0), returncode=proc.returncode,
                elapsed_s=round(time.monotonic() - t0, 2), problem=problem)
+
+
+def _none_user(limits: Limits, worker_root: Path, scratch: Path) -> list[str]:
+    """``none`` as root with ``Limits.user`` named (the Gradescope autograder, gradescope.py): the
+    worker still drops to that unprivileged user (setpriv), in a scratch folder it owns; nothing
+    else is isolated. Otherwise no prefix (the worker runs as the grader)."""
+    if os.geteuid() != 0 or not limits.user:
+        return []
+    user = users.resolve(limits.user)
+    os.chown(scratch, user.uid, user.gid)
+    worker_root.parent.chmod(0o711)  # the user reaches the worker's files and its scratch, lists nothing
+    return user.setpriv()
 
 
 def _wait(proc: subprocess.Popen, limits: Limits, groups: Cgroups | None, t0: float, backend: str) -> str | None:
