@@ -381,3 +381,53 @@ def test_call_probe_keeps_the_strict_pass_protections():
     value, tensor = out["b"]["calls"][0]["out"]
     assert type(value) is int and value == 3 and torch.equal(tensor, torch.ones(2))
     assert out["c"]["error"] == "missing is not defined"
+
+
+# --------------------------------------------------------------------------- through the sandbox
+
+STRICT = {"batch_norm": False, "autograd_phases": sorted(q for q, f in checker_norms.RULES.items() if "autograd" in f)}
+AUTOGRAD_LN = '''
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    dims = tuple(range(1, x.dim()))
+    x_hat = (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, keepdim=True, correction=0) + eps)
+    return gamma * x_hat + beta, (x, gamma, beta, eps)
+
+def layer_norm_backward(dy, cache):
+    x, gamma, beta = (t.detach().clone().requires_grad_() for t in cache[:3])
+    with torch.enable_grad():
+        y, _ = layer_norm_forward(x, gamma, beta, cache[3])
+    return torch.autograd.grad(y, (x, gamma, beta), dy)
+'''
+
+
+def _sandboxed(cells, tests, tmp_path):
+    import dataclasses
+    import io
+
+    from bnviz.grading import sandbox
+
+    limits = sandbox.Limits(timeout_s=240)
+    buf = io.BytesIO()
+    torch.save({"cells": cells, "probes": [p for t in tests for p in t.probes], "strict": STRICT,
+                "limits": {**limits.for_worker(), "report_bytes": limits.report_bytes, "pass_seconds": limits.timeout_s}}, buf)
+    run_limits = dataclasses.replace(limits, timeout_s=2 * limits.timeout_s + 15, cpu_seconds=2 * int(limits.timeout_s) + 2)
+    run = sandbox.run_worker(buf.getvalue(), "bwrap", run_limits, sandbox.make_worker_root(tmp_path / "w"), [])
+    assert run.report, (run.problem, run.log_tail[-2000:])
+    normal, strict = report.parse(run.report)
+    assert normal["cell_errors"] == [] and strict["cell_errors"] == [], (normal["cell_errors"], strict["cell_errors"])
+    return [{r["name"]: r["reason"] for r in checker_norms.judge_all(tests, p["probes"]) if not r["passed"]}
+            for p in (normal, strict)]
+
+
+@pytest.mark.grading
+def test_answer_key_through_the_sandbox_and_autograd_caught_by_the_strict_pass(bwrap, tmp_path):
+    """Every code cell of the answer key (setup, checks, timing, training) as a submission: full
+    marks in both passes; LayerNorm's backward done with autograd passes the normal pass and fails
+    q4's backward tests in the strict one."""
+    cells = [(i, src) for i, (kind, src) in enumerate(_cells())
+             if kind == "code" and not src.startswith('""" # BEGIN TEST CONFIG')]
+    tests = checker_norms.make_tests(99)
+    assert _sandboxed(cells, tests, tmp_path) == [{}, {}]
+    normal, strict = _sandboxed(cells + [(len(cells) + 100, AUTOGRAD_LN)], tests, tmp_path / "autograd")
+    assert normal == {}
+    assert set(strict) == {"q4 - 2", "q4 - 4"} and all("autograd (strict re-run)" in r for r in strict.values()), strict
