@@ -31,6 +31,10 @@ EPS = 1e-5
 NORMS = ("batch", "layer", "group", "instance")
 # question -> forbidden features (rules.py's names); the strict re-run blocks autograd in these
 RULES = {"q1": {"autograd"}, "q2": {"autograd"}, "q4": {"autograd"}, "q5": {"autograd"}}
+# answer name -> question, for the source scan (the counterpart of rules.ANSWERS)
+ANSWERS = {"bn_backward_graph": "q1", "bn_backward_simplified": "q2", "numerical_gradient": "q3", "rel_error": "q3",
+           "layer_norm_forward": "q4", "layer_norm_backward": "q4", "group_norm_forward": "q5",
+           "group_norm_backward": "q5", "concepts": "q6", "recompute_bn_stats": "q9"}
 MANUAL = {"q2w": 3, "q3w": 1, "q6w": 2, "q9w": 2}  # graded by hand (rubrics in the notebook)
 
 
