@@ -431,3 +431,52 @@ def test_answer_key_through_the_sandbox_and_autograd_caught_by_the_strict_pass(b
     normal, strict = _sandboxed(cells + [(len(cells) + 100, AUTOGRAD_LN)], tests, tmp_path / "autograd")
     assert normal == {}
     assert set(strict) == {"q4 - 2", "q4 - 4"} and all("autograd (strict re-run)" in r for r in strict.values()), strict
+
+
+def test_source_notebook_format():
+    """Committed without outputs; the config first, the student id next; imports only torch,
+    matplotlib and the standard library the template uses."""
+    import ast
+
+    raw_cells = json.loads(SOURCE.read_text())["cells"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in raw_cells if c["cell_type"] == "code")
+    kinds = _cells()
+    assert kinds[0][0] == "raw" and kinds[0][1].startswith("# ASSIGNMENT CONFIG")
+    assert kinds[2][0] == "code" and kinds[2][1].lstrip().startswith("# Your student id") and "STUDENT_ID" in kinds[2][1]
+    allowed = {"torch", "matplotlib", "otter", "glob", "os", "sys", "zipfile", "subprocess", "time", "contextlib",
+               "io", "copy", "math"}
+    for kind, src in kinds:
+        if kind == "code":
+            for node in ast.walk(ast.parse(src)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module] if isinstance(node, ast.ImportFrom) else []
+                assert {n.split(".")[0] for n in names} <= allowed, names
+
+
+HONEST = '''
+_concepts, _rel, _lnb, _rec = concepts, rel_error, layer_norm_backward, recompute_bn_stats
+def concepts():  # sets and tuples instead of lists
+    a = _concepts()
+    return dict(a, depends_on_batch_train=set(a["depends_on_batch_train"]), depends_on_batch_eval=())
+def rel_error(a, b):  # a 0-d float64 tensor instead of a float
+    return ((a - b).abs() / torch.maximum(a.abs() + b.abs(), torch.tensor(1e-8, dtype=a.dtype))).max()
+def numerical_gradient(f, x, h=1e-5):  # a copy per element, no in-place restore
+    rows = []
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).view(-1)
+        e[i] = h
+        e = e.view(x.shape)
+        rows.append((f(x + e) - f(x - e)) / (2 * h))
+    return torch.stack(rows).reshape(x.shape).to(x.dtype)
+def layer_norm_backward(dy, cache):  # a list instead of a tuple
+    return list(_lnb(dy, cache))
+def recompute_bn_stats(model, batches):  # returns nothing
+    _rec(model, batches)
+'''
+
+
+def test_honest_but_unusual_answers_keep_full_marks(solution):
+    ns = copy.copy(solution)
+    exec(compile(HONEST, "<honest>", "exec"), ns)
+    for question in ("q3", "q4", "q6", "q9"):
+        assert failures(ns, question, seed=5) == {}, question

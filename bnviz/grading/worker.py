@@ -374,7 +374,7 @@ def _plain_tree(torch, value, depth=0):
                 "momentum": [_plain_tree(torch, m.momentum, 4) for m in norms]}
     if depth >= 4:
         return "too deep"
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):  # a set's order is arbitrary: judges compare sets
         return [_plain_tree(torch, v, depth + 1) for v in list(value)[:64]]
     if isinstance(value, dict):
         return {str(k)[:MAX_NAME]: _plain_tree(torch, v, depth + 1) for k, v in list(value.items())[:64]}
