@@ -337,7 +337,8 @@ def _norm_forward_case(q, number, points, hidden, setups, scale=2.0):
             for pid, (shape, G, ref) in refs.items():
                 out = _out(outputs, pid, n=2, what=f"{name}_forward (a pair (y, cache))")
                 ref_name = "F.layer_norm" if q == "q4" else f"F.group_norm with G={G}"
-                _close(out[0], ref, f"the output for {shape} (compared with {ref_name}{'' if scale > 1e-2 else ', tiny variance: eps inside the square root'})")
+                tiny = "" if scale > 1e-2 else ", tiny variance: eps inside the square root"
+                _close(out[0], ref, f"the output for {shape} (compared with {ref_name}{tiny})")
         return judge
 
     return _case(number, points, hidden, build, judge_with)
@@ -567,6 +568,29 @@ def recompute_reference(model, batches) -> torch.nn.Module:
     return ref
 
 
+def _q9_check_model(model: dict, before: dict, after: dict, flags: list) -> None:
+    """The model after recompute_bn_stats (the worker's summary) against the reference's state."""
+    state = model.get("state")
+    if not isinstance(state, dict) or state.get("keys") != list(before):
+        raise Fail("the model's state_dict keys changed")
+    values = dict(zip(state["keys"], state.get("values") or []))
+    for key, ref in after.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        a = _is_tensor(values.get(key), ref.shape, key)
+        if not key.endswith(("running_mean", "running_var")):
+            if not torch.equal(a, before[key]):
+                raise Fail(f"{key} changed: recompute_bn_stats must not train (use torch.no_grad(), no optimizer)")
+        elif not torch.allclose(a.to(ref.dtype), ref, rtol=RTOL, atol=ATOL):
+            raise Fail(f"{key} differs from the cumulative average of the batch statistics "
+                       "(every batch weighs the same; running_var averages the unbiased variances)")
+    if model.get("momentum") != [0.1] * sum(k.endswith("running_mean") for k in before):
+        raise Fail(f"momentum was not restored: {str(model.get('momentum'))[:60]} (it must be 0.1 again afterwards)")
+    if model.get("training") != flags:
+        raise Fail(f"the model's mode was not restored: training flags {str(model.get('training'))[:120]} after, "
+                   f"{flags} before")
+
+
 def _q9_case(number, points, hidden, kind, n_batches, batch_size, train):
     def build(g):
         layers, in_shape = MODELS[kind]
@@ -588,26 +612,9 @@ def _q9_case(number, points, hidden, kind, n_batches, batch_size, train):
             args = calls[0].get("args") if calls and isinstance(calls[0], dict) else None
             if not isinstance(args, list) or len(args) != 2 or not isinstance(args[0], dict):
                 raise Fail("recompute_bn_stats did not return")
-            state, mine_flags = args[0].get("state"), args[0].get("training")
-            if not isinstance(state, dict) or state.get("keys") != list(before):
-                raise Fail("the model's state_dict keys changed")
-            values = dict(zip(state["keys"], state.get("values") or []))
-            for key, ref in after.items():
-                if key.endswith("num_batches_tracked"):
-                    continue
-                stat = key.endswith("running_mean") or key.endswith("running_var")
-                a = _is_tensor(values.get(key), ref.shape, key)
-                if not stat and not torch.equal(a, before[key]):
-                    raise Fail(f"{key} changed: recompute_bn_stats must not train (use torch.no_grad(), no optimizer)")
-                if stat and not torch.allclose(a.to(ref.dtype), ref, rtol=RTOL, atol=ATOL):
-                    raise Fail(f"{key} differs from the cumulative average of the batch statistics "
-                               f"(every batch weighs the same; running_var averages the unbiased variances)")
-            if args[0].get("momentum") != [0.1] * sum(k.endswith("running_mean") for k in before):
-                raise Fail(f"momentum was not restored: {str(args[0].get('momentum'))[:60]} (it must be 0.1 again afterwards)")
-            if mine_flags != flags:
-                raise Fail(f"the model's mode was not restored: training flags {mine_flags} after, {flags} before")
-            if not isinstance(args[1], list) or not all(isinstance(a, torch.Tensor) and torch.equal(a, b)
-                                                        for a, b in zip(args[1], batches)):
+            _q9_check_model(args[0], before, after, flags)
+            if not isinstance(args[1], list) or len(args[1]) != len(batches) or not all(
+                    isinstance(a, torch.Tensor) and torch.equal(a, b) for a, b in zip(args[1], batches)):
                 raise Fail("recompute_bn_stats changed the batches it was given")
         return judge
 
