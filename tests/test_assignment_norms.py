@@ -480,3 +480,31 @@ def test_honest_but_unusual_answers_keep_full_marks(solution):
     exec(compile(HONEST, "<honest>", "exec"), ns)
     for question in ("q3", "q4", "q6", "q9"):
         assert failures(ns, question, seed=5) == {}, question
+
+
+def test_assignment_one_probes_still_dispatch():
+    """The call probe's registration (``phase_of`` in run_probes) leaves assignment 1's probe kinds
+    working: its answer key still scores full marks through the same in-process runner."""
+    from bnviz.grading import checker
+
+    nb = json.loads((SOURCE.parents[1] / "batch_norm" / "batch_norm.ipynb").read_text())
+    ns: dict = {"__name__": "__main__"}
+    inside = False
+    for c in nb["cells"]:
+        src = "".join(c["source"])
+        inside = (inside or src.startswith("# BEGIN SOLUTION")) and not src.startswith("# END SOLUTION")
+        if c["cell_type"] == "code" and (inside or src.startswith("import torch")):
+            exec(compile(src, "<batch_norm solution>", "exec"), ns)
+    tests = checker.make_tests(7)
+    results = checker.judge_all(tests, run_in_process(ns, tests))
+    assert [r["name"] for r in results if not r["passed"]] == []
+
+    class Recorder(worker.Direct):  # which question's code ran, in order
+        def run(self, phase, fn, *args, **kwargs):
+            seen.append(phase)
+            return super().run(phase, fn, *args, **kwargs)
+
+    seen: list = []
+    worker.run_probes(ns, Recorder(), torch, [p for t in tests for p in t.probes], {"q2"}, lambda: seen.append("switch"))
+    switch = seen.index("switch")  # the strict pass blocks autograd here: q2's probes must all come after
+    assert "q2" not in seen[:switch] and "q2" in seen[switch:] and set(seen[switch + 1:]) <= {"q1", "q2"}
