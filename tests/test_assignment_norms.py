@@ -9,6 +9,7 @@ cumulative averages).
 """
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -54,8 +55,14 @@ def run_in_process(ns: dict, tests) -> dict:
     return report.decode(worker.encode(torch, {"probes": results}))["probes"]
 
 
+@functools.lru_cache(maxsize=4)
+def _tests(seed: int) -> tuple:
+    """make_tests(seed), drawn once (the probes' tensors are copied by the worker, judges are pure)."""
+    return tuple(checker_norms.make_tests(seed))
+
+
 def failures(ns: dict, question: str, seed: int = 0) -> dict:
-    tests = [t for t in checker_norms.make_tests(seed) if t.question == question]
+    tests = [t for t in _tests(seed) if t.question == question]
     return {r["name"]: r["reason"] for r in checker_norms.judge_all(tests, run_in_process(ns, tests)) if not r["passed"]}
 
 
