@@ -49,7 +49,9 @@ clean:
 	rm -rf $(VENV) dist test-artifacts .pytest_cache _build
 
 # ---- classroom assignment (otter-grader; see notebooks/assignments/batch_norm/README.md)
-ASSIGNMENT_DIST ?= dist/batch_norm
+ASSIGNMENT ?= batch_norm
+ASSIGNMENT_SOURCE ?= notebooks/assignments/$(ASSIGNMENT)/$(ASSIGNMENT).ipynb
+ASSIGNMENT_DIST ?= dist/$(ASSIGNMENT)
 SUBMISSIONS ?= submissions
 GRADES ?= grades
 GRADE_TIMEOUT ?= 300
@@ -69,7 +71,7 @@ site: $(STAMP)
 VARIANT ?=
 export VARIANT
 assignment: $(STAMP)
-	$(PY) -m bnviz.grading build --source notebooks/assignments/batch_norm/batch_norm.ipynb --out $(ASSIGNMENT_DIST) $${VARIANT:+--variant "$$VARIANT"}
+	$(PY) -m bnviz.grading build --source $(ASSIGNMENT_SOURCE) --out $(ASSIGNMENT_DIST) $${VARIANT:+--variant "$$VARIANT"}
 
 # grade every .ipynb / .zip in $(SUBMISSIONS): each submission runs in a bubblewrap sandbox, the
 # scores are computed outside it (needs `apt-get install bubblewrap`; GRADE_FLAGS=--allow-forbidden,

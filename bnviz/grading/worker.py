@@ -325,18 +325,107 @@ def probe_module(ns, tw, torch, spec):
     return {"steps": steps, "dtypes": dtypes, "error": None}
 
 
+# the generic probe (assignment 2 and later): trusted stand-ins a probe may pass as arguments
+MODEL_LAYERS = {"linear": "Linear", "conv": "Conv2d", "bn1d": "BatchNorm1d", "bn2d": "BatchNorm2d",
+                "relu": "ReLU", "flatten": "Flatten"}
+
+
+def _call_arg(torch, value, outs):
+    """A ``call`` probe's argument: a tensor (a fresh copy), a plain value, a list / dict of them,
+    or one of three trusted stand-ins: ``{"__out__": [k, j]}`` output j of call k (all of it when
+    j is None); ``{"__fn__": [c, a, b, d]}`` the scalar function x -> c + sum(a x + b x^2 + d sin x)
+    (a 0-d tensor of x's dtype); ``{"__model__": {"layers": [["linear", 4, 8], ...], "state":
+    {"keys", "values"}, "train": bool}}`` a float64 ``nn.Sequential`` built here."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_call_arg(torch, v, outs) for v in value]
+    if isinstance(value, dict) and "__out__" in value:
+        k, j = value["__out__"]
+        return outs[k] if j is None else outs[k][j]
+    if isinstance(value, dict) and "__fn__" in value:
+        c, a, b, d = value["__fn__"]
+        return lambda x: c + (a.to(x.dtype) * x + b.to(x.dtype) * x ** 2 + d.to(x.dtype) * torch.sin(x)).sum()
+    if isinstance(value, dict) and "__model__" in value:
+        spec = value["__model__"]
+        layers = [getattr(torch.nn, MODEL_LAYERS[name])(*sizes) for name, *sizes in spec["layers"]]
+        model = torch.nn.Sequential(*layers).double()
+        model.load_state_dict(dict(zip(spec["state"]["keys"], spec["state"]["values"])))
+        return model.train(bool(spec["train"]))
+    if isinstance(value, dict):
+        return {str(k): _call_arg(torch, v, outs) for k, v in value.items()}
+    return value
+
+
+def _plain_tree(torch, value, depth=0):
+    """What a student function returned, as plain tensors, numbers, strings, lists and dicts (at
+    most 64 entries each, 4 deep); a module as its state and every submodule's ``training`` flag."""
+    if isinstance(value, torch.Tensor):
+        return plain(torch, value, "output")
+    if value is None or isinstance(value, bool):
+        return None if value is None else value is True
+    if isinstance(value, (int, float)):  # a subclass's overrides are not run
+        return int.__index__(value) if isinstance(value, int) else float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)[:MAX_NAME]
+    if isinstance(value, torch.nn.Module):
+        norms = [m for m in value.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)][:256]
+        return {"state": _state(torch, value), "training": [m.training is True for m in value.modules()][:256],
+                "momentum": [_plain_tree(torch, m.momentum, 4) for m in norms]}
+    if depth >= 4:
+        return "too deep"
+    if isinstance(value, (list, tuple, set, frozenset)):  # a set's order is arbitrary: judges compare sets
+        return [_plain_tree(torch, v, depth + 1) for v in list(value)[:64]]
+    if isinstance(value, dict):
+        return {str(k)[:MAX_NAME]: _plain_tree(torch, v, depth + 1) for k, v in list(value.items())[:64]}
+    return type(value).__name__[:MAX_NAME]
+
+
+def probe_call(ns, tw, torch, spec):
+    """``{"kind": "call", "phase": "q4", "calls": [{"fn": name, "args": [...], "kwargs": {...},
+    "expect_error": bool, "return_args": bool}, ...]}``: calls the student's functions in order
+    (arguments as in ``_call_arg``); each result is ``{"out": _plain_tree(output)}``, plus
+    ``"args"`` (the arguments after the call) with return_args, or ``{"raised": "Type: message"}``
+    when expect_error and the call raised an Exception (a strict-pass refusal is re-raised)."""
+    outs, results = [], []
+    for call in spec["calls"]:
+        fn = ns.get(call["fn"])
+        if not callable(fn):
+            return {"calls": results, "error": f"{call['fn']} is not defined"}
+        args = [_call_arg(torch, a, outs) for a in call.get("args", [])]
+        kwargs = {str(k): _call_arg(torch, v, outs) for k, v in call.get("kwargs", {}).items()}
+        try:
+            out = tw.run(spec["phase"], fn, *args, **kwargs)
+        except Exception as exc:
+            if not call.get("expect_error") or _forbidden_in(exc):
+                raise
+            results.append({"raised": short_error(exc)})
+            outs.append(None)
+            continue
+        outs.append(out)
+        results.append({"out": _plain_tree(torch, out)})
+        if call.get("return_args"):
+            results[-1]["args"] = _plain_tree(torch, args)
+    return {"calls": results, "error": None}
+
+
+def phase_of(spec) -> str:
+    """The question a probe's student code belongs to (a ``call`` probe names it)."""
+    return str(spec.get("phase")) if spec["kind"] == "call" else PHASE[spec["kind"]]
+
+
 PROBES = {"forward": probe_forward, "backward": probe_backward,
-          "module_init": probe_module_init, "module": probe_module}
+          "module_init": probe_module_init, "module": probe_module, "call": probe_call}
 PHASE = {"forward": "q1", "backward": "q2", "module_init": "q3", "module": "q3"}
 
 
 def run_probes(ns, tw, torch, probes: list, last: set = frozenset(), before_last=None) -> dict:
     """Run each probe; those of the phases in ``last`` go last, after ``before_last()``."""
     results = {}
-    ordered = [p for p in probes if PHASE[p["kind"]] not in last] + [p for p in probes if PHASE[p["kind"]] in last]
+    ordered = [p for p in probes if phase_of(p) not in last] + [p for p in probes if phase_of(p) in last]
     switched = False
     for spec in ordered:
-        if before_last is not None and not switched and PHASE[spec["kind"]] in last:
+        if before_last is not None and not switched and phase_of(spec) in last:
             before_last()
             switched = True
         tw.raised_in = None
@@ -344,7 +433,7 @@ def run_probes(ns, tw, torch, probes: list, last: set = frozenset(), before_last
             res = PROBES[spec["kind"]](ns, tw, torch, spec)
         except BaseException as exc:
             res = {"error": "student code raised " + short_error(exc)}
-            if tw.raised_in not in (None, PHASE[spec["kind"]]):  # e.g. q2's test failed in the q1 function
+            if tw.raised_in not in (None, phase_of(spec)):  # e.g. q2's test failed in the q1 function
                 res["skipped"] = tw.raised_in
         results[str(spec["id"])] = res
     return results
