@@ -228,7 +228,8 @@ def tune_lr_seeds(base: Config, cells: dict[str, dict], lrs: dict[str, list[floa
     """The lr of each cell (``name -> changes``) chosen from ``lrs[name]`` by the **mean over**
     ``seeds`` of :data:`bnviz.runs.ACCURACY` (seeds a comparison should not use). A diverged seed
     disqualifies its lr. Returns ``(best, table)``: ``best[name]`` (the middle lr if none
-    finished) and a DataFrame with one row per (cell, lr): the accuracy of each seed and the mean."""
+    finished) and a DataFrame with one row per (cell, lr): the accuracy of each seed, the mean, and
+    the mean on the moving averages (``ema``)."""
     import pandas as pd
 
     seeds = tuple(int(s) for s in seeds)
@@ -246,10 +247,12 @@ def tune_lr_seeds(base: Config, cells: dict[str, dict], lrs: dict[str, list[floa
     rows, best = [], {}
     for name in cells:
         for lr in lrs[name]:
-            accs = [r.acc for r in grid if r.tags["cell"] == name and r.tags["lr"] == float(lr)]
+            runs = [r for r in grid if r.tags["cell"] == name and r.tags["lr"] == float(lr)]
+            accs, emas = [r.acc for r in runs], [r.acc_ema for r in runs]
             ok = all(a is not None for a in accs)
             rows.append({"cell": name, "lr": float(lr), **{f"seed {s}": a for s, a in zip(seeds, accs)},
-                         "mean": sum(accs) / len(accs) if ok else None})
+                         "mean": sum(accs) / len(accs) if ok else None,
+                         "ema": sum(emas) / len(emas) if ok and all(e is not None for e in emas) else None})
         done = [r for r in rows if r["cell"] == name and r["mean"] is not None]
         best[name] = max(done, key=lambda r: r["mean"])["lr"] if done else float(sorted(lrs[name])[len(lrs[name]) // 2])
     return best, pd.DataFrame(rows)

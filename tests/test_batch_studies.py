@@ -164,12 +164,14 @@ def test_tune_lr_seeds_picks_the_best_mean_and_a_diverged_seed_disqualifies(monk
             (1.0, 100): 0.90, (1.0, 101): None}                                        # 0.9, but a seed diverged
 
     def fake_grid(base, variants, data=None, progress=True, tags=None):
-        return [SimpleNamespace(tags=tags[k], acc=accs[(tags[k]["lr"], tags[k]["seed"])]) for k in variants]
+        return [SimpleNamespace(tags=tags[k], acc=accs[(tags[k]["lr"], tags[k]["seed"])],
+                                acc_ema=0.1 * tags[k]["seed"]) for k in variants]
 
     monkeypatch.setattr(bs, "run_grid", fake_grid)
     best, table = bs.tune_lr_seeds(Config(), {"BN": {}}, {"BN": [0.1, 0.3, 1.0]})
     assert best == {"BN": 0.1}
     assert table["mean"].tolist()[:2] == pytest.approx([0.51, 0.45]) and table["mean"].isna().tolist()[2]
+    assert table["ema"].tolist()[0] == pytest.approx(10.05)
     with pytest.raises(ValueError, match="lrs has no learning rates"):
         bs.tune_lr_seeds(Config(), {"GN": {}}, {"BN": [0.1]})
 
