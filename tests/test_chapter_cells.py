@@ -5,7 +5,7 @@ layer-health and landscape functions (05) equal ``experiments.layer_health`` and
 ``experiments.loss_landscape_probe``; 05's ``scale_invariance`` equals ``probes.scale_invariance_check``;
 06's ``variance_ratio``, ``bias_check``, ``border_ink`` and ``grad_norms_at_init`` equal
 ``probes.dropout_variance_shift``, ``bias_check``, ``border_ink`` and ``grad_norms_at_init``; 07's
-``batch_stat_noise`` equals ``probes.batch_stat_noise``. The cells are read from the notebooks and executed, so a
+``batch_stat_noise`` equals ``probes.batch_stat_noise`` and its ``paired_t`` equals ``verdicts.paired``. The cells are read from the notebooks and executed, so a
 learner-facing cell that drifts from what the library measures fails here."""
 from __future__ import annotations
 
@@ -215,3 +215,15 @@ def test_the_caution_rule_of_07_equals_the_library(data):
         assert [x.value for x in mine] == pytest.approx([x.value for x in lib], rel=1e-9)
         found += lib
     assert any(x.kind is vd.CauseKind.NEVER_LEFT_CHANCE for x in found)  # the tiny lr stays at chance
+
+
+def test_the_paired_t_rule_of_07_equals_the_library():
+    ns = cell_namespace("07_batches.ipynb", "paired-t-rule")  # runs the chapter's own check too
+    g = torch.Generator().manual_seed(3)
+    for n in (3, 5, 8):
+        a = (0.8 + 0.05 * torch.rand(n, generator=g)).tolist()
+        b = [x + d for x, d in zip(a, (0.02 * torch.randn(n, generator=g) - 0.01).tolist())]
+        b_missing = b[:-1] + [None]  # a diverged seed is dropped from the pairs
+        for other in (b, b_missing):
+            mine, lib = ns["paired_t"](a, other), ex.paired(a, other)
+            assert mine == pytest.approx((lib.delta, lib.half_width, lib.p), rel=1e-9)
