@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,7 +45,7 @@ from .stats import bn_layers, shift_images
 from .train import Trainer
 
 __all__ = ["Arm", "Practice", "run_arms", "param_groups", "DecayGroups", "FreezeBN", "RenormWarmup",
-           "shifted", "shift_baselines"]
+           "renorm_as_bn", "PreciseEval", "shifted", "shift_baselines"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -116,6 +117,37 @@ class RenormWarmup:
     on_fit_start = before_step
 
 
+@contextmanager
+def renorm_as_bn(model: nn.Module):
+    """Inside the block every :class:`~bnviz.norms.BatchRenorm` layer of ``model`` has rmax = 1,
+    dmax = 0, i.e. is BN in training mode; its limits are restored after. PreciseBN's pass
+    (:func:`bnviz.stats.recompute_bn_stats`) resets the running statistics and runs in training
+    mode: a Batch Renorm layer would then correct each batch towards those half-built statistics
+    (r, d clipped) and feed distorted inputs to the layers after it. As BN, the pass recomputes
+    each layer's statistics exactly as it does for a BN network."""
+    from .norms import BatchRenorm
+
+    layers = [m for m in model.modules() if isinstance(m, BatchRenorm)]
+    saved = [(m.rmax.clone(), m.dmax.clone()) for m in layers]
+    try:
+        for m in layers:
+            m.set_limits(1.0, 0.0)
+        yield model
+    finally:
+        for m, (r, d) in zip(layers, saved):
+            m.rmax.copy_(r)
+            m.dmax.copy_(d)
+
+
+class PreciseEval(PreciseBNEval):
+    """:class:`~bnviz.precise.PreciseBNEval` with Batch Renorm layers recomputed as BN
+    (:func:`renorm_as_bn`); for a model without Batch Renorm it is PreciseBNEval."""
+
+    def on_snapshot(self, trainer, s) -> None:
+        with renorm_as_bn(trainer.model):
+            super().on_snapshot(trainer, s)
+
+
 @dataclass
 class Arm:
     """One arm of a comparison. ``make(seed)``: its model (called with the global RNG seeded by
@@ -143,7 +175,7 @@ def run_arms(base: Config, arms: dict[str, Arm], seeds, data: Dataset, reference
     """Train every arm with every seed (one :class:`~bnviz.train.Trainer` run each, labels
     ``'<arm> · seed <s>'``, tags ``variant`` and ``seed``) and return a :class:`Practice`.
     ``precise_bn``: evaluate at each epoch end with BN statistics recomputed on that many
-    training images too (None: off). ``progress``: one line per run as it ends."""
+    training images too (:class:`PreciseEval`; None: off). ``progress``: one line per run as it ends."""
     if not arms:
         raise ValueError("arms is empty: give at least one name -> Arm")
     seeds = tuple(int(s) for s in seeds)
@@ -158,7 +190,7 @@ def run_arms(base: Config, arms: dict[str, Arm], seeds, data: Dataset, reference
             cfg = base.replace(**arm.changes, seed=s, label=f"{name} · seed {s}")
             torch.manual_seed(s)
             model = arm.make(s)
-            cbs = tuple(arm.callbacks()) + ((PreciseBNEval(precise_bn),) if precise_bn else ())
+            cbs = tuple(arm.callbacks()) + ((PreciseEval(precise_bn),) if precise_bn else ())
             trainer = Trainer(cfg, data=d, model=model, callbacks=cbs)
             h = trainer.fit()
             runs.runs.append(Run(cfg.label, {"variant": name, "seed": s}, h))

@@ -123,3 +123,35 @@ def test_run_arms_comparison_and_seeds(tiny_data):
         run_arms(cfg, arms, seeds=(0,), data=data, reference="c")
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_arms(cfg, arms, seeds=(0, 0), data=data)
+
+
+def test_precise_eval_recomputes_batch_renorm_as_batch_norm(tiny_data):
+    """Independent reference: the same weights and buffers in a BN ResNet (nn.BatchNorm2d), whose
+    PreciseBN accuracy is the course's usual one. Without renorm_as_bn the pass would correct each
+    batch towards the half-built statistics and give another number."""
+    import functools
+
+    from bnviz.practice import PreciseEval, renorm_as_bn
+    from bnviz.precise import precise_bn_accuracy
+
+    torch.manual_seed(0)
+    brn = resnet_bn(channels=(4, 8), norm=functools.partial(BatchRenorm, rmax=3.0, dmax=5.0))
+    with torch.no_grad():  # weights and running statistics far from the init, as after training
+        for m in brn.modules():
+            if isinstance(m, BatchRenorm):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+                m.running_mean.normal_(0, 3)
+                m.running_var.uniform_(0.1, 10)
+    bn = resnet_bn(channels=(4, 8))
+    bn.load_state_dict({k: v for k, v in brn.state_dict().items() if not k.endswith(("rmax", "dmax"))})
+    want = precise_bn_accuracy(bn, tiny_data, images=256)
+    with renorm_as_bn(brn):
+        got = precise_bn_accuracy(brn, tiny_data, images=256)
+    assert got == want
+    assert all(float(m.rmax) == 3.0 and float(m.dmax) == 5.0 for m in brn.modules() if isinstance(m, BatchRenorm))
+    s = SimpleNamespace(kind="epoch", precise_test_acc=None, saturated=None)
+    PreciseEval(256).on_snapshot(SimpleNamespace(model=brn, data=tiny_data), s)
+    assert s.precise_test_acc == want
+    bn_out = bn.eval()(tiny_data.test_x[:8].float() / 255)
+    torch.testing.assert_close(brn.eval()(tiny_data.test_x[:8].float() / 255), bn_out)  # eval: the same network
