@@ -263,3 +263,99 @@ def init_weights(model: nn.Module, scheme: str = "d2l", generator: torch.Generat
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight, generator=generator)
     return model
+
+
+# ----------------------------------------------------------------------------- a small ResNet (chapter 08)
+
+
+class BasicBlock(nn.Module):
+    """A ReLU residual block (He et al. 2016, "basic" block, post-activation)::
+
+        out = relu( bn2(conv2( relu(bn1(conv1(x))) )) + shortcut(x) )
+
+    conv1 (3×3, ``stride``), conv2 (3×3) without bias (BN's β is the bias). ``shortcut`` is
+    the identity, or a 1×1 conv (``stride``) + norm where the shape changes. ``norm``: a
+    function ``channels -> module`` (default ``nn.BatchNorm2d``). ``bn2`` is "the last BN of
+    the block": zero-initialising its γ makes the block start as the identity (Goyal et al. 2017).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm=None):
+        super().__init__()
+        norm = norm or nn.BatchNorm2d
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = norm(c_out)
+        self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out else
+                         nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), norm(c_out)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _check_resnet(channels, blocks, stem_stride) -> None:
+    if (not isinstance(channels, (tuple, list)) or not channels
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels)):
+        raise ValueError(f"channels={channels!r} is not valid; valid: a non-empty tuple of positive ints, "
+                         "one per stage, e.g. (8, 16)")
+    if (not isinstance(blocks, (tuple, list)) or len(blocks) != len(channels)
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks)):
+        raise ValueError(f"blocks={blocks!r} is not valid; valid: one positive int per stage "
+                         f"({len(channels)} stages), e.g. {tuple(1 for _ in channels)}")
+    if stem_stride not in (1, 2):
+        raise ValueError(f"stem_stride={stem_stride!r} is not valid; valid: 1 or 2")
+
+
+def resnet_bn(channels: tuple[int, ...] = (8, 16), blocks: tuple[int, ...] = (1, 1), num_classes: int = 10,
+              norm=None, zero_init_last: bool = False, stem_stride: int = 2, in_channels: int = 1) -> nn.Sequential:
+    """A small ReLU ResNet with BN for 1×28×28 images, small enough to train on a CPU::
+
+        stem:    Conv2d(1, channels[0], 3, stride=stem_stride, padding=1)  norm  ReLU
+        stage i: blocks[i] BasicBlocks with channels[i] (the first one strides 2 for i >= 1)
+        pool:    global average pool;  fc: Linear(channels[-1], num_classes)
+
+    With the defaults: 28×28 → 14×14 (stem) → 14×14 (stage 1, 8 channels) → 7×7 (stage 2,
+    16 channels) → 16 features. ``norm``: a function ``channels -> module`` (default
+    ``nn.BatchNorm2d``, e.g. ``functools.partial(BatchRenorm, rmax=3.0)``).
+
+    Init (drawn from the global torch RNG, in module order): conv weights Kaiming-normal
+    (fan_out, ReLU gain, as torchvision's ResNet), norm γ = 1 and β = 0, the fc layer PyTorch's
+    default. ``zero_init_last=True``: γ = 0 in the last norm of each residual block (``bn2``), so
+    every block starts as the identity (Goyal et al. 2017, "Accurate, Large Minibatch SGD").
+    """
+    _check_resnet(channels, blocks, stem_stride)
+    norm = norm or nn.BatchNorm2d
+    layers: list[tuple[str, nn.Module]] = [
+        ("stem", nn.Conv2d(in_channels, channels[0], 3, stride=stem_stride, padding=1, bias=False)),
+        ("stem_bn", norm(channels[0])), ("stem_act", nn.ReLU())]
+    c_in = channels[0]
+    for i, (c, n) in enumerate(zip(channels, blocks)):
+        for j in range(n):
+            stride = 2 if i > 0 and j == 0 else 1
+            layers.append((f"s{i + 1}b{j + 1}", BasicBlock(c_in, c, stride, norm)))
+            c_in = c
+    layers += [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(c_in, num_classes))]
+    model = nn.Sequential(OrderedDict(layers))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif getattr(m, "weight", None) is not None and m in _norms_of(model):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_last:
+        for block in residual_blocks(model):
+            nn.init.zeros_(block.bn2.weight)
+    return model
+
+
+def _norms_of(model: nn.Module) -> list[nn.Module]:
+    return list(norm_layers(model).values())
+
+
+def residual_blocks(model: nn.Module) -> list[BasicBlock]:
+    """The :class:`BasicBlock` s of a model, in order."""
+    return [m for m in model.modules() if isinstance(m, BasicBlock)]
+
+
+__all__ += ["BasicBlock", "resnet_bn", "residual_blocks"]

@@ -444,3 +444,104 @@ class D2LBatchNorm(nn.Module):
             eps=self.eps, momentum=self.momentum, old_convention=self.old_convention,
         )
         return Y
+
+
+# ----------------------------------------------------------------------------- Batch Renormalization
+
+
+def _check_limits(rmax, dmax) -> None:
+    for name, v, lo, valid in (("rmax", rmax, 1.0, "a number >= 1 (1 = r fixed at 1, BN)"),
+                               ("dmax", dmax, 0.0, "a number >= 0 (0 = d fixed at 0, BN)")):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= float(v) < float("inf")):
+            raise ValueError(f"{name}={v!r} is not valid; valid: {valid}")
+
+
+def batch_renorm(x, weight, bias, running_mean, running_var, num_batches_tracked=None, training=True,
+                 momentum=0.1, eps=1e-5, rmax=3.0, dmax=5.0) -> torch.Tensor:
+    """Batch Renormalization (Ioffe 2017, "Batch Renormalization: Towards Reducing Minibatch
+    Dependence in Batch-Normalized Models"), Algorithm 1, per channel of ``x`` (N, C, *).
+
+    Training (the running buffers are required)::
+
+        mu_B, var_B = mean, biased variance of the batch;  sigma_B = sqrt(var_B + eps)
+        sigma = sqrt(running_var + eps)                     (the running statistics BEFORE this batch)
+        r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+        d = stop_gradient(clip((mu_B - running_mean) / sigma, -dmax, dmax))
+        y = weight * ((x - mu_B) / sigma_B * r + d) + bias
+
+    then the running buffers are updated exactly as BN's (:func:`batch_norm`: ``momentum`` weights
+    the NEW batch, PyTorch's direction; ``running_var`` stores the UNBIASED batch variance; None =
+    cumulative average). Where r and d are not clipped, ``y = weight * (x - running_mean) / sigma +
+    bias``: the output eval mode gives. ``rmax=1, dmax=0`` gives r = 1, d = 0: BN in training.
+    Eval: BN's eval (the running statistics), whatever rmax and dmax. ``rmax``/``dmax``: numbers or
+    0-d tensors (a tensor can be changed in place during training: :meth:`BatchRenorm.set_limits`).
+    """
+    if not training:
+        return batch_norm(x, weight, bias, running_mean, running_var, training=False, eps=eps)
+    _check_inputs(x, weight, bias, running_mean, running_var, momentum, eps)
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running_mean and running_var in training: r and d compare the "
+                         "batch with the running statistics")
+    m = x.numel() // x.shape[1]
+    if m <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    mean, var = channel_stats(x)
+    sigma_b = torch.sqrt(var + eps)
+    with torch.no_grad():
+        sigma = torch.sqrt(running_var + eps)
+        r = torch.minimum(torch.maximum(sigma_b / sigma, 1.0 / torch.as_tensor(rmax, dtype=x.dtype, device=x.device)),
+                          torch.as_tensor(rmax, dtype=x.dtype, device=x.device))
+        dmax_t = torch.as_tensor(dmax, dtype=x.dtype, device=x.device)
+        d = torch.minimum(torch.maximum((mean - running_mean) / sigma, -dmax_t), dmax_t)
+        _update_running(running_mean, running_var, num_batches_tracked, momentum, mean.detach(),
+                        var.detach() * (m / (m - 1)))
+    shape = _channel_shape(x)
+    y = (x - mean.view(shape)) / sigma_b.view(shape) * r.view(shape) + d.view(shape)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe 2017) as a layer: :func:`batch_renorm` with this layer's
+    parameters (γ = ``weight``, β = ``bias``) and BN's buffers (``running_mean``, ``running_var``,
+    ``num_batches_tracked``; same ``state_dict`` keys as ``nn.BatchNorm2d`` plus ``rmax`` and
+    ``dmax``). Inputs (N, C), (N, C, L) or (N, C, H, W).
+
+    Conventions: ``momentum`` weights the new batch (PyTorch's direction, 0.1; the paper's α);
+    the normalisation uses the biased batch variance, ``running_var`` stores the unbiased one (as
+    BN); r and d use the running statistics from before the batch and carry no gradient. In
+    training the running statistics enter the output (through r and d), unlike BN. ``rmax`` and
+    ``dmax`` are 0-d buffers: the paper starts at rmax = 1, dmax = 0 (BN) and relaxes them to
+    3 and 5 during training; :meth:`set_limits` changes them in place. Eval mode: exactly BN's.
+    """
+
+    def __init__(self, num_features: int, rmax: float = 3.0, dmax: float = 5.0, **kwargs):
+        _check_limits(rmax, dmax)
+        kwargs.setdefault("track_running_stats", True)
+        if not kwargs["track_running_stats"]:
+            raise ValueError("track_running_stats=False is not valid for BatchRenorm: r and d need the "
+                             "running statistics; valid: True")
+        super().__init__(num_features, **kwargs)
+        self.register_buffer("rmax", torch.tensor(float(rmax)))
+        self.register_buffer("dmax", torch.tensor(float(dmax)))
+
+    def set_limits(self, rmax: float, dmax: float) -> None:
+        """Set rmax (>= 1) and dmax (>= 0) in place (checked first; nothing changes on a bad value)."""
+        _check_limits(rmax, dmax)
+        self.rmax.fill_(float(rmax))
+        self.dmax.fill_(float(dmax))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return batch_renorm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            self.num_batches_tracked, training=self.training, momentum=self.momentum,
+                            eps=self.eps, rmax=self.rmax.to(x.dtype), dmax=self.dmax.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rmax={float(self.rmax):g}, dmax={float(self.dmax):g}"
+
+
+__all__ += ["batch_renorm", "BatchRenorm"]

@@ -189,3 +189,69 @@ def test_configure_norms_sets_momentum_and_eps_on_every_norm_that_has_them():
                 assert m.momentum == 0.3, (norm, name)
     cumulative = configure_norms(build_lenet("lenet-bn-scratch"), None, 1e-5)
     assert all(m.momentum is None for m in norm_layers(cumulative).values())
+
+
+# ----------------------------------------------------------------------------- the small ResNet (chapter 08)
+
+
+def test_resnet_bn_parameter_count_by_hand():
+    from bnviz.models import resnet_bn
+
+    stem = 1 * 8 * 9 + 2 * 8                                         # conv 3×3, BN γ β
+    block1 = 2 * (8 * 8 * 9 + 2 * 8)                                 # two conv 3×3 + BN, identity shortcut
+    block2 = 8 * 16 * 9 + 2 * 16 + 16 * 16 * 9 + 2 * 16 + 8 * 16 + 2 * 16  # + 1×1 projection and its BN
+    fc = 16 * 10 + 10
+    model = resnet_bn()
+    assert sum(p.numel() for p in model.parameters()) == stem + block1 + block2 + fc
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert resnet_bn(channels=(4, 8, 8), blocks=(2, 1, 1), stem_stride=1)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_zero_init_last_makes_every_block_the_identity():
+    """Goyal et al.: γ = 0 in each block's last BN, so a block outputs relu(shortcut(x)); with an
+    identity shortcut and a non-negative input (it follows a ReLU) that is x itself."""
+    from bnviz.models import residual_blocks, resnet_bn
+
+    torch.manual_seed(0)
+    model = resnet_bn(channels=(4, 8), blocks=(2, 1), zero_init_last=True)
+    blocks = residual_blocks(model)
+    assert len(blocks) == 3
+    zero = [name for name, m in norm_layers(model).items() if not m.weight.detach().any()]
+    assert sorted(zero) == sorted(f"{n}.bn2" for n, m in model.named_children() if m in blocks)
+    x = torch.relu(torch.randn(5, 4, 14, 14))
+    for block in blocks:
+        block.train()
+        want = x if isinstance(block.shortcut, nn.Identity) else torch.relu(block.shortcut(x))
+        torch.testing.assert_close(block(x), want)
+        x = torch.relu(torch.randn(5, block.conv2.out_channels, *want.shape[2:]))
+    default = resnet_bn(channels=(4, 8), blocks=(2, 1))
+    assert all(m.weight.detach().eq(1).all() for m in norm_layers(default).values())
+
+
+def test_resnet_bn_takes_another_norm_and_same_seed_same_model():
+    import functools
+
+    from bnviz.models import resnet_bn
+    from bnviz.norms import BatchRenorm
+
+    model = resnet_bn(norm=functools.partial(BatchRenorm, rmax=2.0, dmax=1.0))
+    kinds = {type(m) for m in norm_layers(model).values()}
+    assert kinds == {BatchRenorm} and len(norm_layers(model)) == 1 + 2 + 3
+    torch.manual_seed(7)
+    a = resnet_bn()
+    torch.manual_seed(7)
+    b = resnet_bn()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"channels": ()}, "channels=\\(\\) is not valid"),
+    ({"channels": (8, 0)}, "channels="),
+    ({"blocks": (1,)}, "blocks=\\(1,\\) is not valid; valid: one positive int per stage \\(2 stages\\)"),
+    ({"stem_stride": 3}, "stem_stride=3 is not valid; valid: 1 or 2"),
+])
+def test_resnet_bn_bad_arguments(kwargs, match):
+    from bnviz.models import resnet_bn
+
+    with pytest.raises(ValueError, match=match):
+        resnet_bn(**kwargs)
