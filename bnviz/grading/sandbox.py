@@ -209,7 +209,10 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     the grading run's temporary folder."""
     src = (sources or {}).get
     cmd = ["bwrap", "--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
-           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+           # the worker is the sandbox's PID 1: no bwrap reaper inside, whose memory (no seccomp filter, dumpable)
+           # the student's process could rewrite through /proc/1/mem (issue 23); the worker makes itself non-dumpable
+           "--as-pid-1", "--ro-bind", "/usr", "/usr"]
     for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]
