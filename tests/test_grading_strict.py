@@ -232,3 +232,48 @@ def test_nothing_of_the_worker_or_its_parent_is_reachable(bwrap, tmp_path, pass_
     for what in ("ppid_mem", "pid1_mem", "pid1_fd"):
         assert got[what] == "'PermissionError'", (what, got)
     assert got["ptmx"] != "'opened'" and got["scratch"] == "[]", got
+
+
+# ------------------------------------------------------------------ item 6: the prefix bound part by part
+
+PLANTED_CHECK = r"""
+import io, json, sys, torch
+from pathlib import Path
+from bnviz.grading import sandbox, report
+prefix = Path(sys.prefix)
+planted = [prefix / "grades-left-here.csv", prefix / "lib" / "python3.11" / "site-packages" / "answers.txt"]
+cell = ("import os, torch\n"
+        "seen = [p for p in %r if os.path.exists(p)]\n"
+        "y = torch.nn.functional.layer_norm(torch.arange(6.).reshape(2, 3), [3])\n"
+        "raise RuntimeError(repr((seen, round(float(y.abs().sum()), 3))))" % [str(p) for p in planted])
+limits = sandbox.Limits(timeout_s=120)
+buf = io.BytesIO()
+torch.save({"cells": [(0, cell)], "probes": [], "limits": limits.for_worker(), "pass": "normal"}, buf)
+run = sandbox.run_worker(buf.getvalue(), "bwrap", limits, sandbox.make_worker_root(Path(sys.argv[1])), [])
+(part,) = report.split_pair(run.report)
+n = int.from_bytes(part[8:16], "little")
+print(json.dumps(json.loads(part[16:16 + n])["report"]["cell_errors"]))
+"""
+
+
+def test_a_file_left_in_the_interpreter_prefix_is_not_visible(bwrap, tmp_path):
+    """Issue 23: the interpreter's folders were bound whole, so a file an instructor left in the venv
+    was readable from a sandbox. A throwaway venv (its packages are the test venv's, through a
+    ``.pth``) with files planted at its root and in its ``site-packages``: from inside, neither
+    exists, while torch still imports and computes."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    (site / "test-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    (venv / "grades-left-here.csv").write_text("student,total\nalice,19\n")
+    (site / "answers.txt").write_text("the answer key\n")
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", PLANTED_CHECK, str(tmp_path / "w")], capture_output=True,
+                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (error,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert error["error"] == "RuntimeError: ([], 4.899)", error  # nothing planted seen; torch computed
