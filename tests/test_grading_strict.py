@@ -277,3 +277,14 @@ def test_a_file_left_in_the_interpreter_prefix_is_not_visible(bwrap, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (error,) = json.loads(proc.stdout.strip().splitlines()[-1])
     assert error["error"] == "RuntimeError: ([], 4.899)", error  # nothing planted seen; torch computed
+
+
+def test_the_scan_names_function_internals_and_proc_files():
+    """What the hostile paths used in plain sight is flagged for a look by hand (nothing withheld)."""
+    from bnviz.grading import rules
+
+    hand = rules.look_by_hand([(3, "g = get_ipython.__globals__\n"),
+                               (4, "import os\nmem = open('/proc/%d/mem' % os.getppid(), 'r+b')\n")])
+    assert hand == ["a function's or traceback's internals (__globals__ / __closure__ / __code__ / tb_next) (cell 3 line 1)",
+                    "/proc files of a process (/proc/<pid>/mem, fd, maps) (cell 4 line 2)"], hand
+    assert rules.look_by_hand([(5, "import torch\nx = torch.ones(3)\nprint(x.sum())\n")]) == []
