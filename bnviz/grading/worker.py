@@ -649,12 +649,16 @@ TIMED_OUT = {False: 124, True: 125}  # the worker's exit status when a pass ran 
 
 
 def _wait(pid: int, deadline: float | None) -> int | None:
-    """The child's wait status, or None after killing its process group at the deadline."""
+    """The child's wait status, or None after killing its process group at the deadline. Reaps
+    every other child on the way: the worker is the sandbox's PID 1, so the orphans of the
+    student's processes become its children."""
     delay = 0.005
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG if deadline else 0)
-        if done:
+        done, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+        if done == pid:
             return status
+        if done:
+            continue
         if time.monotonic() > deadline:
             for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
                 try:
