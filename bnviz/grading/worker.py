@@ -617,8 +617,9 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     if not strict:
         tw = Tripwires(torch)
         tw.raised_in = None
-        cell_errors = run_cells(request["cells"], student_namespace())
-        probes = run_probes(sys.modules["__main__"].__dict__, tw, torch, request["probes"])
+        namespace = student_namespace()
+        cell_errors = run_cells(request["cells"], namespace)
+        probes = run_probes(namespace, tw, torch, request["probes"])
         return {"protocol": PROTOCOL, "pass": "normal", "cell_errors": cell_errors, "probes": probes,
                 "tripwire": tw.report()}
     quiet = os.open(os.devnull, os.O_WRONLY)  # what it prints was shown by the normal pass
