@@ -204,6 +204,19 @@ for name in ("numpy", "torch", "torch._decomp", "torch._decomp.decompositions", 
         importlib.import_module(name)
     except Exception:
         pass
+try:  # what the worker does with them: a dispatch mode, backward, forward-mode AD, torch.save
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with Mode():
+        torch.nn.functional.batch_norm(x, None, None, training=True).sum().backward()
+    torch.func.jvp(torch.sin, (x.detach(),), (x.detach(),))
+    torch.save({"x": x.detach()}, io.BytesIO())
+except Exception:
+    pass
 files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
 with open("/proc/self/maps") as f:
     files |= {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
@@ -259,6 +272,40 @@ def _top_level(info: Path) -> set[str]:
     return {line.split(",", 1)[0].split("/", 1)[0] for line in lines if line and not line.startswith("..")}
 
 
+def _dist_name(text: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s;<>=!~\[(]", text.strip(), maxsplit=1)[0]).lower()
+
+
+def _required_entries(site: Path, used: set[str]) -> set[str]:
+    """The top-level entries of ``site`` that the distributions owning ``used`` install, with those
+    of every distribution they require (``Requires-Dist`` without an ``extra`` marker),
+    transitively, and their ``*.dist-info`` folders."""
+    dists = {}
+    for info in site.glob("*.dist-info"):
+        try:
+            meta = (info / "METADATA").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        name = next((_dist_name(ln[5:]) for ln in meta.splitlines() if ln.startswith("Name:")), None)
+        needs = {_dist_name(ln[14:]) for ln in meta.splitlines()
+                 if ln.startswith("Requires-Dist:") and "extra ==" not in ln and "extra==" not in ln}
+        if name:
+            dists[name] = (info, _top_level(info), needs)
+    todo = [n for n, (_, top, _) in dists.items() if top & used]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in dists:
+            continue
+        seen.add(name)
+        todo += list(dists[name][2])
+    out = set()
+    for name in seen:
+        info, top, _ = dists[name]
+        out |= {t for t in top if (site / t).exists() and not t.endswith(".pth") and t != "__pycache__"} | {info.name}
+    return out
+
+
 def _compute_binds() -> list[tuple[str, ...]]:
     roots = [Path(r) for r in _python_roots()]
     inside = lambda p: any(p == r or r in p.parents for r in roots)  # noqa: E731
@@ -304,10 +351,9 @@ def _compute_binds() -> list[tuple[str, ...]]:
                 continue
             if not any(line.startswith(("import ", "import\t")) for line in lines):
                 binds.setdefault(str(pth), ("bind", str(pth)))
-    for site in site_dirs:  # the metadata of the distributions bound (importlib.metadata)
-        for info in site.glob("*.dist-info"):
-            if _top_level(info) & {Path(b).name for b in binds if Path(b).parent == site}:
-                binds.setdefault(str(info), ("bind", str(info)))
+    for site in site_dirs:  # the distributions bound, what they require (lazy imports: sympy), their metadata
+        for entry in _required_entries(site, {Path(b).name for b in binds if Path(b).parent == site}):
+            binds.setdefault(str(site / entry), ("bind", str(site / entry)))
     own_site = stdlib / "site-packages"  # not on a venv's path; where no venv, refilled with what was bound
     masks = [("tmpfs", str(own_site))] if own_site.is_dir() else []
     ordered = sorted(binds.values(), key=lambda b: b[-1])
