@@ -246,7 +246,7 @@ cell = ("import os, torch\n"
         "seen = [p for p in %r if os.path.exists(p)]\n"
         "y = torch.nn.functional.layer_norm(torch.arange(6.).reshape(2, 3), [3])\n"
         "raise RuntimeError(repr((seen, round(float(y.abs().sum()), 3))))" % [str(p) for p in planted])
-limits = sandbox.Limits(timeout_s=120)
+limits = sandbox.Limits(timeout_s=600)
 buf = io.BytesIO()
 torch.save({"cells": [(0, cell)], "probes": [], "limits": limits.for_worker(), "pass": "normal"}, buf)
 run = sandbox.run_worker(buf.getvalue(), "bwrap", limits, sandbox.make_worker_root(Path(sys.argv[1])), [])
@@ -273,7 +273,7 @@ def test_a_file_left_in_the_interpreter_prefix_is_not_visible(bwrap, tmp_path):
     (site / "answers.txt").write_text("the answer key\n")
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", PLANTED_CHECK, str(tmp_path / "w")], capture_output=True,
-                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
+                          text=True, timeout=1200, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (error,) = json.loads(proc.stdout.strip().splitlines()[-1])
     assert error["error"] == "RuntimeError: ([], 4.899)", error  # nothing planted seen; torch computed
