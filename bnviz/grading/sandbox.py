@@ -250,9 +250,11 @@ def _probe_files() -> list[str]:
            "OMP_NUM_THREADS": "1", "HOME": tempfile.gettempdir()}
     try:
         proc = subprocess.run([sys.executable, "-s", "-B", "-c", PROBE_CODE], capture_output=True, text=True,
-                              timeout=300, env=env, cwd="/")
-        return json.loads(proc.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError) as e:
+                              timeout=900, env=env, cwd="/")
+        if proc.returncode != 0:
+            raise ValueError(f"exit status {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
         raise SandboxUnavailable(f"could not list the files Python needs ({sys.executable} -c ...): {e}") from None
 
 
