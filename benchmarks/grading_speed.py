@@ -59,6 +59,13 @@ def _load() -> str:
         return "n/a"
 
 
+def _full_marks(record: Path) -> bool:
+    """Every automatically graded question at its maximum (the gradebook's ``possible`` also counts
+    the hand-graded q4, which nobody has graded here)."""
+    r = json.loads(record.read_text())
+    return r["total"] == r["possible_total"] and all(r["scores"][q] == r["possible"][q] for q in r["possible"])
+
+
 def grade_once(code: str, work: Path, subs: Path, args, extra: list[str]) -> float | None:
     """Grade ``subs`` with the ``bnviz`` at ``code``; submissions/min, or None if any honest
     submission lost points."""
@@ -72,7 +79,7 @@ def grade_once(code: str, work: Path, subs: Path, args, extra: list[str]) -> flo
     seconds = time.perf_counter() - t0
     with open(grades / "gradebook.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    wrong = [r["student"] for r in rows if r["total"] != r["possible"] or r["error"]]
+    wrong = [r["student"] for r in rows if r["error"] or not _full_marks(grades / f"{r['student']}.json")]
     print(f"{len(rows)} graded in {seconds:.1f} s ({seconds / max(1, len(rows)):.2f} s each), "
           f"not full marks: {len(wrong)} {wrong[:5]}; load average after: {_load()}", flush=True)
     if wrong or len(rows) != args.n:

@@ -1,9 +1,9 @@
 """``grade``: grade a folder of submissions. The trusted side: it never imports student code.
 
 For each submission, in order: read the notebook as data, turn IPython syntax into Python and scan
-the source (``ingest.py``, ``rules.py``), run its code cells and the test inputs in a fresh sandbox
-(``sandbox.py``, ``worker.py``: a normal pass and a strict pass), parse and check the worker's
-report against a strict schema (``report.py``) and judge it against references computed here
+the source (``ingest.py``, ``rules.py``), run its code cells and the test inputs in fresh sandboxes
+(``sandbox.py``, ``worker.py``: a normal pass and a strict pass, each in a sandbox of its own),
+parse and check the worker's report against a strict schema (``report.py``) and judge it against references computed here
 (``checker.py``, ``scoring.py``). Reading, scanning, parsing and judging happen in a child process
 with its own memory and time limits (``judge.py``), so no submission can stall or crash the run.
 This module only drives: it hands each file to a judge child and a sandbox and writes the records
@@ -30,6 +30,7 @@ import os
 import queue
 import secrets
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -82,9 +83,8 @@ class Session:
         # the strict pass: batch-norm kernels raise throughout; autograd during these questions' probes
         self.strict = {"batch_norm": any("batch_norm" in f for f in forbidden.values()),
                        "autograd_phases": sorted(q for q, f in forbidden.items() if "autograd" in f)} if forbidden else None
-        # two passes: the worker gives each the time limit; the sandbox as a whole gets both
-        self.run_limits = limits if not self.strict else dataclasses.replace(
-            limits, timeout_s=2 * limits.timeout_s + 15, cpu_seconds=2 * (limits.cpu_seconds or int(limits.timeout_s) + 1))
+        # two passes, each in its own sandbox with the whole limits (issue 23: nothing shared)
+        self.run_limits = limits
 
     def seed_for(self, student: str) -> int:
         if self.fixed_seed is not None:
@@ -94,16 +94,21 @@ class Session:
     def tests_for(self, seed: int) -> list:
         return checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
 
-    def request(self, cells: list, seed: int) -> bytes:
+    def request(self, cells: list, seed: int, pass_: str = "normal") -> bytes:
+        """The worker's request for one pass (``"normal"`` or ``"strict"``)."""
         import torch
 
         buf = io.BytesIO()
-        limits = {**self.run_limits.for_worker(), "report_bytes": self.limits.report_bytes,
-                  "pass_seconds": self.limits.timeout_s if self.strict else None}
+        limits = {**self.run_limits.for_worker(), "report_bytes": self.limits.report_bytes, "pass_seconds": None}
         probes = [p for t in self.tests_for(seed) for p in t.probes]  # inputs only
         torch.save({"cells": [(int(i), str(c)) for i, c in cells], "probes": probes, "limits": limits,
-                    "strict": self.strict}, buf)
+                    "strict": self.strict, "pass": pass_}, buf)
         return buf.getvalue()
+
+    def run(self, cells: list, seed: int, pass_: str) -> sandbox.Run:
+        """One pass in a fresh sandbox of its own."""
+        return sandbox.run_worker(self.request(cells, seed, pass_), self.backend, self.run_limits, self.worker_root,
+                                  self.masks, self.docker_image)
 
     def judge_config(self, handed_out: list[str] | None, preferred: str) -> dict:
         return {"rules": {q: sorted(f) for q, f in self.forbidden.items()},
@@ -117,6 +122,44 @@ def load_report(data: bytes | None) -> dict | None:
         return report.parse(data)[0]
     except report.ReportError:
         return None
+
+
+def _one_part(run: sandbox.Run) -> bytes | None:
+    """The one report a single-pass sandbox framed (``worker.main``), or None."""
+    try:
+        parts = report.split_pair(run.report or b"")
+    except report.ReportError:
+        return None
+    return parts[0] if len(parts) == 1 else None
+
+
+def _run_problem(run: sandbox.Run) -> str | None:
+    if run.problem:
+        return run.problem
+    if not run.report:
+        return f"the sandboxed run ended without a report (exit status {run.returncode}); no score"
+    return None
+
+
+def _run_passes(session: Session, cells: list, seed: int) -> tuple[bytes, bytes, str | None]:
+    """(both passes' reports framed as one pair for the judge, what the normal pass printed, a
+    problem that costs the score). The normal pass and, where there are rules, the strict pass,
+    each in a sandbox of its own: they share no file, folder or process. A strict pass that ran
+    but framed no report leaves the pair with the normal report only, which the judge withholds."""
+    run = session.run(cells, seed, "normal")
+    problem = _run_problem(run)
+    normal = _one_part(run)
+    if problem or normal is None:
+        return b"", run.log_tail, problem or "the sandbox's report was rejected (malformed framing); no score"
+    parts = [normal]
+    if session.strict:
+        strict_run = session.run(cells, seed, "strict")
+        if strict_run.problem:  # a limit: no score, as for the normal pass
+            return b"", run.log_tail, strict_run.problem + " (the strict re-run)"
+        strict = _one_part(strict_run)
+        if strict is not None:
+            parts.append(strict)
+    return worker.MAGIC_PAIR + b"".join(struct.pack("<Q", len(p)) + p for p in parts), run.log_tail, None
 
 
 def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> Result:
@@ -137,20 +180,12 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
             errors += got["problems"]
             if session.forbidden and got["hand"]:
                 flags.append("look by hand (advisory, nothing withheld): " + "; ".join(got["hand"]))
-            run = sandbox.run_worker(session.request(got["cells"], seed), session.backend, session.run_limits,
-                                     session.worker_root, session.masks, session.docker_image)
-            log = run.log_tail
-            if run.problem:
-                errors.append(run.problem)
-            elif run.returncode in worker.TIMED_OUT.values() and not run.report:
-                strict = " (the strict re-run)" if run.returncode == worker.TIMED_OUT[True] else ""
-                errors.append(f"timed out after {session.limits.timeout_s:g} s{strict} (killed; no score)")
-            elif not run.report:
-                errors.append(f"the sandboxed run ended without a report (exit status {run.returncode}); no score")
+            data, log, problem = _run_passes(session, got["cells"], seed)
+            if problem:
+                errors.append(problem)
             else:
                 memory = f"{session.limits.memory_bytes / sandbox.GiB:g} GiB"
-                verdict = judge.call("judge", {"scanned": got["scanned"], "memory_text": memory, "seed": seed},
-                                     run.report)
+                verdict = judge.call("judge", {"scanned": got["scanned"], "memory_text": memory, "seed": seed}, data)
                 errors += verdict["errors"]
     except JudgeError as e:
         errors.append(f"{e}: this submission was not graded (it will be on the next run)")

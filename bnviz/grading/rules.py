@@ -174,6 +174,8 @@ HAND = {
     "torch_C": "torch._C (PyTorch internals)",
     "gc": "gc.get_objects / get_referrers (finding live objects)",
     "internals": "torch._decomp / _refs / _prims (PyTorch's operators written in Python)",
+    "function": "a function's or traceback's internals (__globals__ / __closure__ / __code__ / tb_next)",
+    "proc": "/proc files of a process (/proc/<pid>/mem, fd, maps)",
 }
 _HAND_MODULES = {"threading": "threads", "_thread": "threads", "concurrent": "threads", "multiprocessing": "threads",
                  "asyncio": "threads", "importlib": "modules", "_decomp": "internals", "_refs": "internals",
@@ -183,13 +185,16 @@ _HAND_ATTRS = {"_python_dispatch": "dispatch", "_disable_current_modes": "dispat
                "__wrapped__": "wrapped", "_getframe": "frames", "currentframe": "frames", "f_back": "frames",
                "f_locals": "frames", "f_globals": "frames", "tb_frame": "frames", "gi_frame": "frames",
                "stack": None, "get_objects": "gc", "get_referrers": "gc", "_C": None, "ops": None,
-               "library": None, "modules": None, "_decomp": "internals", "_refs": "internals", "_prims": "internals"}
+               "library": None, "modules": None, "_decomp": "internals", "_refs": "internals", "_prims": "internals",
+               "__globals__": "function", "__closure__": "function", "__code__": "function", "tb_next": "function",
+               "__traceback__": "function", "getppid": "proc"}
 _HAND_DOTTED = {"torch._C": "torch_C", "torch.ops": "ops", "torch.library": "library", "sys.modules": "modules",
                 "inspect.stack": "frames"}
 _HAND_STRINGS = {"__wrapped__": "wrapped", "_getframe": "frames", "f_back": "frames", "f_locals": "frames",
                  "_python_dispatch": "dispatch", "_disable_current_modes": "dispatch", "modules": "modules",
                  "_C": "torch_C", "get_objects": "gc", "ctypes": "ctypes", "threading": "threads",
-                 "asyncio": "threads", "importlib": "modules"}
+                 "asyncio": "threads", "importlib": "modules", "__globals__": "function", "__closure__": "function",
+                 "__code__": "function"}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -242,6 +247,8 @@ def _hand_features(tree: ast.AST):
             yield "modules", line
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.strip() in _HAND_STRINGS:
             yield _HAND_STRINGS[node.value.strip()], line
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("/proc/"):
+            yield "proc", line
 
 
 def look_by_hand(cells: list[tuple[int, str]], skip: set[str] = frozenset()) -> list[str]:

@@ -192,6 +192,177 @@ def _python_roots() -> list[str]:
     return [r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in roots)]
 
 
+# What the sandbox's Python needs, found once per grading process by importing it on the host
+# (``python_binds``): the worker's own imports, torch's lazily imported parts the strict pass uses,
+# and matplotlib (a student's plot cell), each only if installed.
+PROBE_CODE = r"""
+import json, sys
+import ast, builtins, ctypes, hashlib, importlib, io, math, os, re, resource, signal, struct, threading, time, types, warnings
+for name in ("numpy", "torch", "torch._decomp", "torch._decomp.decompositions", "torch.autograd.forward_ad",
+             "torch.func", "torch.utils._python_dispatch", "torch.nn.functional", "matplotlib", "matplotlib.pyplot"):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+try:  # what the worker does with them: a dispatch mode, backward, forward-mode AD, torch.save
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    with Mode():
+        torch.nn.functional.batch_norm(x, None, None, training=True).sum().backward()
+    torch.func.jvp(torch.sin, (x.detach(),), (x.detach(),))
+    torch.save({"x": x.detach()}, io.BytesIO())
+except Exception:
+    pass
+files = {getattr(m, "__file__", None) for m in list(sys.modules.values())}
+with open("/proc/self/maps") as f:
+    files |= {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+print(json.dumps(sorted(f for f in files if f and f.startswith("/"))))
+"""
+_BINDS: list | None = None
+_BINDS_LOCK = threading.Lock()
+
+
+def python_binds() -> list[tuple[str, ...]]:
+    """The parts of the Python installation the sandbox gets, instead of its folders whole (issue
+    23: a file an instructor leaves in the prefix or the venv was readable). ``("bind", path)``
+    (read-only, at the same path) or ``("symlink", target, path)``: the interpreter (and the chain
+    of links ``sys.executable`` is), ``pyvenv.cfg``, the standard library folder (with its own
+    ``site-packages`` emptied), the ``.pth`` files that only add folders to the path (not those
+    that run an import), and in each ``site-packages`` only the top-level entries a probe
+    import of what the worker and the strict pass import touched (torch, numpy and their
+    dependencies, matplotlib where installed), with every ``*.dist-info``. Computed once per
+    process by a probe run of the same interpreter; raises SandboxUnavailable if the probe fails."""
+    global _BINDS
+    with _BINDS_LOCK:
+        if _BINDS is None:
+            _BINDS = _compute_binds()
+        return list(_BINDS)
+
+
+def _probe_files() -> list[str]:
+    import json
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MPLBACKEND": "Agg", "LANG": "C.UTF-8",
+           "OMP_NUM_THREADS": "1", "HOME": tempfile.gettempdir()}
+    try:
+        proc = subprocess.run([sys.executable, "-s", "-B", "-c", PROBE_CODE], capture_output=True, text=True,
+                              timeout=900, env=env, cwd="/")
+        if proc.returncode != 0:
+            raise ValueError(f"exit status {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        raise SandboxUnavailable(f"could not list the files Python needs ({sys.executable} -c ...): {e}") from None
+
+
+def _site_dir(path: Path) -> Path | None:
+    for parent in path.parents:
+        if parent.name in ("site-packages", "dist-packages"):
+            return parent
+    return None
+
+
+def _top_level(info: Path) -> set[str]:
+    """The top-level entries a ``*.dist-info`` folder's distribution installed (its RECORD)."""
+    try:
+        lines = (info / "RECORD").read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return set()
+    return {line.split(",", 1)[0].split("/", 1)[0] for line in lines if line and not line.startswith("..")}
+
+
+def _dist_name(text: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s;<>=!~\[(]", text.strip(), maxsplit=1)[0]).lower()
+
+
+def _required_entries(site: Path, used: set[str]) -> set[str]:
+    """The top-level entries of ``site`` that the distributions owning ``used`` install, with those
+    of every distribution they require (``Requires-Dist`` without an ``extra`` marker),
+    transitively, and their ``*.dist-info`` folders."""
+    dists = {}
+    for info in site.glob("*.dist-info"):
+        try:
+            meta = (info / "METADATA").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        name = next((_dist_name(ln[5:]) for ln in meta.splitlines() if ln.startswith("Name:")), None)
+        needs = {_dist_name(ln[14:]) for ln in meta.splitlines()
+                 if ln.startswith("Requires-Dist:") and "extra ==" not in ln and "extra==" not in ln}
+        if name:
+            dists[name] = (info, _top_level(info), needs)
+    todo = [n for n, (_, top, _) in dists.items() if top & used]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in dists:
+            continue
+        seen.add(name)
+        todo += list(dists[name][2])
+    out = set()
+    for name in seen:
+        info, top, _ = dists[name]
+        out |= {t for t in top if (site / t).exists() and not t.endswith(".pth") and t != "__pycache__"} | {info.name}
+    return out
+
+
+def _compute_binds() -> list[tuple[str, ...]]:
+    roots = [Path(r) for r in _python_roots()]
+    inside = lambda p: any(p == r or r in p.parents for r in roots)  # noqa: E731
+    binds: dict[str, tuple[str, ...]] = {}
+    site_dirs: set[Path] = set()
+    exe = Path(sys.executable)  # the chain of links, each kept a link (Python finds pyvenv.cfg by it)
+    for _ in range(40):
+        if not inside(exe):
+            break
+        if exe.is_symlink():
+            target = os.readlink(exe)
+            binds[str(exe)] = ("symlink", target, str(exe))
+            exe = (exe.parent / target) if not os.path.isabs(target) else Path(target)
+            continue
+        binds[str(exe)] = ("bind", str(exe))
+        break
+    for cfg in {Path(sys.prefix) / "pyvenv.cfg"}:
+        if cfg.is_file():
+            binds[str(cfg)] = ("bind", str(cfg))
+    stdlib = Path(os.__file__).resolve().parent
+    if inside(stdlib):
+        binds[str(stdlib)] = ("bind", str(stdlib))
+    for name in _probe_files():
+        path = Path(name)
+        if not inside(path) or not path.exists():
+            continue
+        site = _site_dir(path)
+        if site is not None:
+            entry = site / path.relative_to(site).parts[0]
+            if entry.name.startswith("__editable__"):  # a pointer into a checkout (masked anyway)
+                continue
+            site_dirs.add(site)
+            binds.setdefault(str(entry), ("bind", str(entry)))
+        elif stdlib not in path.parents:
+            binds.setdefault(str(path), ("bind", str(path)))  # e.g. libpython3.11.so.1.0
+    import site as site_module
+
+    for site in map(Path, site_module.getsitepackages()):  # .pth files that only add folders to the path
+        for pth in site.glob("*.pth") if inside(site) else ():
+            try:
+                lines = pth.read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            if not any(line.startswith(("import ", "import\t")) for line in lines):
+                binds.setdefault(str(pth), ("bind", str(pth)))
+    for site in site_dirs:  # the distributions bound, what they require (lazy imports: sympy), their metadata
+        for entry in _required_entries(site, {Path(b).name for b in binds if Path(b).parent == site}):
+            binds.setdefault(str(site / entry), ("bind", str(site / entry)))
+    own_site = stdlib / "site-packages"  # not on a venv's path; where no venv, refilled with what was bound
+    masks = [("tmpfs", str(own_site))] if own_site.is_dir() else []
+    ordered = sorted(binds.values(), key=lambda b: b[-1])
+    return [b for b in ordered if b[0] == "bind" and Path(b[-1]) == stdlib] + masks + \
+        [b for b in ordered if not (b[0] == "bind" and Path(b[-1]) == stdlib)]
+
+
 ETC_FILES = ["/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/passwd",
              "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/alternatives"]
 
@@ -209,7 +380,10 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     the grading run's temporary folder."""
     src = (sources or {}).get
     cmd = ["bwrap", "--unshare-all", "--unshare-user", *(["--disable-userns"] if disable_userns else []),
-           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+           "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+           # the worker is the sandbox's PID 1: no bwrap reaper inside, whose memory (no seccomp filter, dumpable)
+           # the student's process could rewrite through /proc/1/mem (issue 23); the worker makes itself non-dumpable
+           "--as-pid-1", "--ro-bind", "/usr", "/usr"]
     for link in ("/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"):
         if os.path.islink(link):
             cmd += ["--symlink", os.readlink(link), link]
@@ -221,13 +395,21 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     # may use) is bound on top of it below; the other way round the tmpfs would hide it.
     size = str(limits.tmpfs_bytes)
     cmd += ["--size", size, "--tmpfs", "/tmp"]
-    roots = _python_roots()
-    for root in roots:
-        cmd += ["--ro-bind", src(root, root), root]
-    for mask in masks:  # secret folders that happen to lie inside a mounted one
-        m = str(mask)
-        if any(m == r or m.startswith(r.rstrip("/") + "/") for r in roots + ["/usr"]) and os.path.isdir(m):
-            cmd += ["--tmpfs", m]
+    binds, bound = [], []
+    for bind in python_binds():  # the interpreter's parts, not its folders whole
+        if bind[0] == "symlink":
+            binds += ["--symlink", bind[1], bind[2]]
+        elif bind[0] == "tmpfs":
+            binds += ["--tmpfs", bind[1]]
+        else:
+            binds += ["--ro-bind", _source(src, bind[1]), bind[1]]
+            bound.append(bind[1])
+    # secret folders that happen to lie inside the Python installation: an empty tmpfs, under the
+    # parts bound into it (if any), over them otherwise
+    under = lambda m, paths: any(m == r or m.startswith(r.rstrip("/") + "/") for r in paths)  # noqa: E731
+    hide = [str(m) for m in masks if under(str(m), _python_roots() + ["/usr"]) and os.path.isdir(m)]
+    first = [m for m in hide if any(b.startswith(m.rstrip("/") + "/") for b in bound)]
+    cmd += [a for m in first for a in ("--tmpfs", m)] + binds + [a for m in hide if m not in first for a in ("--tmpfs", m)]
     # /proc/sys read-only after --proc (bwrap leaves it writable where its own write test fails);
     # /sys is not mounted at all; /dev/shm is a sized tmpfs (bwrap's --dev leaves it unbounded)
     if worker_fds:
@@ -246,6 +428,15 @@ def bwrap_command(worker_root: Path, limits: Limits, masks: list[Path], env: dic
     for k, v in env.items():
         cmd += ["--setenv", k, v]
     return cmd + ["--", *(program or [sys.executable, "-s", "-B", "-m", "bnviz.grading.worker"])]
+
+
+def _source(src, path: str) -> str:
+    """Where bwrap binds ``path`` from: under its Python root's staging mount where there is one."""
+    for root in _python_roots():
+        if path == root or path.startswith(root.rstrip("/") + "/"):
+            staged = src(root, root)
+            return staged + path[len(root):]
+    return path
 
 
 def worker_env(limits: Limits, root: str = WORKER_ROOT, home: str = "/scratch") -> dict[str, str]:

@@ -7,20 +7,29 @@ sandbox sees a copy of this one file, not the rest of ``bnviz``.
 Protocol:
 
 * stdin: a ``torch.save``'d dict ``{"cells": [(index, source), ...], "probes": [spec, ...],
-  "limits": {...}, "strict": {...}}`` written by the trusted side. The cells are plain Python
-  (the trusted side already turned IPython syntax into Python, so the code it scanned is the code
-  that runs). The probes carry only test *inputs*; expected values and tolerances never come here.
-* Two passes, each in a process forked from this one before any student code is imported: the
-  *normal* pass (tripwires in place, forbidden APIs work) and the *strict* pass, in which every
-  batch-norm kernel raises at the dispatcher (registered before the student's code runs, so no
-  Python wrapper, mode, thread or frame trick reaches the real kernel) and, during the probes of
-  the questions that forbid autograd, recording a graph for backward raises too.
+  "limits": {...}, "strict": {...}, "pass": "normal" | "strict"}`` written by the trusted side.
+  The cells are plain Python (the trusted side already turned IPython syntax into Python, so the
+  code it scanned is the code that runs). The probes carry only test *inputs*; expected values and
+  tolerances never come here.
+* ONE pass per worker, so per sandbox: the trusted side starts the *normal* pass (tripwires in
+  place, forbidden APIs work) and the *strict* pass in two separate sandboxes that share no file,
+  folder or process (issue 23: a submission replayed in the strict pass what it had computed in
+  the normal one through the shared ``/scratch``). In the strict pass every batch-norm kernel
+  raises at the dispatcher, registered before the student's code runs through a handle no Python
+  object refers to (``register_for_good``), and, during the probes of the questions that forbid
+  autograd, autograd raises too. The pass runs in a child forked from this process, which stays
+  non-dumpable (``no_dumping``): the child cannot read or rewrite it through ``/proc``.
+* Nothing of the worker is reachable from the student's globals: the cells run in a fresh
+  ``__main__`` module, ``bnviz`` is dropped from ``sys.modules``, and ``get_ipython`` / ``otter``
+  and the strict pass's raising functions are built by exec in dicts of their own. (Frames above
+  the student's own, reached through ``sys._getframe``, still lead to the child's own runner: the
+  child's report is the student's to rewrite, which is why it is only data to the trusted side.)
 * stdout: the worker first moves the process's stdout to stderr, so whatever the student prints
-  goes to stderr. At the end it writes ``MAGIC_PAIR`` + for each pass an 8-byte length and the
-  pass's report (``encode``: ``MAGIC`` + 8-byte header length + a JSON header + raw tensor bytes).
-  JSON cannot express shared references or objects; the trusted side (``report.py``) parses it
-  itself, checks it against a strict schema, and treats it as untrusted data: nothing here can
-  raise a score except outputs that match references the trusted side computes itself.
+  goes to stderr. At the end it writes ``MAGIC_PAIR`` + an 8-byte length and the pass's report
+  (``encode``: ``MAGIC`` + 8-byte header length + a JSON header + raw tensor bytes). JSON cannot
+  express shared references or objects; the trusted side (``report.py``) parses it itself, checks
+  it against a strict schema, and treats it as untrusted data: nothing here can raise a score
+  except outputs that match references the trusted side computes itself.
 
 Order: import torch, apply the resource limits (they cannot be raised again without
 CAP_SYS_RESOURCE, which the sandbox drops), fork the pass, install the tripwires (normal) or the
@@ -178,36 +187,65 @@ class Tripwires:
 # --------------------------------------------------------------------------- running the cells
 
 
-def _otter_stub() -> types.ModuleType:
-    """``import otter; grader = otter.Notebook(...); grader.check(...)`` work and do nothing: the
-    sandbox has no tests to run, and the real otter is not needed to grade."""
+# Built by exec in a dict of their own: ``get_ipython.__globals__`` and ``otter.Notebook.__init__.__globals__``
+# are that dict, which holds nothing of this module.
+_STUBS = """
+class Notebook:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+_shell = Notebook()
+
+
+def get_ipython():
+    return _shell
+"""
+
+
+def _stubs() -> tuple[types.ModuleType, object]:
+    """(an ``otter`` module whose ``Notebook(...)`` and ``grader.check(...)`` do nothing, a
+    ``get_ipython`` whose ``system`` / ``run_line_magic`` / ... do nothing): the sandbox has no
+    tests to run and no IPython. Neither reaches this module (see ``_STUBS``)."""
+    import builtins
+
+    scope = {"__builtins__": builtins, "__name__": "otter"}
+    exec(compile(_STUBS, "<otter>", "exec"), scope)
     mod = types.ModuleType("otter")
+    mod.Notebook = scope["Notebook"]
+    return mod, scope["get_ipython"]
 
-    class Notebook:
-        def __init__(self, *args, **kwargs):
-            pass
 
-        def __getattr__(self, name):
-            return lambda *args, **kwargs: None
+def student_namespace() -> dict:
+    """The namespace the cells run in: a fresh ``__main__`` module (``import __main__`` gives it,
+    not this worker, which runs as ``__main__``). Nothing of the worker stays reachable by name:
+    ``bnviz`` is dropped from ``sys.modules`` (importing it again gives fresh copies that know
+    nothing of this run) and the stubs live in their own dict."""
+    import builtins
 
-    mod.Notebook = Notebook
-    return mod
+    main = types.ModuleType("__main__")
+    otter, get_ipython = _stubs()
+    main.__dict__.update({"__builtins__": builtins, "get_ipython": get_ipython})
+    sys.modules["__main__"], sys.modules["otter"] = main, otter
+    for name in [n for n in sys.modules if n == "bnviz" or n.startswith("bnviz.")]:
+        del sys.modules[name]
+    return main.__dict__
 
 
 def run_cells(cells: list, namespace: dict, strict: bool = False) -> list:
-    """Execute each code cell in order in one namespace; a cell that raises does not stop the
-    others (as in a notebook run with errors allowed). Returns [{"cell", "error"}]. The cells are
-    plain Python already; a ``get_ipython()`` the trusted side left in (``%matplotlib``, ``!pip``)
-    does nothing.
+    """Execute each code cell in order in one namespace (``student_namespace``); a cell that raises
+    does not stop the others (as in a notebook run with errors allowed). Returns [{"cell", "error"}].
+    The cells are plain Python already; a ``get_ipython()`` the trusted side left in (``%matplotlib``,
+    ``!pip``) does nothing.
 
     ``strict`` (the strict pass): a top-level statement that a raising kernel stopped is skipped and
     the cell goes on with its next statement, so a comparison with ``F.batch_norm`` above the
     ``def`` (allowed while working) does not keep the answer from being defined; the kernels still
     raise there, so nothing forbidden is computed before the tests. Any other exception stops the
     cell, as in the normal pass."""
-    sys.modules["otter"] = _otter_stub()
-    namespace.setdefault("get_ipython", lambda: types.SimpleNamespace(
-        system=lambda *a, **k: None, run_line_magic=lambda *a, **k: None, run_cell_magic=lambda *a, **k: None))
     errors = []
     for index, source in cells:
         try:
@@ -441,6 +479,58 @@ def run_probes(ns, tw, torch, probes: list, last: set = frozenset(), before_last
 
 # --------------------------------------------------------------------------- the strict pass
 
+# The strict pass's raising functions and its autograd engine stand-in, built by exec in a dict of
+# their own (as the stubs): a traceback through them reaches that dict, not this module.
+_REFUSERS = """
+class Forbidden(RuntimeError):
+    pass
+
+
+count = [0]  # how often they raised, on any thread
+blocked = [False]  # autograd refused (set for the questions that forbid it)
+real = [None]  # the autograd engine
+
+
+def refuse(*args, **kwargs):
+    count[0] += 1
+    raise Forbidden("forbidden in this assignment: a batch-norm kernel (strict re-run)")
+
+
+def refuse_dual(*args, **kwargs):
+    count[0] += 1
+    raise Forbidden("forbidden in this question: forward-mode autograd (strict re-run)")
+
+
+def pack(tensor):
+    raise Forbidden("forbidden in this question: autograd (strict re-run)")
+
+
+class Engine:
+    def run_backward(self, *args, **kwargs):
+        if blocked[0]:
+            count[0] += 1
+            raise Forbidden("forbidden in this question: autograd (strict re-run)")
+        return real[0].run_backward(*args, **kwargs)
+
+    def queue_callback(self, *args, **kwargs):
+        return real[0].queue_callback(*args, **kwargs)
+
+    def is_checkpoint_valid(self, *args, **kwargs):
+        return real[0].is_checkpoint_valid(*args, **kwargs)
+"""
+
+
+def _refusers() -> dict:
+    import builtins
+
+    scope = {"__builtins__": builtins, "__name__": "strict"}
+    exec(compile(_REFUSERS, "<strict>", "exec"), scope)
+    return scope
+
+
+_R = _refusers()
+Forbidden, REFUSED = _R["Forbidden"], _R["count"]
+
 
 class Direct:
     """The strict pass's stand-in for Tripwires: calls fn, and remembers in which question's
@@ -459,9 +549,6 @@ class Direct:
             raise
 
 
-REFUSED = [0]  # how often the strict pass's kernels raised (any thread)
-
-
 def _forbidden_in(exc: BaseException) -> bool:
     """Whether a raising kernel of the strict pass is behind exc (itself, a cause or a context)."""
     seen = 0
@@ -472,37 +559,49 @@ def _forbidden_in(exc: BaseException) -> bool:
     return False
 
 
-class Forbidden(RuntimeError):
-    pass
+def register_for_good(torch, namespace: str, ops: list, fn, keys: tuple) -> int:
+    """Register fn as the kernel of each op (``namespace::op``) under every key of ``keys`` it can
+    take; return how many registrations took. The registrations belong to a dispatcher handle
+    (``torch._C._dispatch_library``, not ``torch.library.Library``, which keeps its handle in a
+    Python object and in ``weakref.finalize``'s registry) whose reference count is raised once by
+    hand and to which no Python object refers afterwards (the handle is not tracked by ``gc``):
+    no frame, global, ``gc.get_objects()`` or finalizer leads to it, so nothing in Python can
+    ``reset()`` it. It lives until the process ends. (Native memory writes through ``ctypes`` can
+    still undo it: advisory, and ``ctypes`` is flagged by the scan.)"""
+    import ctypes
+    import warnings
+
+    handle, done = torch._C._dispatch_library("IMPL", namespace, ""), 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        for op in ops:
+            for key in keys:
+                try:
+                    handle.impl(op, key, fn, False)
+                    done += 1
+                except Exception:  # a key this operator cannot take
+                    pass
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(handle))
+    del handle
+    return done
+
+
+BN_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CPU", "AutogradCPU", "Autograd", "QuantizedCPU")
 
 
 def install_strict(torch):
     """Make every batch-norm kernel raise at the dispatcher, for every overload and dispatch key
     a CPU tensor can take (``F.batch_norm``, ``torch.batch_norm``, ``nn.BatchNorm*``,
-    ``torch.ops.aten.*batch_norm*``, ``instance_norm``, cudnn / miopen variants). Returns
-    (the libraries, which must stay alive, a probe that returns True while they still raise)."""
-    import warnings
-
-    def refuse(*args, **kwargs):
-        REFUSED[0] += 1
-        raise Forbidden("forbidden in this assignment: a batch-norm kernel (strict re-run)")
-
-    libs = {}
-    keys = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CPU", "AutogradCPU", "Autograd",
-            "QuantizedCPU")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
-        for full in torch._C._dispatch_get_all_op_names():
-            namespace, _, op = full.partition("::")
-            if "batch_norm" not in op or namespace not in ("aten", "quantized", "onednn"):
-                continue
-            lib = libs.get(namespace) or libs.setdefault(namespace, torch.library.Library(namespace, "IMPL"))
-            for key in keys:
-                try:
-                    lib.impl(op, refuse, key)
-                except Exception:  # a key this operator cannot take
-                    pass
-    _refuse_decompositions(torch, refuse)
+    ``torch.ops.aten.*batch_norm*``, ``instance_norm``, cudnn / miopen variants), for good
+    (``register_for_good``). Returns (how many registrations took, a probe that returns True while
+    they still raise: advisory, it runs in the student's process)."""
+    ops: dict[str, list] = {}
+    for full in torch._C._dispatch_get_all_op_names():
+        namespace, _, op = full.partition("::")
+        if "batch_norm" in op and namespace in ("aten", "quantized", "onednn"):
+            ops.setdefault(namespace, []).append(op)
+    done = sum(register_for_good(torch, ns, names, _R["refuse"], BN_KEYS) for ns, names in ops.items())
+    _refuse_decompositions(torch, _R["refuse"])
     native = torch.ops.aten.native_batch_norm.default
 
     def still_raises() -> bool:
@@ -514,13 +613,14 @@ def install_strict(torch):
             return False
         return False
 
-    return libs, still_raises
+    return done, still_raises
 
 
 def _refuse_decompositions(torch, refuse) -> None:
     """PyTorch's own batch norm written in Python (``torch._decomp``: the decompositions and the
     tables that hand them out) raises too: it never reaches a batch-norm kernel. (``torch._refs``
-    and ``torch._prims`` hold none.)"""
+    and ``torch._prims`` hold none.) Advisory: a module can be imported afresh (the scan flags
+    ``importlib`` and ``_decomp``)."""
     import importlib
 
     for name in ("torch._decomp", "torch._decomp.decompositions", "torch._decomp.decompositions_for_jvp"):
@@ -540,58 +640,26 @@ def _refuse_decompositions(torch, refuse) -> None:
                     table[op] = refuse
 
 
-AUTOGRAD_BLOCKED = [False]  # set for the questions that forbid autograd; read on every thread
-
-
 def autograd_blocker(torch):
     """Installed before student code runs; returns a function that, once called, makes autograd
     raise: recording any tensor for backward on this thread (a saved-tensor hook; every
     differentiable formula a batch-norm backward needs saves tensors), running the autograd engine
     on any thread (the engine object ``torch.autograd`` calls is replaced by one that refuses
     while blocked), and forward-mode AD (``aten::_make_dual``, behind ``torch.autograd.forward_ad``
-    and ``torch.func.jvp`` / ``jacfwd``, raises at the dispatcher)."""
-    import warnings
-
+    and ``torch.func.jvp`` / ``jacfwd``, raises at the dispatcher, for good). The hook and the
+    engine are Python-level: code that puts PyTorch's own back (``torch._C``, flagged by the scan)
+    gets past them, so this check is advisory beyond ``_make_dual``."""
     from torch.autograd import variable
 
     push = torch._C._autograd._push_saved_tensors_default_hooks
-    real = variable.Variable._execution_engine
-
-    def pack(tensor):
-        raise Forbidden("forbidden in this question: autograd (strict re-run)")
-
-    class Engine:
-        def run_backward(self, *args, **kwargs):
-            if AUTOGRAD_BLOCKED[0]:
-                REFUSED[0] += 1
-                raise Forbidden("forbidden in this question: autograd (strict re-run)")
-            return real.run_backward(*args, **kwargs)
-
-        def queue_callback(self, *args, **kwargs):
-            return real.queue_callback(*args, **kwargs)
-
-        def is_checkpoint_valid(self, *args, **kwargs):
-            return real.is_checkpoint_valid(*args, **kwargs)
-
-    variable.Variable._execution_engine = Engine()
-    libs = []
-
-    def dual(*args, **kwargs):
-        REFUSED[0] += 1
-        raise Forbidden("forbidden in this question: forward-mode autograd (strict re-run)")
+    _R["real"][0] = variable.Variable._execution_engine
+    variable.Variable._execution_engine = _R["Engine"]()
 
     def block():
-        AUTOGRAD_BLOCKED[0] = True
-        push(pack, lambda t: t)
-        lib = torch.library.Library("aten", "IMPL")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "Autograd", "AutogradCPU", "CPU"):
-                try:
-                    lib.impl("_make_dual", dual, key)
-                except Exception:  # a key this operator cannot take
-                    pass
-        libs.append(lib)
+        _R["blocked"][0] = True
+        push(_R["pack"], lambda t: t)
+        register_for_good(torch, "aten", ["_make_dual"], _R["refuse_dual"],
+                          ("CompositeExplicitAutograd", "CompositeImplicitAutograd", "Autograd", "AutogradCPU", "CPU"))
 
     return block
 
@@ -635,10 +703,10 @@ def _write_all(fd: int, data: bytes) -> None:
 def run_pass(torch, request: dict, strict: bool) -> dict:
     """One pass over the cells and probes, in this (forked) process."""
     plan = request.get("strict") or {}
-    namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
     if not strict:
         tw = Tripwires(torch)
         tw.raised_in = None
+        namespace = student_namespace()
         cell_errors = run_cells(request["cells"], namespace)
         probes = run_probes(namespace, tw, torch, request["probes"])
         return {"protocol": PROTOCOL, "pass": "normal", "cell_errors": cell_errors, "probes": probes,
@@ -646,24 +714,41 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     quiet = os.open(os.devnull, os.O_WRONLY)  # what it prints was shown by the normal pass
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
-    libs, still_raises = install_strict(torch) if plan.get("batch_norm") else ({}, lambda: True)
+    kernels, still_raises = install_strict(torch) if plan.get("batch_norm") else (0, lambda: True)
     block = autograd_blocker(torch)
+    namespace = student_namespace()
     cell_errors = run_cells(request["cells"], namespace, strict=True)
     probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
     return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
-            "intact": bool(still_raises()), "kernels": len(libs)}
+            "intact": bool(still_raises()), "kernels": int(kernels)}
+
+
+def no_dumping() -> None:
+    """Make this process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``): its ``/proc/<pid>/mem``,
+    ``fd``, ``environ``... then need CAP_SYS_PTRACE, which nothing in the sandbox has, so the
+    pass's child (the same user) can neither read nor rewrite this process. Inherited by the child
+    (harmless: a process may always read its own). Raises OSError if the kernel refuses."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0)")
 
 
 TIMED_OUT = {False: 124, True: 125}  # the worker's exit status when a pass ran past pass_seconds
 
 
 def _wait(pid: int, deadline: float | None) -> int | None:
-    """The child's wait status, or None after killing its process group at the deadline."""
+    """The child's wait status, or None after killing its process group at the deadline. Reaps
+    every other child on the way: the worker is the sandbox's PID 1, so the orphans of the
+    student's processes become its children."""
     delay = 0.005
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG if deadline else 0)
-        if done:
+        done, status = os.waitpid(-1, os.WNOHANG if deadline else 0)
+        if done == pid:
             return status
+        if done:
+            continue
         if time.monotonic() > deadline:
             for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
                 try:
@@ -677,9 +762,11 @@ def _wait(pid: int, deadline: float | None) -> int | None:
 
 
 def fork_pass(torch, request: dict, strict: bool, result_fd: int, started: float) -> bytes:
-    """Run a pass in a forked child (its own process group) that writes its encoded report to a
-    private file; return it. A pass that runs past ``limits["pass_seconds"]`` (counted from
-    ``started``) ends the worker with ``TIMED_OUT[strict]``."""
+    """Run the pass in a forked child (its own process group) that writes its encoded report to a
+    private file; return it. The child never holds the channel to the trusted side, and this
+    parent, which runs no student code, is non-dumpable (``no_dumping``). A pass that runs past
+    ``limits["pass_seconds"]`` (counted from ``started``; the trusted side leaves it to the
+    sandbox's own wall clock) ends the worker with ``TIMED_OUT[strict]``."""
     seconds = request["limits"].get("pass_seconds")
     deadline = started + float(seconds) if seconds else None
     # an unnamed file on the sandbox's sized /tmp (the seccomp filter refuses memfd_create: its
@@ -699,7 +786,8 @@ def fork_pass(torch, request: dict, strict: bool, result_fd: int, started: float
     if status is None:
         os._exit(TIMED_OUT[strict])
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGXCPU, signal.SIGKILL):
-        os.kill(os.getpid(), os.WTERMSIG(status))  # a limit killed the pass: the sandbox reports it
+        os._exit(128 + os.WTERMSIG(status))  # a limit killed the pass: the sandbox reports it (as PID 1 a
+        # signal to itself would be ignored)
     size = os.lseek(fd, 0, os.SEEK_END)
     os.lseek(fd, 0, os.SEEK_SET)
     limit = int(request["limits"].get("report_bytes") or 32 << 20)
@@ -727,10 +815,9 @@ def main() -> int:
     request = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=True)
     torch.set_num_threads(int(request["limits"].get("threads") or 1))
     apply_limits(request["limits"])
-    passes = [False, True] if request.get("strict") else [False]
-    parts = [fork_pass(torch, request, strict, result_fd, started if not strict else time.monotonic())
-             for strict in passes]
-    _write_all(result_fd, MAGIC_PAIR + b"".join(struct.pack("<Q", len(p)) + p for p in parts))
+    no_dumping()
+    part = fork_pass(torch, request, request.get("pass") == "strict", result_fd, started)
+    _write_all(result_fd, MAGIC_PAIR + struct.pack("<Q", len(part)) + part)
     os.close(result_fd)
     sys.stdout.flush()
     os._exit(0)
