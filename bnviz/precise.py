@@ -103,14 +103,15 @@ def saturation(model: nn.Module, x: torch.Tensor) -> float | None:
 
 
 class PreciseBNEval:
-    """Trainer callback: at each epoch end, ``snapshot.precise_test_acc`` (BN models) and
-    ``snapshot.saturated`` (sigmoid models), measured on a copy (see the module docstring)."""
+    """Trainer callback: at each epoch end (and at each step snapshot the trainer scored, see
+    ``Config.score_at``), ``snapshot.precise_test_acc`` (BN models) and ``snapshot.saturated``
+    (sigmoid models), measured on a copy (see the module docstring)."""
 
     def __init__(self, images: int = PRECISE_BN_IMAGES, batch_size: int = PRECISE_BN_BATCH):
         self.images, self.batch_size = _check_images(images), batch_size
 
     def on_snapshot(self, trainer, s) -> None:
-        if s.kind != "epoch":
+        if s.kind != "epoch" and s.test_acc is None:  # also where the trainer scored (Config.score_at)
             return
         model, data = trainer.model, trainer.data
         if bn_layers(model):

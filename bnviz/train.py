@@ -32,7 +32,7 @@ from torch import nn
 from . import fastpath
 from .callbacks import (BATCH_ONE, BatchStatsRecorder, CancelFit, Divergence, Progress, SnapshotFunction,
                         StopSignal, at_chance_note, dispatch)
-from .config import FAST_MODES, Config, LiveParams, check_batch_size, resolve_dataset
+from .config import FAST_MODES, Config, LiveParams, check_batch_size, lr_factor, resolve_dataset, score_steps
 from .data import (Dataset, batch_sizes, batch_slices, drops_last, evaluate, load_dataset, resolve_device,
                    to_float)
 from .history import (STATUSES, Change, History, Snapshot, SnapshotLayout, load_histories,
@@ -230,18 +230,21 @@ class Trainer:
                 slices = batch_slices(n, bs, drops_last(n, bs, cfg.drop_last))
                 for i, batch in enumerate(slices):
                     self.apply_live(LiveParams.AT_STEP)
+                    self._schedule_lr()
                     self._call("before_step")
-                    due = (self.step_count + 1) % cfg.snapshot_every == 0
+                    last = i == len(slices) - 1  # an epoch snapshot follows (it is evaluated anyway)
+                    score = not last and self.step_count + 1 in self.score_steps
+                    due = (self.step_count + 1) % cfg.snapshot_every == 0 or score
                     # Eager steps record the layer statistics only where a snapshot follows
                     # (they cost a fifth of a CPU step); compiled and captured steps always do.
-                    self.recorder.enabled = self.fast.record_always or due or i == len(slices) - 1
+                    self.recorder.enabled = self.fast.record_always or due or last
                     self.fast(order[batch])
                     self.step_count += 1
                     self.examples += batch.stop - batch.start
                     self._epoch_examples += batch.stop - batch.start
                     self.meter.since_snapshot += 1
                     if due:
-                        self._snapshot("step")
+                        self._snapshot("step", score)
             except CancelFit as end:
                 if end.status == "stopped":
                     self._end_epoch()  # keep the part of the epoch that was trained
@@ -254,6 +257,14 @@ class Trainer:
         if self._epoch_examples:  # a stop before the epoch's first step has nothing to report
             self._snapshot("epoch")
         self._epoch_examples = 0
+
+    def _schedule_lr(self) -> None:
+        """Set the lr of the next step from ``Config.lr_schedule`` (:func:`~bnviz.config.lr_factor`
+        of the live lr; a constant schedule leaves the optimizer alone)."""
+        if self.config.lr_schedule == "constant":
+            return
+        self.lr_now = self.live["lr"] * lr_factor(self.config.lr_schedule, self.step_count, self.total_steps)
+        fastpath.set_lr(self.opt, self.lr_now)
 
     def apply_live(self, names: tuple[str, ...]) -> None:
         """Apply the queued live values among ``names`` (validated when queued) from the next
@@ -319,6 +330,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         self.opt = fastpath.sgd(self.model.parameters(), cfg.lr, cfg.weight_decay, self.device)
+        self.lr_now = cfg.lr  # the lr of the last step (Config.lr_schedule)
+        n = len(self.data.train_x)
+        per_epoch = len(batch_slices(n, cfg.batch_size, drops_last(n, cfg.batch_size, cfg.drop_last)))
+        self.total_steps = cfg.epochs * per_epoch if cfg.epochs else None  # the run's length, as planned
+        self.score_steps = frozenset(score_steps(cfg.score_at, self.total_steps)) if cfg.score_at else frozenset()
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
         if drops_last(len(self.data.train_x), cfg.batch_size):
@@ -348,20 +364,23 @@ class Trainer:
         return self.fast.captured if self.fast is not None else None
 
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self, kind: str) -> Snapshot:
-        """Read the device sums, the layer statistics and, at an epoch end, the test accuracy
-        in one host copy."""
+    def _snapshot(self, kind: str, score: bool = False) -> Snapshot:
+        """Read the device sums, the layer statistics and, at an epoch end or a ``score`` step
+        (``Config.score_at``), the test accuracy in one host copy."""
         started, h = time.perf_counter(), self.history
-        epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" else {}
+        epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" or score else {}
         layers = {name: {**layer_state(m), **self.recorder.stats(name)} for name, m in self.norms.items()}
         (row,), layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate, **self.live.values,
-                     **layout.unpack(row, kind))
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
+                     **{**self.live.values, **self._scheduled_lr()}, **layout.unpack(row, kind))
         h.snapshots.append(s)
         h.train_time_s = self.meter.train_time
         self._call("on_snapshot", s)
         return s
+
+    def _scheduled_lr(self) -> dict:
+        return {} if self.config.lr_schedule == "constant" else {"lr": self.lr_now}
 
     def _call(self, event: str, *args) -> None:
         dispatch(self.callbacks, event, self, *args)
