@@ -55,7 +55,8 @@ from .config import Config, LiveParams, check_batch_size, lr_factor, resolve_dat
 from .data import Dataset, accuracy, batch_sizes, batch_slices, drops_last, resolve_device, to_float
 from .history import History, Snapshot
 from .models import norm_layers
-from .precise import PreciseBNEval, precise_bn_stacked
+from .history import SATURATED_PREFIX
+from .precise import PreciseBNEval, precise_bn_stacked, sigmoid_layers
 from .stats import num_channels
 from .train import DROP_NOTE, Meter, Trainer, build_model, cached_dataset
 
@@ -404,7 +405,9 @@ class VmapGroup:
             if self.precise:
                 precise = precise_bn_stacked(self.skeleton, self.params, self.buffers, self.data, self.precise,
                                              chunk=max(1, 10000 // self.K))
-                epoch_values["precise_test_acc"], epoch_values["saturated"] = precise.unbind(1)
+                epoch_values["precise_test_acc"], epoch_values["saturated"] = precise[:, 0], precise[:, 1]
+                for name, col in zip(sigmoid_layers(self.skeleton), precise[:, 2:].unbind(1)):
+                    epoch_values[f"{SATURATED_PREFIX}{name}"] = col
         layers = {s: self._layer_state(s) for s in self.batch_stats}
         rows, layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         for k, row in enumerate(rows):

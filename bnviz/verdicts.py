@@ -253,6 +253,9 @@ def epochs_seen(history, train_size: int | None = None) -> float | None:
 def layer_saturation(snapshot) -> dict:
     """{layer: saturated share} from a snapshot's ``saturated`` (a dict per layer, or one pooled
     float, returned as ``{None: share}``); {} when not measured."""
+    layers = getattr(snapshot, "saturated_layers", None)
+    if layers:  # the engine's per-layer shares (bnviz.precise.saturated_shares)
+        return {k: float(v) for k, v in layers.items() if v is not None}
     sat = getattr(snapshot, "saturated", None)
     if sat is None:
         return {}
