@@ -21,7 +21,7 @@ from .data import DATASET_NAMES
 from .models import INITS, PRESETS, LeNetSpec, preset
 
 __all__ = ["Config", "LiveParams", "FAST_MODES", "BATCH_ONE", "LR_SCHEDULES", "check", "check_batch_size",
-           "resolve_dataset", "lr_factor", "score_steps"]
+           "resolve_dataset", "lr_factor", "score_steps", "DECAY_ON"]
 
 # How a training step runs (see bnviz.fastpath): 'auto' = on CUDA one captured CUDA graph per
 # step around an inductor-compiled loss; elsewhere eager. The others force one way.
@@ -29,6 +29,11 @@ FAST_MODES = ("auto", "eager", "compile", "graph", "graph+compile")
 # How the lr moves over a run: 'constant' (d2l's recipe) or 'linear' (decay to zero over the run:
 # the "budgeted training" schedule of Li, Yumer & Ramanan 2020). See :func:`lr_factor`.
 LR_SCHEDULES = ("constant", "linear")
+# Which parameters weight decay acts on: 'all' (torch.optim.SGD's weight_decay), 'weights' (every
+# conv/linear weight: no decay on biases, BN's γ and β: "no bias decay", He et al. 2019) or
+# 'normalized' (only the weights of the conv/linear layers a norm layer follows: the
+# scale-invariant ones). See bnviz.train.decay_groups.
+DECAY_ON = ("all", "weights", "normalized")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -156,6 +161,7 @@ CHECKS = {
     "weight_decay": _check_nonneg("weight_decay", "0 or 5e-4"),
     "fast": _check_choice("fast", FAST_MODES),
     "lr_schedule": _check_choice("lr_schedule", LR_SCHEDULES),
+    "weight_decay_on": _check_choice("weight_decay_on", DECAY_ON),
     "score_at": _check_score_at,
     "divergence_factor": _check_divergence,
     "label": _check_label,
@@ -233,6 +239,8 @@ class Config:
     lr_schedule: 'constant' (d2l's recipe, the default) or 'linear': the lr decays linearly to
         0 over the run's ``epochs`` × batches per epoch steps (:func:`lr_factor`; live lr changes
         set the lr the schedule scales). A snapshot's ``lr`` is then the lr of the last step.
+    weight_decay_on: which parameters ``weight_decay`` acts on: 'all' (default), 'weights' (conv
+        and linear weights only) or 'normalized' (the weights of the layers a norm follows).
     score_at: () (default: a run is scored on its last 3 epochs) or fractions of the run, e.g.
         (0.9, 0.95, 1.0): the test accuracy (and PreciseBN's) is also measured at those steps
         (:func:`score_steps`), and comparisons score every cell there.
@@ -258,6 +266,7 @@ class Config:
     label: str | None = None
     lr_schedule: str = "constant"
     score_at: tuple = ()
+    weight_decay_on: str = "all"
 
     def __post_init__(self):
         object.__setattr__(self, "model", _coerce_model(self.model))

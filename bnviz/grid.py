@@ -71,6 +71,8 @@ def solo_reason(config: Config) -> str | None:
     m = config.model
     if m.dropout:
         return f"dropout {m.dropout:g}: vmap would draw other random masks than the solo run"
+    if config.weight_decay and config.weight_decay_on != "all":
+        return f"weight decay on {config.weight_decay_on!r} only: the grid's decay acts on every parameter"
     if m.uses_norm and m.norm == "d2l":
         return "the d2l-book norm keeps its moving statistics as plain attributes (not stackable buffers)"
     if m.uses_norm and m.norm == "torch" and config.bn_momentum is None:

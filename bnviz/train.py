@@ -87,6 +87,24 @@ def build_model(config: Config, device: torch.device, model: nn.Module | None = 
     return configure_norms(model, config.bn_momentum, config.eps)
 
 
+def decay_groups(model: nn.Module, weight_decay: float, on: str = "all"):
+    """SGD's parameter groups for ``Config.weight_decay_on``: 'all': every parameter (one group);
+    'weights': conv/linear weights decayed, every other parameter (biases, γ, β) not;
+    'normalized': only the weights of the conv/linear layers ``name`` that a norm layer
+    ``norm_<name>`` follows (:func:`~bnviz.models.norm_layers`), i.e. the scale-invariant ones."""
+    if on == "all" or not weight_decay:
+        return list(model.parameters())
+    if on == "weights":
+        chosen = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    elif on == "normalized":
+        chosen = {id(getattr(model, name).weight) for name in norm_layers(model) if hasattr(model, name)}
+    else:
+        raise ValueError(f"weight_decay_on={on!r} is not valid; valid: 'all', 'weights', 'normalized'")
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in chosen], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0}]
+
+
 class Meter:
     """The device side of the snapshots of one run or K runs: the metric sums (loss, correct, n
     since the previous snapshot | in this epoch: (6,) or (6, K)), the steps since the previous
@@ -329,7 +347,8 @@ class Trainer:
         self.norms = norm_layers(self.model)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-        self.opt = fastpath.sgd(self.model.parameters(), cfg.lr, cfg.weight_decay, self.device)
+        self.opt = fastpath.sgd(decay_groups(self.model, cfg.weight_decay, cfg.weight_decay_on), cfg.lr,
+                                cfg.weight_decay, self.device)
         self.lr_now = cfg.lr  # the lr of the last step (Config.lr_schedule)
         n = len(self.data.train_x)
         per_epoch = len(batch_slices(n, cfg.batch_size, drops_last(n, cfg.batch_size, cfg.drop_last)))

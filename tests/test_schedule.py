@@ -171,3 +171,27 @@ def test_the_vmapped_grid_scores_at_the_same_steps_as_solo(data):
         got, want = scored_snapshots(h), scored_snapshots(ref)
         assert [s.step for s in got] == [s.step for s in want] == [7, 13, 14]
         assert [s.precise_test_acc for s in got] == pytest.approx([s.precise_test_acc for s in want], abs=0.0101)
+
+
+@pytest.mark.parametrize("on, decayed", [
+    ("weights", {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "out.weight"}),
+    ("normalized", {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}),
+])
+def test_weight_decay_on_some_parameters_equals_sgd_param_groups(data, on, decayed):
+    """Config.weight_decay_on against torch.optim.SGD with two hand-made parameter groups (the
+    names listed here, not the library's selection): one step of each, parameters equal."""
+    c = cfg(lr_schedule="constant", weight_decay=0.05, weight_decay_on=on, epochs=1)
+    t = Trainer(c, data=data)
+    t._setup()
+    ref = copy.deepcopy(t.model)
+    named = dict(ref.named_parameters())
+    assert decayed < set(named)
+    opt = torch.optim.SGD([{"params": [named[k] for k in decayed], "weight_decay": 0.05},
+                           {"params": [p for k, p in named.items() if k not in decayed], "weight_decay": 0.0}], lr=0.5)
+    idx = torch.arange(32)
+    t.step(idx)
+    F.cross_entropy(ref(to_float(data.train_x[idx])), data.train_y[idx]).backward()
+    opt.step()
+    for (name, p), q in zip(t.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert "weight decay on" in __import__("bnviz.grid", fromlist=["solo_reason"]).solo_reason(c)
