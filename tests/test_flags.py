@@ -257,3 +257,23 @@ def test_a_note_is_not_listed_as_a_caution():
             runs.append(r)
     cmp = ex.Comparison("BN", ["BN", "BN again"], (0, 1, 2), ex.GridResult(runs, "SYNTHETIC"))
     assert cmp.table()["caution"].tolist() == ["", ""]
+
+
+def test_a_bimodal_cell_is_reported_as_such_and_no_interval_wider_than_possible_is_printed():
+    """05's lr-3 cell (seeds 0.093 / 0.462 / 0.678) against a steady cell: the cell reads as
+    bimodal with its seeds, and the verdict prints no 95% CI reaching past +1 (the interval is
+    computed as scipy's, then withheld in words)."""
+    from scipy import stats as sps
+
+    from bnviz.verdicts import fmt_stats, seed_stats, verdict
+
+    ref, odd = seed_stats([0.10, 0.10, 0.10]), seed_stats([0.093, 0.462, 0.978])
+    text = fmt_stats(odd)
+    assert text.startswith("bimodal: seeds 0.093 / 0.462 / 0.978")
+    assert fmt_stats(seed_stats([0.80, 0.82, 0.81])).startswith("0.810 ± 0.010")
+    v = verdict(ref, odd)
+    lo, hi = sps.ttest_rel([0.093, 0.462, 0.978], [0.10] * 3).confidence_interval()
+    assert hi > 1 and v.ci == pytest.approx((lo, hi))
+    assert "wider than the possible range" in str(v) and f"{hi:+.3f}" not in str(v)
+    narrow = verdict(seed_stats([0.5, 0.52, 0.51]), seed_stats([0.6, 0.61, 0.63]))
+    assert "95% CI +" in str(narrow)
