@@ -37,11 +37,12 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=8000)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--out", default="")
+    ap.add_argument("--schedules", nargs="+", default=["constant", "linear"], choices=["constant", "linear"])
     a = ap.parse_args()
     data = load_dataset(None, device="cpu", train_size=a.train, test_size=2000)
     models = {"LeNet-BN": preset("lenet-bn"), "LeNet, no BN": preset("lenet-bn", norm="none")}
     verdicts, t0 = {}, time.perf_counter()
-    for sched in ("constant", "linear"):
+    for sched in a.schedules:
         base = Config(model=preset("lenet-bn"), dataset=data.name, batch_size=128, lr=1.0, epochs=a.epochs,
                       snapshot_every=25, device="cpu", lr_schedule=sched)
         sweep = lr_sweep(base, a.lrs, models, seeds=range(a.seeds), data=data, progress=False)
@@ -62,10 +63,11 @@ def main() -> None:
             v = sweep.cell(model="LeNet-BN", lr=lr).vs(sweep.cell(model="LeNet, no BN", lr=lr))
             verdicts.setdefault(lr, {})[sched] = v
             print(f"  lr {lr:<5g} BN vs no BN: {v}")
-    changed = [lr for lr, d in verdicts.items() if d["constant"].decided != d["linear"].decided
-               or d["constant"].decided and (d["constant"].delta > 0) != (d["linear"].delta > 0)]
-    print(f"\nverdicts whose decision changed with the schedule: {changed or 'none'}; "
-          f"total {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
+    if len(a.schedules) == 2:
+        changed = [lr for lr, d in verdicts.items() if d["constant"].decided != d["linear"].decided
+                   or d["constant"].decided and (d["constant"].delta > 0) != (d["linear"].delta > 0)]
+        print(f"\nverdicts whose decision changed with the schedule: {changed or 'none'}")
+    print(f"total {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
