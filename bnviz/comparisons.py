@@ -56,6 +56,18 @@ class Comparison:
         runs = sorted(runs, key=lambda r: order.get(r.tags.get("seed"), len(order)))
         return Cell((("variant", variant),), runs, self.full_size.get(variant), train_size=self.runs.train_size)
 
+    def select(self, names: dict[str, str]) -> "Comparison":
+        """The variants ``names`` ({variant: name in the new comparison}) of this comparison, under
+        their new names, sharing the runs (nothing retrained): pass it as ``compare(include=...)`` to
+        reuse an arm another section already trained (the ledger counts the same arms once)."""
+        missing = [v for v in names if v not in self.variants]
+        if missing:
+            raise ValueError(f"select: no variant(s) {missing}; variants: {self.variants}")
+        runs = [Run(r.label, {**r.tags, "variant": new}, r.history) for v, new in names.items() for r in self.runs_of(v)]
+        ref = names.get(self.reference, next(iter(names.values())))
+        return Comparison(ref, list(names.values()), self.seeds, GridResult(runs, self.dataset_label, self.runs.train_size),
+                          self.metric, {names[v]: a for v, a in self.full_size.items() if v in names})
+
     def runs_of(self, variant: str) -> list[Run]:
         """The variant's runs, in the order of ``seeds``."""
         return self.cell(variant).runs

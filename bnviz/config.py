@@ -20,11 +20,20 @@ from dataclasses import asdict, dataclass, fields, replace
 from .data import DATASET_NAMES
 from .models import INITS, PRESETS, LeNetSpec, preset
 
-__all__ = ["Config", "LiveParams", "FAST_MODES", "BATCH_ONE", "check", "check_batch_size", "resolve_dataset"]
+__all__ = ["Config", "LiveParams", "FAST_MODES", "BATCH_ONE", "LR_SCHEDULES", "check", "check_batch_size",
+           "resolve_dataset", "lr_factor", "score_steps", "DECAY_ON"]
 
 # How a training step runs (see bnviz.fastpath): 'auto' = on CUDA one captured CUDA graph per
 # step around an inductor-compiled loss; elsewhere eager. The others force one way.
 FAST_MODES = ("auto", "eager", "compile", "graph", "graph+compile")
+# How the lr moves over a run: 'constant' (d2l's recipe) or 'linear' (decay to zero over the run:
+# the "budgeted training" schedule of Li, Yumer & Ramanan 2020). See :func:`lr_factor`.
+LR_SCHEDULES = ("constant", "linear")
+# Which parameters weight decay acts on: 'all' (torch.optim.SGD's weight_decay), 'weights' (every
+# conv/linear weight: no decay on biases, BN's γ and β: "no bias decay", He et al. 2019) or
+# 'normalized' (only the weights of the conv/linear layers a norm layer follows: the
+# scale-invariant ones). See bnviz.train.decay_groups.
+DECAY_ON = ("all", "weights", "normalized")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -110,6 +119,14 @@ def _check_divergence(v):
              "many times its starting level (default 4)")
 
 
+def _check_score_at(v):
+    valid = ("() (score on the last 3 epochs) or increasing fractions of the run in (0, 1], "
+             "e.g. (0.9, 0.95, 1.0): every cell is scored at the same steps")
+    if not isinstance(v, tuple) or not all(_number(f) and 0 < f <= 1 for f in v) \
+            or any(a >= b for a, b in zip(v, v[1:])):
+        _bad("score_at", v, valid)
+
+
 def _check_seed(v):
     if not (_integer(v) and 0 <= v < 2**63):
         _bad("seed", v, "an integer in [0, 2**63)")
@@ -143,6 +160,9 @@ CHECKS = {
     "drop_last": _check_bool("drop_last"),
     "weight_decay": _check_nonneg("weight_decay", "0 or 5e-4"),
     "fast": _check_choice("fast", FAST_MODES),
+    "lr_schedule": _check_choice("lr_schedule", LR_SCHEDULES),
+    "weight_decay_on": _check_choice("weight_decay_on", DECAY_ON),
+    "score_at": _check_score_at,
     "divergence_factor": _check_divergence,
     "label": _check_label,
 }
@@ -151,6 +171,25 @@ CHECKS = {
 def check(name: str, value) -> None:
     """Validate one Config field (raises ValueError naming the valid values)."""
     CHECKS[name](value)
+
+
+def lr_factor(schedule: str, step: int, total: int | None) -> float:
+    """The lr of the step that follows ``step`` steps done, as a fraction of ``Config.lr``:
+    'constant': 1; 'linear': 1 − step/total (the first step uses the full lr, the last
+    lr/total, and after ``total`` steps the lr is 0), as
+    ``torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / total)`` stepped after each step."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return max(0.0, 1.0 - step / total)
+    _bad("lr_schedule", schedule, ", ".join(map(repr, LR_SCHEDULES)))
+
+
+def score_steps(score_at: tuple[float, ...], total: int) -> tuple[int, ...]:
+    """The step counts ``Config.score_at`` names in a run of ``total`` steps: each fraction f
+    gives round(f·total) (at least 1), duplicates removed, in order. Runs of the same number of
+    steps are scored at the same steps, whatever their batch size."""
+    return tuple(sorted({max(1, round(f * total)) for f in score_at}))
 
 
 def resolve_dataset(name: str | None) -> str:
@@ -197,6 +236,14 @@ class Config:
     divergence_factor: the run is 'diverged' when the loss is not finite or exceeds this many
         times max(first snapshot's loss, ln(classes)).
     label: a name for legends (default: made from the settings).
+    lr_schedule: 'constant' (d2l's recipe, the default) or 'linear': the lr decays linearly to
+        0 over the run's ``epochs`` × batches per epoch steps (:func:`lr_factor`; live lr changes
+        set the lr the schedule scales). A snapshot's ``lr`` is then the lr of the last step.
+    weight_decay_on: which parameters ``weight_decay`` acts on: 'all' (default), 'weights' (conv
+        and linear weights only) or 'normalized' (the weights of the layers a norm follows).
+    score_at: () (default: a run is scored on its last 3 epochs) or fractions of the run, e.g.
+        (0.9, 0.95, 1.0): the test accuracy (and PreciseBN's) is also measured at those steps
+        (:func:`score_steps`), and comparisons score every cell there.
     """
 
     model: LeNetSpec = PRESETS["lenet-bn"]
@@ -217,9 +264,14 @@ class Config:
     fast: str = "auto"
     divergence_factor: float = 4.0
     label: str | None = None
+    lr_schedule: str = "constant"
+    score_at: tuple = ()
+    weight_decay_on: str = "all"
 
     def __post_init__(self):
         object.__setattr__(self, "model", _coerce_model(self.model))
+        if isinstance(self.score_at, list):  # a Config read back from JSON
+            object.__setattr__(self, "score_at", tuple(self.score_at))
         for name, fn in CHECKS.items():
             fn(getattr(self, name))
         if isinstance(self.dataset, str):
@@ -227,6 +279,9 @@ class Config:
         if self.fast in ("graph", "graph+compile") and self.device in ("cpu", "mps"):
             _bad("fast", self.fast, f"'auto', 'eager' or 'compile' on device {self.device!r} "
                  "(CUDA graphs need a CUDA device)")
+        if self.epochs is None and (self.lr_schedule != "constant" or self.score_at):
+            _bad("epochs", None, "a positive integer when lr_schedule is not 'constant' or score_at is set "
+                 "(both need the run's length)")
 
     def replace(self, **changes) -> "Config":
         names = {f.name for f in fields(self)}
@@ -260,7 +315,8 @@ class Config:
         mom = "cumulative" if self.bn_momentum is None else f"{self.bn_momentum:g}"
         bn = f", mom {mom}, eps {self.eps:g}" if self.model.is_batch_norm else ""
         init = "" if self.init == "d2l" else f", {self.init} init"
-        return f"{self.model.label()} | bs {self.batch_size}, lr {self.lr:g}{bn}{init}, seed {self.seed}"
+        sched = "" if self.lr_schedule == "constant" else f" ({self.lr_schedule} decay)"
+        return f"{self.model.label()} | bs {self.batch_size}, lr {self.lr:g}{sched}{bn}{init}, seed {self.seed}"
 
 
 BATCH_ONE = (

@@ -21,8 +21,9 @@ Conventions:
   does), status and message (a diverged run gets ``diagnose``'s message and
   is frozen, lr 0, while the others go on; a run that ends at chance gets the same note).
 * **Grouping.** Runs share one vmap when :func:`group_key` agrees: model spec, batch size,
-  epochs, drop_last, data set and sizes, device, snapshot_every, bn_momentum, eps and whether
-  the step is captured. lr, seed, weight_decay, init, divergence_factor and label may differ.
+  epochs, drop_last, data set and sizes, device, snapshot_every, bn_momentum, eps, score_at and
+  whether the step is captured. lr, lr_schedule, seed, weight_decay, init, divergence_factor and
+  label may differ (the scheduled lr is a per-run vector, set before each step).
 * **Where.** By default groups are vmapped on CUDA only (``train_grid(vectorize=...)``): on a
   CPU the vmapped grid was measured slower (0.59x) than the same runs one after another, so
   there the runs train as solo Trainers in parallel threads, one per core (:func:`_solo_runs`),
@@ -50,11 +51,12 @@ from torch.func import functional_call, stack_module_state
 
 from . import fastpath
 from .callbacks import Divergence, at_chance_note, input_stats_hook
-from .config import Config, LiveParams, check_batch_size, resolve_dataset
+from .config import Config, LiveParams, check_batch_size, lr_factor, resolve_dataset, score_steps
 from .data import Dataset, accuracy, batch_sizes, batch_slices, drops_last, resolve_device, to_float
 from .history import History, Snapshot
 from .models import norm_layers
-from .precise import PreciseBNEval, precise_bn_stacked
+from .history import SATURATED_PREFIX
+from .precise import PreciseBNEval, precise_bn_stacked, sigmoid_layers
 from .stats import num_channels
 from .train import DROP_NOTE, Meter, Trainer, build_model, cached_dataset
 
@@ -69,6 +71,8 @@ def solo_reason(config: Config) -> str | None:
     m = config.model
     if m.dropout:
         return f"dropout {m.dropout:g}: vmap would draw other random masks than the solo run"
+    if config.weight_decay and config.weight_decay_on != "all":
+        return f"weight decay on {config.weight_decay_on!r} only: the grid's decay acts on every parameter"
     if m.uses_norm and m.norm == "d2l":
         return "the d2l-book norm keeps its moving statistics as plain attributes (not stackable buffers)"
     if m.uses_norm and m.norm == "torch" and config.bn_momentum is None:
@@ -84,7 +88,7 @@ def group_key(config: Config, device: torch.device) -> tuple:
     """Runs with equal keys (on the same data) train in one vmapped group."""
     c = config
     return (c.model, c.batch_size, c.epochs, c.drop_last, resolve_dataset(c.dataset), c.train_size,
-            c.test_size, str(device), c.snapshot_every, c.bn_momentum, c.eps, _captures(c, device))
+            c.test_size, str(device), c.snapshot_every, c.bn_momentum, c.eps, _captures(c, device), c.score_at)
 
 
 def _check(configs, data, progress) -> list[Config]:
@@ -264,6 +268,8 @@ class VmapGroup:
             m.register_forward_pre_hook(input_stats_hook(
                 lambda mean, var, s=short: self._recorded.__setitem__(s, (mean, var))))
         self.lr = torch.tensor([float(c.lr) for c in self.configs], device=dev)
+        self.lr0 = self.lr.clone()  # Config.lr; self.lr is the lr of the next step (Config.lr_schedule)
+        self.scheduled = any(c.lr_schedule != "constant" for c in self.configs)
         self.wd = torch.tensor([float(c.weight_decay) for c in self.configs], device=dev)
         self.any_wd = any(c.weight_decay for c in self.configs)
         self.gens = [torch.Generator(device=dev).manual_seed(c.seed) for c in self.configs]
@@ -272,6 +278,8 @@ class VmapGroup:
         self.predict_fn = torch.vmap(self._predict, in_dims=(0, 0, None))
         drop = drops_last(n, cfg.batch_size, cfg.drop_last)
         self.slices = batch_slices(n, cfg.batch_size, drop)
+        self.total_steps = cfg.epochs * len(self.slices)
+        self.score_steps = frozenset(score_steps(cfg.score_at, self.total_steps)) if cfg.score_at else frozenset()
         if drops_last(n, cfg.batch_size):
             self.note(DROP_NOTE)
         if any(c.fast in ("compile", "graph+compile") for c in self.configs):
@@ -360,14 +368,17 @@ class VmapGroup:
         self.meter = Meter(self.sums)
         for self.epoch in range(1, cfg.epochs + 1):
             orders = torch.stack([torch.randperm(n, device=self.device, generator=g) for g in self.gens])
-            for batch in self.slices:
-                due = (self.step_count + 1) % cfg.snapshot_every == 0
+            for i, batch in enumerate(self.slices):
+                score = i < len(self.slices) - 1 and self.step_count + 1 in self.score_steps
+                due = (self.step_count + 1) % cfg.snapshot_every == 0 or score
+                if self.scheduled:
+                    self._schedule_lr()
                 self.fast(orders[:, batch].t())
                 self.step_count += 1
                 self.examples += batch.stop - batch.start
                 self.meter.since_snapshot += 1
                 if due:
-                    self._snapshot("step")
+                    self._snapshot("step", score)
             if self.meter.since_snapshot:
                 self._snapshot("step")
             self._snapshot("epoch")
@@ -376,17 +387,29 @@ class VmapGroup:
             if not any(self.active):
                 break
 
+    def _lr_factors(self, step: int) -> list[float]:
+        return [lr_factor(c.lr_schedule, step, self.total_steps) for c in self.configs]
+
+    def _schedule_lr(self) -> None:
+        """The lr vector of the next step: each run's Config.lr times its schedule's factor (in
+        place: a captured step reads this tensor); a frozen (diverged) run keeps lr 0."""
+        factors = torch.tensor(self._lr_factors(self.step_count), device=self.device)
+        self.lr.copy_(self.lr0 * factors)
+
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self, kind: str) -> None:
-        """Read every run's sums, test accuracy and layer statistics in one host copy."""
+    def _snapshot(self, kind: str, score: bool = False) -> None:
+        """Read every run's sums, test accuracy and layer statistics in one host copy (the test
+        accuracy at an epoch end or a ``score`` step, see ``Config.score_at``)."""
         started = time.perf_counter()
         epoch_values = {}
-        if kind == "epoch":
+        if kind == "epoch" or score:
             epoch_values["test_acc"] = self.fast.evaluate()
             if self.precise:
                 precise = precise_bn_stacked(self.skeleton, self.params, self.buffers, self.data, self.precise,
                                              chunk=max(1, 10000 // self.K))
-                epoch_values["precise_test_acc"], epoch_values["saturated"] = precise.unbind(1)
+                epoch_values["precise_test_acc"], epoch_values["saturated"] = precise[:, 0], precise[:, 1]
+                for name, col in zip(sigmoid_layers(self.skeleton), precise[:, 2:].unbind(1)):
+                    epoch_values[f"{SATURATED_PREFIX}{name}"] = col
         layers = {s: self._layer_state(s) for s in self.batch_stats}
         rows, layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         for k, row in enumerate(rows):
@@ -406,9 +429,11 @@ class VmapGroup:
 
     def _add_snapshot(self, k: int, kind: str, values: dict, now: float) -> None:
         h, c = self.histories[k], self.configs[k]
+        live = {name: getattr(c, name) for name in LiveParams.NAMES}
+        if c.lr_schedule != "constant":  # the lr of the last step, as the Trainer records it
+            live["lr"] = c.lr * lr_factor(c.lr_schedule, self.step_count - 1, self.total_steps)
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
-                     **{name: getattr(c, name) for name in LiveParams.NAMES}, **values)
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate, **live, **values)
         h.snapshots.append(s)
         why = self.divergence[k].reason(s)
         if why:  # freeze the run: lr 0, no more snapshots
@@ -417,4 +442,5 @@ class VmapGroup:
             h.note(end.message, first=True)
             self.active[k] = False
             self.lr[k] = 0.0
+            self.lr0[k] = 0.0
             self.wd[k] = 0.0

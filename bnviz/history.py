@@ -48,6 +48,7 @@ class LayerStats:
 
 LAYER_FIELDS = tuple(f.name for f in fields(LayerStats))
 EPOCH_VALUES = ("test_acc", "precise_test_acc", "saturated")  # measured at an epoch end only
+SATURATED_PREFIX = "saturated:"  # an epoch value "saturated:<layer>": that layer's saturated share
 
 
 class SnapshotLayout:
@@ -97,6 +98,10 @@ class SnapshotLayout:
         for name in EPOCH_VALUES:
             v = values.get(name, [float("nan")])[0]
             out[name] = None if v != v else v
+        per_layer = {k[len(SATURATED_PREFIX):]: v[0] for k, v in values.items()
+                     if isinstance(k, str) and k.startswith(SATURATED_PREFIX) and v[0] == v[0]}
+        if per_layer:
+            out["saturated_layers"] = per_layer
         return out
 
 
@@ -119,6 +124,7 @@ class Snapshot:
     # Epoch snapshots of runs trained with recomputed statistics (bnviz.precise; else None):
     precise_test_acc: float | None = None  # test accuracy, BN statistics recomputed (PreciseBN)
     saturated: float | None = None  # share of sigmoid outputs < 0.05 or > 0.95 (same images)
+    saturated_layers: dict | None = None  # the same share per sigmoid layer ({'conv1': ..., 'fc3': ...})
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .callbacks import Probe
-from .config import Config
+from .config import Config, score_steps
 from .course import default_seeds
 from .data import Dataset, load_dataset, resolve_device, to_float
 from .grid import train_grid
@@ -38,7 +38,7 @@ from .probes import layer_health, loss_landscape_probe
 from .train import Trainer
 from .verdicts import SeedStats, Verdict, cell_causes, seed_stats, verdict
 
-__all__ = ["ACCURACY", "ACCURACY_EMA", "run_accuracy", "Run", "Cell", "GridResult", "apply_changes", "run_grid",
+__all__ = ["ACCURACY", "ACCURACY_EMA", "run_accuracy", "scored_snapshots", "Run", "Cell", "GridResult", "apply_changes", "run_grid",
            "default_seeds", "run_with_probe", "health_during_training", "landscape_during_training"]
 
 ACCURACY = ("test accuracy with BN statistics recomputed on 2,000 training images (PreciseBN; eval mode "
@@ -57,16 +57,34 @@ def run_accuracy(h: History, last: int = 3, statistics: str = "precise") -> floa
     """The accuracy comparisons use (:data:`ACCURACY`): the mean over the last ``last`` epochs of
     the test accuracy with recomputed BN statistics (``Snapshot.precise_test_acc``; the eval-mode
     accuracy where it was not measured: nets without BN), or with ``statistics='ema'`` of the
-    eval-mode accuracy on the moving averages. None for a run that diverged or failed."""
+    eval-mode accuracy on the moving averages. A run with ``Config.score_at`` is scored at those
+    steps instead (:func:`scored_snapshots`: the same steps for every cell of the same length,
+    whatever its batch size; ``last`` is not used). None for a run that diverged or failed."""
     if statistics not in ("precise", "ema"):
         raise ValueError(f"statistics={statistics!r} is not valid; valid: 'precise' (recomputed), 'ema'")
     if h.status in _FAILED:
         return None
-    accs = [(s.precise_test_acc if statistics == "precise" and s.precise_test_acc is not None else s.test_acc)
-            for s in h.epochs]
-    accs = [a for a in accs if a is not None][-last:]
+    pick = lambda s: (s.precise_test_acc if statistics == "precise" and s.precise_test_acc is not None  # noqa: E731
+                      else s.test_acc)
+    scored = scored_snapshots(h)
+    accs = [pick(s) for s in (scored if scored is not None else h.epochs)]
+    accs = [a for a in accs if a is not None][-last if scored is None else None:]
     acc = sum(accs) / len(accs) if accs else None
     return None if acc is None or not math.isfinite(acc) else float(acc)
+
+
+def scored_snapshots(h: History) -> list | None:
+    """The snapshots a run with ``Config.score_at`` is scored on: one per step of
+    :func:`~bnviz.config.score_steps` (fractions of the run's length, its last epoch snapshot's
+    step), each evaluated there; None for a run scored on its last epochs (no ``score_at``)."""
+    if not h.config.score_at or not h.epochs:
+        return None
+    wanted = set(score_steps(h.config.score_at, h.epochs[-1].step))
+    out = {}
+    for s in h.snapshots:
+        if s.step in wanted and s.test_acc is not None:
+            out.setdefault(s.step, s)
+    return [out[k] for k in sorted(out)]
 
 
 @dataclass

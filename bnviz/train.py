@@ -32,7 +32,7 @@ from torch import nn
 from . import fastpath
 from .callbacks import (BATCH_ONE, BatchStatsRecorder, CancelFit, Divergence, Progress, SnapshotFunction,
                         StopSignal, at_chance_note, dispatch)
-from .config import FAST_MODES, Config, LiveParams, check_batch_size, resolve_dataset
+from .config import FAST_MODES, Config, LiveParams, check_batch_size, lr_factor, resolve_dataset, score_steps
 from .data import (Dataset, batch_sizes, batch_slices, drops_last, evaluate, load_dataset, resolve_device,
                    to_float)
 from .history import (STATUSES, Change, History, Snapshot, SnapshotLayout, load_histories,
@@ -85,6 +85,24 @@ def build_model(config: Config, device: torch.device, model: nn.Module | None = 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return configure_norms(model, config.bn_momentum, config.eps)
+
+
+def decay_groups(model: nn.Module, weight_decay: float, on: str = "all"):
+    """SGD's parameter groups for ``Config.weight_decay_on``: 'all': every parameter (one group);
+    'weights': conv/linear weights decayed, every other parameter (biases, γ, β) not;
+    'normalized': only the weights of the conv/linear layers ``name`` that a norm layer
+    ``norm_<name>`` follows (:func:`~bnviz.models.norm_layers`), i.e. the scale-invariant ones."""
+    if on == "all" or not weight_decay:
+        return list(model.parameters())
+    if on == "weights":
+        chosen = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    elif on == "normalized":
+        chosen = {id(getattr(model, name).weight) for name in norm_layers(model) if hasattr(model, name)}
+    else:
+        raise ValueError(f"weight_decay_on={on!r} is not valid; valid: 'all', 'weights', 'normalized'")
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in chosen], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0}]
 
 
 class Meter:
@@ -230,18 +248,21 @@ class Trainer:
                 slices = batch_slices(n, bs, drops_last(n, bs, cfg.drop_last))
                 for i, batch in enumerate(slices):
                     self.apply_live(LiveParams.AT_STEP)
+                    self._schedule_lr()
                     self._call("before_step")
-                    due = (self.step_count + 1) % cfg.snapshot_every == 0
+                    last = i == len(slices) - 1  # an epoch snapshot follows (it is evaluated anyway)
+                    score = not last and self.step_count + 1 in self.score_steps
+                    due = (self.step_count + 1) % cfg.snapshot_every == 0 or score
                     # Eager steps record the layer statistics only where a snapshot follows
                     # (they cost a fifth of a CPU step); compiled and captured steps always do.
-                    self.recorder.enabled = self.fast.record_always or due or i == len(slices) - 1
+                    self.recorder.enabled = self.fast.record_always or due or last
                     self.fast(order[batch])
                     self.step_count += 1
                     self.examples += batch.stop - batch.start
                     self._epoch_examples += batch.stop - batch.start
                     self.meter.since_snapshot += 1
                     if due:
-                        self._snapshot("step")
+                        self._snapshot("step", score)
             except CancelFit as end:
                 if end.status == "stopped":
                     self._end_epoch()  # keep the part of the epoch that was trained
@@ -254,6 +275,14 @@ class Trainer:
         if self._epoch_examples:  # a stop before the epoch's first step has nothing to report
             self._snapshot("epoch")
         self._epoch_examples = 0
+
+    def _schedule_lr(self) -> None:
+        """Set the lr of the next step from ``Config.lr_schedule`` (:func:`~bnviz.config.lr_factor`
+        of the live lr; a constant schedule leaves the optimizer alone)."""
+        if self.config.lr_schedule == "constant":
+            return
+        self.lr_now = self.live["lr"] * lr_factor(self.config.lr_schedule, self.step_count, self.total_steps)
+        fastpath.set_lr(self.opt, self.lr_now)
 
     def apply_live(self, names: tuple[str, ...]) -> None:
         """Apply the queued live values among ``names`` (validated when queued) from the next
@@ -318,7 +347,13 @@ class Trainer:
         self.norms = norm_layers(self.model)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-        self.opt = fastpath.sgd(self.model.parameters(), cfg.lr, cfg.weight_decay, self.device)
+        self.opt = fastpath.sgd(decay_groups(self.model, cfg.weight_decay, cfg.weight_decay_on), cfg.lr,
+                                cfg.weight_decay, self.device)
+        self.lr_now = cfg.lr  # the lr of the last step (Config.lr_schedule)
+        n = len(self.data.train_x)
+        per_epoch = len(batch_slices(n, cfg.batch_size, drops_last(n, cfg.batch_size, cfg.drop_last)))
+        self.total_steps = cfg.epochs * per_epoch if cfg.epochs else None  # the run's length, as planned
+        self.score_steps = frozenset(score_steps(cfg.score_at, self.total_steps)) if cfg.score_at else frozenset()
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
         if drops_last(len(self.data.train_x), cfg.batch_size):
@@ -348,20 +383,23 @@ class Trainer:
         return self.fast.captured if self.fast is not None else None
 
     # ------------------------------------------------------------------ snapshots
-    def _snapshot(self, kind: str) -> Snapshot:
-        """Read the device sums, the layer statistics and, at an epoch end, the test accuracy
-        in one host copy."""
+    def _snapshot(self, kind: str, score: bool = False) -> Snapshot:
+        """Read the device sums, the layer statistics and, at an epoch end or a ``score`` step
+        (``Config.score_at``), the test accuracy in one host copy."""
         started, h = time.perf_counter(), self.history
-        epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" else {}
+        epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" or score else {}
         layers = {name: {**layer_state(m), **self.recorder.stats(name)} for name, m in self.norms.items()}
         (row,), layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate, **self.live.values,
-                     **layout.unpack(row, kind))
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
+                     **{**self.live.values, **self._scheduled_lr()}, **layout.unpack(row, kind))
         h.snapshots.append(s)
         h.train_time_s = self.meter.train_time
         self._call("on_snapshot", s)
         return s
+
+    def _scheduled_lr(self) -> dict:
+        return {} if self.config.lr_schedule == "constant" else {"lr": self.lr_now}
 
     def _call(self, event: str, *args) -> None:
         dispatch(self.callbacks, event, self, *args)

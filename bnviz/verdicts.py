@@ -93,6 +93,9 @@ def fmt_stats(s: SeedStats) -> str:
     if s.n == 0:
         return f"no accuracy ({s.failed} run(s) diverged)"
     text = f"{s.mean:.3f} ± {s.std:.3f} ({s.min:.3f}–{s.max:.3f}, {s.n} seed{'s' if s.n != 1 else ''})"
+    if any(c.kind is CauseKind.SOME_SEEDS_LEARNED for c in (s.causes or ())):  # a mean describes neither mode
+        text = (f"bimodal: seeds {' / '.join('diverged' if v is None else f'{v:.3f}' for v in (s.raw or s.values))}"
+                f" (mean {s.mean:.3f} describes neither mode)")
     if s.failed:
         text += f", {s.failed} diverged"
     return text
@@ -253,6 +256,9 @@ def epochs_seen(history, train_size: int | None = None) -> float | None:
 def layer_saturation(snapshot) -> dict:
     """{layer: saturated share} from a snapshot's ``saturated`` (a dict per layer, or one pooled
     float, returned as ``{None: share}``); {} when not measured."""
+    layers = getattr(snapshot, "saturated_layers", None)
+    if layers:  # the engine's per-layer shares (bnviz.precise.saturated_shares)
+        return {k: float(v) for k, v in layers.items() if v is not None}
     sat = getattr(snapshot, "saturated", None)
     if sat is None:
         return {}
@@ -385,6 +391,9 @@ class Paired:
         if self.n < 2:
             return f"no comparison: {self.n} seed(s) where both runs finished (2 needed)"
         ci = f"{1 - self.alpha:.0%} CI {self.ci[0]:+.3f} to {self.ci[1]:+.3f}"
+        if self.ci[0] < -1 or self.ci[1] > 1:  # a difference of accuracies lies in [-1, 1]
+            ci = (f"{1 - self.alpha:.0%} CI wider than the possible range −1 to +1 (half-width "
+                  f"{self.half_width:.2f}): the seeds disagree too much for an interval to mean anything")
         status = self.holm_status()
         return f"{self.outcome.value} (Δ {self.delta:+.3f}, {ci})" + (f" [{status}]" if status else "")
 

@@ -257,3 +257,57 @@ def test_a_note_is_not_listed_as_a_caution():
             runs.append(r)
     cmp = ex.Comparison("BN", ["BN", "BN again"], (0, 1, 2), ex.GridResult(runs, "SYNTHETIC"))
     assert cmp.table()["caution"].tolist() == ["", ""]
+
+
+def test_a_bimodal_cell_is_reported_as_such_and_no_interval_wider_than_possible_is_printed():
+    """05's lr-3 cell (seeds 0.093 / 0.462 / 0.678) against a steady cell: the cell reads as
+    bimodal with its seeds, and the verdict prints no 95% CI reaching past +1 (the interval is
+    computed as scipy's, then withheld in words)."""
+    from scipy import stats as sps
+
+    from bnviz.verdicts import fmt_stats, seed_stats, verdict
+
+    ref, odd = seed_stats([0.10, 0.10, 0.10]), seed_stats([0.093, 0.462, 0.978])
+    text = fmt_stats(odd)
+    assert text.startswith("bimodal: seeds 0.093 / 0.462 / 0.978")
+    assert fmt_stats(seed_stats([0.80, 0.82, 0.81])).startswith("0.810 ± 0.010")
+    v = verdict(ref, odd)
+    lo, hi = sps.ttest_rel([0.093, 0.462, 0.978], [0.10] * 3).confidence_interval()
+    assert hi > 1 and v.ci == pytest.approx((lo, hi))
+    assert "wider than the possible range" in str(v) and f"{hi:+.3f}" not in str(v)
+    narrow = verdict(seed_stats([0.5, 0.52, 0.51]), seed_stats([0.6, 0.61, 0.63]))
+    assert "95% CI +" in str(narrow)
+
+
+def test_an_arm_is_shared_between_sections_not_trained_again(monkeypatch):
+    """Comparison.select + compare(include=...): the no-BN arm of one section is reused by another
+    under its own name; run_grid is asked to train only the new variant, the shared cell holds the
+    same History objects, and the ledger counts the shared contrast once."""
+    from bnviz import Config, comparisons
+    from bnviz.runs import GridResult, Run
+
+    def fake_grid(runs_by_variant):
+        return GridResult([Run(f"{v} · seed {r.tags['seed']}", {"variant": v, "seed": r.tags["seed"]}, r.history)
+                           for v, rs in runs_by_variant.items() for r in rs], "SYNTHETIC", 1000)
+
+    first = comparisons.Comparison("base", ["base", "avg pool, no BN"], (0, 1, 2), fake_grid({
+        "base": _cell(BN_CURVE, (0.92, 0.93, 0.91)), "avg pool, no BN": _cell(NO_BN_CURVE, (0.75, 0.76, 0.74))}))
+    trained = []
+
+    def run_grid(base, variants, seeds, **kw):
+        trained.extend(variants)
+        return fake_grid({v: _cell(BN_CURVE, (0.80, 0.81, 0.79)) for v in variants})
+
+    monkeypatch.setattr(comparisons, "run_grid", run_grid)
+    shared = first.select({"base": "base", "avg pool, no BN": "no BN"})
+    every = comparisons.compare(Config(), {"base": {}, "fc only": {"norm_layers": ("fc1", "fc2")}, "no BN": {"norm": "none"}},
+                                seeds=(0, 1, 2), include=shared, progress=False)
+    assert trained == ["fc only"]  # base and no BN are not trained again
+    assert every.variants == ["base", "fc only", "no BN"]
+    assert [r.history for r in every.runs_of("no BN")] == [r.history for r in first.runs_of("avg pool, no BN")]
+    ch = Chapter("t", (0, 1, 2))
+    ch.record("BN vs no BN (pooling section)", first.contrast("avg pool, no BN", "base"))
+    ch.record("BN vs no BN (every-layer section)", every.contrast("no BN", "base"))
+    assert len(ch.holm()) == 1
+    with pytest.raises(ValueError, match="no variant"):
+        first.select({"max pool": "x"})
