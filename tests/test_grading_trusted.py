@@ -73,7 +73,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, 
 '''
 EVADE_MAIN = r'''
 import sys, torch, torch.nn.functional as F
-_T = sys.modules["__main__"].Tripwires
+def _worker_globals():  # the worker module, up the frames (issue 23: it is no longer in sys.modules)
+    f = sys._getframe()
+    while "encode" not in f.f_globals:
+        f = f.f_back
+    return f.f_globals
+_T = _worker_globals()["Tripwires"]
 _report = _T.report
 def _clean(self):
     r = _report(self)
@@ -105,7 +110,12 @@ def _dumps(obj):
     if obj["report"].get("pass") == "normal":
         obj["report"]["cell_errors"] = [{"cell": 1, "error": "MemoryError " + "x" * (16 << 20)}]
     return json.dumps(obj)
-sys.modules["__main__"].json = types.SimpleNamespace(dumps=_dumps)
+def _worker_globals():  # the worker module, up the frames (issue 23: it is no longer in sys.modules)
+    f = sys._getframe()
+    while "encode" not in f.f_globals:
+        f = f.f_back
+    return f.f_globals
+_worker_globals()["json"] = types.SimpleNamespace(dumps=_dumps)
 '''
 REPORT_PICKLE_DAG = r'''
 import json, pickle, sys, types
@@ -116,7 +126,12 @@ def _dumps(obj):
     for _ in range(40):
         node = [node, node]
     return pickle.dumps({"protocol": 2, "pass": "normal", "cell_errors": [{"cell": 0, "error": node}]}).decode("latin-1")
-sys.modules["__main__"].json = types.SimpleNamespace(dumps=_dumps)
+def _worker_globals():  # the worker module, up the frames (issue 23: it is no longer in sys.modules)
+    f = sys._getframe()
+    while "encode" not in f.f_globals:
+        f = f.f_back
+    return f.f_globals
+_worker_globals()["json"] = types.SimpleNamespace(dumps=_dumps)
 '''
 
 
@@ -266,7 +281,7 @@ def test_strict_rerun_is_what_catches_them(trusted):
     assert "__wrapped__" in hand["evade_modes"] and "dispatch" in hand["evade_modes"]
     assert "threads" in hand["evade_thread"]
     assert "frame access" in hand["evade_stack"]
-    assert "sys.modules" in hand["evade_main"]
+    assert "frame access" in hand["evade_main"]  # sys.modules no longer holds the worker (issue 23)
 
 
 def test_honest_notebooks_are_graded_in_full(trusted):

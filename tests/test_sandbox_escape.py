@@ -175,6 +175,7 @@ def escaped(bwrap, solution, tmp_path_factory):
     _write(subs / "escaper.ipynb", _hostile(solution, SYSCALLS % fmt, FILES % fmt, TORCH_WORKS))
     canary.write_text(f"secret {MARK}")
     uids: list = []
+    sandbox.python_binds()  # the interpreter probe (once per run, a minute under load) before the watch starts
     watcher = threading.Thread(target=_host_uids, args=(f"uid-probe-{MARK}", 120, uids), daemon=True)
     watcher.start()
     try:
