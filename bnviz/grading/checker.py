@@ -27,6 +27,7 @@ formulas) and autograd through them. PyTorch's conventions (the default) keep ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -95,6 +96,7 @@ class Ref:
         return _forward_source(self.variant)
 
 
+@functools.lru_cache(maxsize=64)
 def _forward_source(v: Variant) -> str:
     import inspect
 
