@@ -90,6 +90,9 @@ def test_at_least_half_of_the_points_have_a_visible_test():
 
 def test_the_notebook_and_the_checker_have_the_same_visible_tests(source_nb):
     assert [n for n, _ in _visible_cells(source_nb)] == [t.name for t in checker.make_tests(0) if not t.hidden]
+    cov = checker.visible_coverage()  # the number the notebook's introduction states
+    intro = " ".join(_src(source_nb["cells"][1]).split())
+    assert f"They carry {cov['visible']:g} of the {cov['total']:g} autograded points" in intro
 
 
 def test_the_solution_passes_every_visible_test(source_nb):
