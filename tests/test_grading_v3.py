@@ -234,8 +234,8 @@ def test_the_strict_pass_catches_decomp_forward_ad_and_autograd_on_a_thread(v3, 
     question, points = EVASIONS[name][2:]
     r = v3["res"][name]
     assert r["scores"][question] == 0 and f"{question}: {points} points withheld" in r["flags"], (r["scores"], r["flags"])
-    # the other questions keep their points; q3's module calls the q1 function, so q3 goes with q1
-    lost = {"q1": 9 + 6, "q2": 4}[question]
+    # the other questions keep their points (issue 24: q3's module runs with the reference forward)
+    lost = {"q1": 9, "q2": 4}[question]
     assert r["total"] == 19 - lost, r["scores"]
 
 

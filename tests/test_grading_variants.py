@@ -240,19 +240,18 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, 
     inv = list(range(x.dim()))
     back = [0, x.dim() - 1] + list(range(1, x.dim() - 1))
     y = out.reshape(xt.shape).permute(*back)
-    return y, (normed, denom, gamma, perm, back, xt.shape)
+    axes, bshape = [0] + list(range(2, x.dim())), [1, c] + [1] * (x.dim() - 2)  # the cache question 1 specifies
+    return y, (normed.reshape(xt.shape).permute(*back), 1 / denom, gamma, axes, bshape)
 '''
 HONEST_A_BWD = '''
 def batch_norm_backward(dy, cache):
     """Gradients (dx, dgamma, dbeta) of the training-mode batch_norm_forward, without autograd."""
-    normed, denom, gamma, perm, back, tshape = cache
-    g = dy.permute(*perm).reshape(normed.shape)
-    n = g.shape[0]
-    dbeta = g.sum(0)
-    dgamma = (g * normed).sum(0)
-    gn = g * gamma
-    dflat = (gn - gn.mean(0) - normed * (gn * normed).mean(0)) / denom
-    dx = dflat.reshape(tshape).permute(*back)
+    normed, rstd, gamma, axes, bshape = cache
+    dbeta = dy.sum(axes)
+    dgamma = (dy * normed).sum(axes)
+    gn = dy * gamma.view(bshape)
+    centred = gn - gn.mean(axes, keepdim=True) - normed * (gn * normed).mean(axes, keepdim=True)
+    dx = centred * rstd.view(bshape)
     return dx, dgamma, dbeta
 '''
 HONEST_A_MOD = '''
@@ -295,13 +294,14 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum=0.1, 
     y = gamma.view(view) * xhat + beta.view(view)
     running_mean.data = (1.0 - momentum) * running_mean + momentum * mean.reshape(-1).detach()
     running_var.data = (1.0 - momentum) * running_var + momentum * (var.reshape(-1) * m / (m - 1)).detach()
-    return y, {"xhat": xhat, "std": std, "gamma": gamma, "axes": axes, "view": view, "m": m}
+    return y, (xhat, 1.0 / std.reshape(-1), gamma, list(axes), list(view))  # the cache question 1 specifies
 '''
 HONEST_B_BWD = '''
 def batch_norm_backward(dy, cache):
     """Gradients (dx, dgamma, dbeta) of the training-mode batch_norm_forward, without autograd."""
-    xhat, std, axes, m = cache["xhat"], cache["std"], cache["axes"], cache["m"]
-    gamma = cache["gamma"].view(cache["view"])
+    xhat, rstd, gamma, axes, view = cache
+    m = xhat.numel() // rstd.numel()
+    std, gamma = 1.0 / rstd.view(view), gamma.view(view)
     dbeta = torch.sum(dy, dim=axes)
     dgamma = torch.sum(dy * xhat, dim=axes)
     dxhat = dy * gamma

@@ -7,6 +7,16 @@ tests in the solution notebook (``tests/test_grading.py`` checks that they agree
 the *probes* the sandboxed worker must run (inputs only) and judges the worker's outputs against
 references computed here with PyTorch itself (``F.batch_norm``, ``nn.BatchNorm1d/2d``, autograd).
 
+A bug costs once: question 2's probes carry a reference ``batch_norm_forward`` (source text,
+``Ref.forward_source``) whose cache (``variants.reference_cache``, the layout question 1 states)
+goes to the student's ``batch_norm_backward``, and question 3's module probes carry it too: the
+worker puts it in place of the student's ``batch_norm_forward`` while the module runs. So a q1 bug
+costs q1's points only, and q2 and q3 are graded on their own code.
+
+Visible tests (``hidden=False``) get fresh random inputs here too, of the shapes of the
+notebook's visible tests, which use fixed tiny inputs; ``BEHAVIOUR`` names what each test checks,
+and ``visible_coverage`` says how many points a student can check with a visible test.
+
 A class's variant (``variants.py``, ``make_tests(seed, variant)``) changes the conventions: the
 probes carry their tensors in the variant's layout (the worker does not change), and the
 references are ``variants.batch_norm_reference`` / ``ReferenceBatchNorm`` (explicit float64
@@ -17,16 +27,18 @@ formulas) and autograd through them. PyTorch's conventions (the default) keep ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from .variants import ReferenceBatchNorm, Variant, apply_messages, batch_norm_reference, variant_of  # noqa: F401 (grade.py)
+from . import variants
 
 RTOL, ATOL = 1e-8, 1e-10  # forward / module outputs and running statistics (float64)
 GRAD_RTOL = 1e-7  # module input / parameter gradients
-REL_ERR = 1e-8  # batch_norm_backward: ||a - b|| / ||b||
+REL_ERR = 1e-8  # batch_norm_backward: ||a - b|| / (the size of the terms the gradient is built from)
 
 
 class Fail(Exception):
@@ -76,6 +88,24 @@ class Ref:
 
     def msg(self, text: str) -> str:
         return apply_messages(self.variant, text)
+
+    @property
+    def forward_source(self) -> str:
+        """A reference ``batch_norm_forward`` with the student's signature and the specified cache,
+        as source for the sandbox (explicit formulas: the strict pass's raising kernels allow it)."""
+        return _forward_source(self.variant)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_source(v: Variant) -> str:
+    import inspect
+
+    return "\n".join([
+        "import torch", "import types as _types", f"_V = _types.SimpleNamespace(**{v.to_dict()!r})",
+        inspect.getsource(variants.batch_norm_reference), inspect.getsource(variants.reference_cache),
+        f"def batch_norm_forward(x, gamma, beta, running_mean, running_var, momentum={v.momentum!r}, eps=1e-5, training=True):",
+        "    y = batch_norm_reference(_V, x, running_mean, running_var, gamma, beta, training, momentum, eps)",
+        "    return y, (reference_cache(_V, x, gamma, eps) if training else None)", ""])
 
 
 def _is_tensor(t, shape=None, what="value") -> torch.Tensor:
@@ -173,24 +203,34 @@ def _q1_cases(r: Ref):
     return [
         _q1_case(1, 1, False, [(16, 4)], [(y, "training-mode output for an (N, C) input differs from F.batch_norm")], r),
         _q1_case(2, 1, False, [(16, 4)], [(rm, "running_mean after one training step (momentum=0.1) differs from PyTorch's")], r),
-        _q1_case(3, 2, True, [(8, 3, 5, 4), (2, 5, 3, 3), (16, 2, 1, 1)], [
+        _q1_case(3, 0.5, True, [(8, 3, 5, 4), (2, 5, 3, 3), (16, 2, 1, 1)], [
             (y, "training-mode output for a 4-D input {shape} differs from F.batch_norm (normalise per channel over N, H, W)")], r),
         _q1_case(4, 1, True, [(16, 4), (4, 3, 5, 5)], [
             (rv, "running_var for {shape} differs from PyTorch's (it must store the UNBIASED batch variance)")], r),
         _combine(
-            _q1_case(5, 1, True, [(10, 3), (4, 2, 3, 3)], [(rm, stats_msg), (rv, stats_msg)], r, momentum=0.3, steps=3),
-            _q1_case(5, 1, True, [(6, 3)], [(rm, "the default momentum must be 0.1"), (rv, "the default momentum must be 0.1")],
+            _q1_case(5, 0.5, True, [(10, 3), (4, 2, 3, 3)], [(rm, stats_msg), (rv, stats_msg)], r, momentum=0.3, steps=3),
+            _q1_case(5, 0.5, True, [(6, 3)], [(rm, "the default momentum must be 0.1"), (rv, "the default momentum must be 0.1")],
                      r, steps=2, pass_momentum=False)),
         _combine(*[_q1_case(6, 1, True, [(32, 3), (8, 2, 4, 4)], [
             (y, f"output for an input with tiny variance (eps={eps}) differs from F.batch_norm: eps belongs inside the square root")],
             r, eps=eps, scale=1e-3) for eps in (1e-5, 1e-3)]),
-        _q1_case(7, 1, True, [(16, 4), (4, 3, 5, 5)], [
+        _q1_case(7, 0.5, True, [(16, 4), (4, 3, 5, 5)], [
             (y, "evaluation-mode output for {shape} differs from F.batch_norm (use running_mean / running_var)"),
             (rm, "evaluation mode must not change the running statistics"),
             (rv, "evaluation mode must not change the running statistics")], r, training=False, steps=2),
-        _q1_case(8, 1, True, [(5, 3, 4, 6)], [
+        _q1_case(8, 0.5, True, [(5, 3, 4, 6)], [
             (rm, "running_mean of a 4-D input after step {step} differs from PyTorch's"),
             (rv, "running_var of a 4-D input after step {step} differs from PyTorch's")], r, steps=2),
+        # visible (the notebook's fixed tiny inputs; fresh random ones here)
+        _q1_case(9, 1, False, [(3, 2)], [
+            (y, "evaluation-mode output for {shape} at step {step} differs from F.batch_norm (normalise with running_mean / running_var)"),
+            (rm, "in evaluation mode running_mean / running_var must stay as they are"),
+            (rv, "in evaluation mode running_mean / running_var must stay as they are")], r, training=False, steps=2),
+        _q1_case(10, 1, False, [(2, 2, 2, 2)], [
+            (y, "training-mode output for the 4-D input {shape} at step {step} differs from F.batch_norm (normalise per channel over N, H, W)"),
+            (rm, "running_mean of the 4-D input {shape} after step {step} differs from PyTorch's"),
+            (rv, "running_var of the 4-D input {shape} after step {step} differs from PyTorch's")], r, steps=2),
+        _q1_case(11, 1, False, [(4, 2)], [(rm, stats_msg), (rv, stats_msg)], r, momentum=0.3, steps=2),
     ]
 
 
@@ -224,6 +264,17 @@ def _combine(*parts):
 # --------------------------------------------------------------------------- q2: backward
 
 
+def grad_scales(v: Variant, x, gamma, dy, eps=1e-5) -> list[torch.Tensor]:
+    """The size of the terms each gradient is built from, for (dx, dgamma, dbeta): ||gamma dy / d||
+    (d: the denominator of x_hat; dx is its projection, which can cancel to nearly 0: with two values
+    per channel dx is about eps / var of it), || sum |dy x_hat| || and || sum |dy| || (sums per
+    channel). Errors are measured against these, so a correct float64 answer is about 1e-15 whatever
+    the inputs, and a near-zero reference cannot make rounding look like a bug."""
+    x_hat, inv_std, _, dims, shape = variants.reference_cache(v, x, gamma, eps)[:5]
+    return [(dy * (gamma * inv_std).reshape(shape)).norm(), (dy * x_hat).abs().sum(dim=dims).norm(),
+            dy.abs().sum(dim=dims).norm()]
+
+
 def _q2_case(number, points, hidden, shapes, r: Ref, scale=2.0, negative_gamma=False):
     def build(g):
         probes, refs = [], {}
@@ -235,20 +286,22 @@ def _q2_case(number, points, hidden, shapes, r: Ref, scale=2.0, negative_gamma=F
             beta, dy = _f64(C, g=g), r.x(_f64(*shape, g=g))
             xr, gr, br = (t.clone().requires_grad_() for t in (x, gamma, beta))
             y = r.bn(xr, None, None, gr, br, training=True, eps=1e-5)
-            refs[f"q2-{number}-{i}"] = (r.shape(shape), torch.autograd.grad(y, (xr, gr, br), dy))
-            probes.append({"id": f"q2-{number}-{i}", "kind": "backward", "x": x, "gamma": gamma, "beta": beta, "dy": dy})
+            grads = torch.autograd.grad(y, (xr, gr, br), dy)
+            refs[f"q2-{number}-{i}"] = (r.shape(shape), grads, grad_scales(r.variant, x, gamma, dy))
+            probes.append({"id": f"q2-{number}-{i}", "kind": "backward", "x": x, "gamma": gamma, "beta": beta, "dy": dy,
+                           "reference_forward": r.forward_source})
         return probes, refs
 
     def judge_with(refs):
         def judge(outputs):
-            for pid, (shape, ref) in refs.items():
+            for pid, (shape, ref, scales) in refs.items():
                 out = _probe_result(outputs, pid).get("out")
                 if not isinstance(out, list) or len(out) != 3:
                     raise Fail("batch_norm_backward must return (dx, dgamma, dbeta)")
                 errors = {}
-                for name, a, b in zip(["dx", "dgamma", "dbeta"], out, ref):
+                for name, a, b, size in zip(["dx", "dgamma", "dbeta"], out, ref, scales):
                     a = _is_tensor(a, b.shape, name)
-                    errors[name] = float((a.to(b.dtype) - b).norm() / b.norm()) if a.dtype.is_floating_point else float("inf")
+                    errors[name] = float((a.to(b.dtype) - b).norm() / size) if a.dtype.is_floating_point else float("inf")
                 if not all(e < REL_ERR for e in errors.values()):  # NaN fails too
                     raise Fail(f"relative errors vs autograd for {shape}: "
                                + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
@@ -259,8 +312,9 @@ def _q2_case(number, points, hidden, shapes, r: Ref, scale=2.0, negative_gamma=F
 
 def _q2_cases(r: Ref):
     return [_q2_case(1, 1, False, [(10, 4)], r),
-            _q2_case(2, 2, True, [(6, 3, 4, 4), (2, 4, 3, 5)], r),
-            _q2_case(3, 1, True, [(2, 3), (3, 5, 2, 2), (64, 7)], r, scale=10.0, negative_gamma=True)]
+            _q2_case(2, 1, True, [(6, 3, 4, 4), (2, 4, 3, 5)], r),
+            _q2_case(3, 1, True, [(2, 3), (3, 5, 2, 2), (64, 7)], r, scale=10.0, negative_gamma=True),
+            _q2_case(4, 1, False, [(2, 2, 2, 2)], r)]  # visible: the notebook's fixed tiny 4-D input
 
 
 # --------------------------------------------------------------------------- q3: the module
@@ -320,9 +374,10 @@ def _module_steps(outputs, pid, refs, messages):
     return res, steps
 
 
-def _pair_spec(pid, C, g, steps):
+def _pair_spec(pid, C, g, steps, r: Ref):
     w = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
-    return {"id": pid, "kind": "module", "C": C, "load_state": None, "wb": [w, _f64(C, g=g)], "steps": steps}
+    return {"id": pid, "kind": "module", "C": C, "load_state": None, "wb": [w, _f64(C, g=g)], "steps": steps,
+            "reference_forward": r.forward_source}
 
 
 def _q3_init():
@@ -350,7 +405,7 @@ def _q3_train(r: Ref):
         probes, refs = [], {}
         for shape in [(8, 3, 4, 4), (12, 3)]:
             pid = f"q3-2-{len(shape)}"
-            spec = _pair_spec(pid, 3, g, [{"mode": "train", "x": r.x(1.0 + 2.0 * _f64(*shape, g=g))} for _ in range(3)])
+            spec = _pair_spec(pid, 3, g, [{"mode": "train", "x": r.x(1.0 + 2.0 * _f64(*shape, g=g))} for _ in range(3)], r)
             probes.append(spec)
             refs[pid] = (r.shape(shape), _run_reference(r.module(3, len(shape)), spec))
         return probes, refs
@@ -362,14 +417,14 @@ def _q3_train(r: Ref):
                 _module_steps(outputs, pid, ref, [msg] * len(ref))
         return judge
 
-    return 2, 2, True, build, judge_with
+    return 2, 1, True, build, judge_with
 
 
 def _q3_modes(r: Ref):
     def build(g):
         steps = [{"mode": "train", "no_grad": True, "x": r.x(1.0 + 2.0 * _f64(6, 4, 3, 3, g=g))} for _ in range(2)]
         steps.append({"mode": "eval", "requires_grad": True, "x": r.x(_f64(5, 4, 3, 3, g=g))})
-        spec = _pair_spec("q3-3", 4, g, steps)
+        spec = _pair_spec("q3-3", 4, g, steps, r)
         return [spec], _run_reference(r.module(4), spec)
 
     def judge_with(ref):
@@ -387,7 +442,7 @@ def _q3_load(r: Ref):
             for _ in range(4):
                 src(torch.randn(6, 3, 2, 2, generator=g) * 3 + 1)
         spec = {"id": "q3-4", "kind": "module", "C": 3, "load_state": _state(src), "wb": None,
-                "steps": [{"mode": "eval", "x": r.x(_f64(4, 3, 2, 2, g=g))}]}
+                "steps": [{"mode": "eval", "x": r.x(_f64(4, 3, 2, 2, g=g))}], "reference_forward": r.forward_source}
         return [spec], _run_reference(src if r.variant.is_default else r.module(3), spec)
 
     def judge_with(ref):
@@ -398,13 +453,13 @@ def _q3_load(r: Ref):
             _module_steps(outputs, "q3-4", ref, ["after load_state_dict from a trained nn.BatchNorm2d, eval outputs differ"])
         return judge
 
-    return 4, 1, True, build, judge_with
+    return 4, 0.5, True, build, judge_with
 
 
 def _q3_grad(r: Ref):
     def build(g):
         x, w = r.x(_f64(7, 3, 2, 5, g=g)), r.x(_f64(7, 3, 2, 5, g=g))
-        spec = _pair_spec("q3-5", 3, g, [{"mode": "train", "x": x, "requires_grad": True, "grad_weights": w}])
+        spec = _pair_spec("q3-5", 3, g, [{"mode": "train", "x": x, "requires_grad": True, "grad_weights": w}], r)
         return [spec], _run_reference(r.module(3), spec)
 
     def judge_with(ref):
@@ -419,11 +474,27 @@ def _q3_grad(r: Ref):
                     raise Fail(r.msg(f"gradient w.r.t. {name} differs from nn.BatchNorm2d's"))
         return judge
 
-    return 5, 1, True, build, judge_with
+    return 5, 0.5, True, build, judge_with
+
+
+def _q3_visible(r: Ref):
+    """Visible: one training step then one evaluation step of a tiny 4-D input (the notebook's fixed
+    one), output and state_dict (buffers, num_batches_tracked) after each."""
+    def build(g):
+        steps = [{"mode": "train", "x": r.x(1.0 + 2.0 * _f64(2, 2, 2, 2, g=g))}, {"mode": "eval", "x": r.x(_f64(2, 2, 2, 2, g=g))}]
+        spec = _pair_spec("q3-6", 2, g, steps, r)
+        return [spec], _run_reference(r.module(2), spec)
+
+    def judge_with(ref):
+        msgs = [r.msg("training-mode output for the 4-D input (2, 2, 2, 2) differs from nn.BatchNorm2d's"),
+                r.msg("evaluation-mode output after one training step differs from nn.BatchNorm2d's (use the running statistics)")]
+        return lambda outputs: _module_steps(outputs, "q3-6", ref, msgs)
+
+    return 6, 2, False, build, judge_with
 
 
 def _q3_cases(r: Ref):
-    return [_q3_init(), _q3_train(r), _q3_modes(r), _q3_load(r), _q3_grad(r)]
+    return [_q3_init(), _q3_train(r), _q3_modes(r), _q3_load(r), _q3_grad(r), _q3_visible(r)]
 
 
 # --------------------------------------------------------------------------- all tests
@@ -445,6 +516,35 @@ def make_tests(seed: int, variant: Variant | None = None) -> list[TestCase]:
             probes, refs = build(g)
             tests.append(TestCase(question, number, float(points), hidden, probes, judge_with(refs)))
     return tests
+
+
+# What each test checks (issue 24 item 7: a student can check a point when a visible test checks its behaviour)
+BEHAVIOUR = {
+    "q1 - 1": "output 2-D", "q1 - 2": "running stats", "q1 - 3": "output 4-D", "q1 - 4": "running stats",
+    "q1 - 5": "momentum", "q1 - 6": "eps", "q1 - 7": "eval mode", "q1 - 8": "running stats 4-D",
+    "q1 - 9": "eval mode", "q1 - 10": ("output 4-D", "running stats 4-D", "running stats"),
+    "q1 - 11": ("momentum", "running stats"),
+    "q2 - 1": "backward 2-D", "q2 - 2": "backward 4-D", "q2 - 3": ("backward 2-D", "backward 4-D"),
+    "q2 - 4": "backward 4-D",
+    "q3 - 1": "buffers", "q3 - 2": ("module train", "buffers"), "q3 - 3": ("module train", "module eval"),
+    "q3 - 4": ("state_dict", "module eval"), "q3 - 5": "module gradients",
+    "q3 - 6": ("module train", "module eval", "buffers", "state_dict"),
+}
+
+
+def _behaviours(name: str) -> set[str]:
+    b = BEHAVIOUR[name]
+    return {b} if isinstance(b, str) else set(b)
+
+
+def visible_coverage(tests: list[TestCase] | None = None) -> dict[str, float]:
+    """{visible, covered, total}: the points of the visible tests, the points of every test whose
+    behaviours (``BEHAVIOUR``) are all checked by some visible test, and all points."""
+    tests = tests or make_tests(0)
+    seen = set().union(*(_behaviours(t.name) for t in tests if not t.hidden))
+    return {"visible": sum(t.points for t in tests if not t.hidden),
+            "covered": sum(t.points for t in tests if _behaviours(t.name) <= seen),
+            "total": sum(t.points for t in tests)}
 
 
 def question_points(tests: list[TestCase] | None = None) -> dict[str, float]:

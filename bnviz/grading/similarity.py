@@ -58,6 +58,11 @@ PUBLIC = "the public solution"
 TESTS_REF = "the tests' reference"  # variants.batch_norm_reference / ReferenceBatchNorm, shown in the visible tests
 MAX_FLAGS = 3  # similarity flags per student in the gradebook; similarity.html lists every pair
 TIMEOUT_S, MEMORY = 300.0, 4 << 30
+# written answers (markdown, manual questions): shingles of WORDS_K words; tuned on planted answers
+# (tests/test_similarity_written.py, which prints the scores)
+WORDS_K = 4
+WRITTEN_THRESHOLD = 0.5
+MODEL = "the public model answer"
 
 
 @dataclasses.dataclass
@@ -105,19 +110,25 @@ def answer_code(nb: Any) -> str:
 
 def read_code(path: Path) -> str:
     """The code cells of a submission (.ipynb, or a zip with one notebook anywhere in it)."""
+    return _cells_code(read_notebook(path))
+
+
+def read_notebook(path: Path) -> Any:
+    """A submission's notebook as data (.ipynb, or a zip with one notebook anywhere in it; {} when
+    there is none or it is too large)."""
     path = Path(path)
     if path.suffix.lower() == ".zip":
         with zipfile.ZipFile(path) as zf:
             nbs = [i for i in zf.infolist() if i.filename.lower().endswith(".ipynb")
                    and "__MACOSX" not in i.filename and "checkpoint" not in i.filename]
             if len(nbs) != 1 or nbs[0].file_size > MAX_FILE:
-                return ""
+                return {}
             raw = zf.read(nbs[0])
     else:
         if path.stat().st_size > MAX_FILE:
-            return ""
+            return {}
         raw = path.read_bytes()
-    return _cells_code(json.loads(raw.decode("utf-8-sig", errors="replace")))
+    return json.loads(raw.decode("utf-8-sig", errors="replace"))
 
 
 _TRIPLE = re.compile(r'(?s)""".*?"""|\'\'\'.*?\'\'\'')
@@ -202,7 +213,8 @@ def _pairs(sources: dict[str, str], publics: dict[str, str], template: str) -> l
     return [p for p in compare(codes, template) if not (p.a in publics and p.b in publics)]
 
 
-def _flags(pairs: list[Pair], threshold: float, unread: dict[str, str] | None = None) -> dict[str, list[str]]:
+def _flags(pairs: list[Pair], threshold: float, unread: dict[str, str] | None = None,
+           publics: tuple[str, ...] = (PUBLIC, TESTS_REF), where: str = "") -> dict[str, list[str]]:
     """Student -> reasons. A pair of students is flagged both ways when each holds most of the
     other's answer (containment both ways: the smaller share reaches ``threshold``); when only
     one holds most of the other's (the larger share reaches it), only that one is flagged (one
@@ -212,7 +224,6 @@ def _flags(pairs: list[Pair], threshold: float, unread: dict[str, str] | None = 
     flags: dict[str, list[str]] = {}
     for me, why in (unread or {}).items():
         flags.setdefault(me, []).append(f"similarity: not compared ({why}), check by hand")
-    publics = (PUBLIC, TESTS_REF)
     for p in pairs:
         if not p.flagged(threshold):
             continue
@@ -221,14 +232,119 @@ def _flags(pairs: list[Pair], threshold: float, unread: dict[str, str] | None = 
             if me in publics:
                 continue
             if both:
-                flags.setdefault(me, []).append(f"similar to {other} (score {p.score:.2f}, check by hand)")
+                flags.setdefault(me, []).append(f"similar to {other}{where} (score {p.score:.2f}, check by hand)")
             elif mine < threshold:  # little of mine is in the other, most of the other is in mine
-                flags.setdefault(me, []).append(f"similar to {other}, one way: holds most of its answer code "
-                                                f"(score {p.score:.2f}, check by hand)")
+                flags.setdefault(me, []).append(f"similar to {other}{where}, one way: holds most of its "
+                                                f"{'answer code' if not where else 'answer'} (score {p.score:.2f}, check by hand)")
     for me, reasons in flags.items():  # highest scores first (pairs are sorted); the rest in the report
         if len(reasons) > MAX_FLAGS:
             flags[me] = reasons[:MAX_FLAGS] + [f"similar to {len(reasons) - MAX_FLAGS} more (similarity.html)"]
     return flags
+
+
+# --------------------------------------------------------------------------- written answers
+# The markdown answers of the hand-graded questions: word shingles (no pygments: prose), with the
+# question's own text (the hand-out's markdown) discarded as boilerplate, compared with every other
+# student's answer and with the public model answer (the source notebook's solution text).
+
+
+def _cells(nb: Any) -> list[dict]:
+    if not isinstance(nb, dict):
+        return []
+    cells = nb.get("cells")
+    if cells is None and isinstance(nb.get("worksheets"), list) and nb["worksheets"]:
+        cells = (nb["worksheets"][0] or {}).get("cells")
+    return [c for c in cells if isinstance(c, dict)] if isinstance(cells, list) else []
+
+
+def _text(cell: dict) -> str:
+    src = cell.get("source", cell.get("input", ""))
+    return "".join(s for s in src if isinstance(s, str)) if isinstance(src, list) else str(src or "")
+
+
+def _region(cells: list[dict], question: str) -> list[dict]:
+    """The cells of one question (``manual.answer_cells``' rule): from the markdown cell headed
+    ``Question <n>`` to the next heading of level 1 or 2; none found: no cells."""
+    n = re.sub(r"\D", "", question)
+    head = re.compile(rf"^\s*#{{1,6}}\s*Question\s*{n}\b", re.I | re.M)
+    start = next((i for i, c in enumerate(cells) if c.get("cell_type") == "markdown" and head.search(_text(c))), None)
+    if start is None:
+        return []
+    end = next((j for j in range(start + 1, len(cells)) if cells[j].get("cell_type") == "markdown"
+                and re.search(r"^\s*#{1,2}\s", _text(cells[j]), re.M)), len(cells))
+    return cells[start:end]
+
+
+def written_answer(nb: Any, question: str, handout: str = "") -> str:
+    """A submission's written answer to ``question``: the markdown cells of its region that are not
+    hand-out cells (the question text, the "type your answer here" placeholder)."""
+    given = {_text(c).strip() for c in _cells(json.loads(handout))} if handout else set()
+    return "\n\n".join(_text(c) for c in _region(_cells(nb), question)
+                       if c.get("cell_type") == "markdown" and _text(c).strip() not in given)
+
+
+def model_answer(nb: Any, question: str) -> str:
+    """The public model answer to ``question``: in the source notebook (otter's assign format) the
+    markdown between the question's ``# BEGIN SOLUTION`` and ``# END SOLUTION`` raw cells; in
+    otter's autograder notebook the cells tagged ``otter_assign_solution_cell``."""
+    cells, out, inside, solution = _cells(nb), [], False, False
+    for c in cells:
+        text = _text(c)
+        if c.get("cell_type") == "raw" and re.match(r"#\s*BEGIN\s+QUESTION", text, re.I):
+            inside = bool(re.search(rf"^name:\s*{re.escape(question)}\s*$", text, re.M))
+        elif c.get("cell_type") == "raw" and re.match(r"#\s*(BEGIN|END)\s+SOLUTION", text, re.I):
+            solution = "BEGIN" in text.upper()
+        elif c.get("cell_type") == "markdown" and inside and solution:
+            out.append(text)
+    if not out:  # the autograder notebook
+        out = [_text(c) for c in _region(cells, question) if c.get("cell_type") == "markdown"
+               and "otter_assign_solution_cell" in ((c.get("metadata") or {}).get("tags") or [])]
+    return "\n\n".join(out)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _shingles(words: list[str]) -> set[tuple]:
+    return {tuple(words[i:i + WORDS_K]) for i in range(len(words) - WORDS_K + 1)}
+
+
+def compare_written(answers: dict[str, str], boilerplate: str = "") -> list[Pair]:
+    """Every pair of ``answers`` (name -> text): the share of each one's word ``WORDS_K``-grams
+    (shingles; the boilerplate's discarded) found in the other; ``overlap`` counts the characters
+    of the words those shared shingles cover in the shorter answer. Highest score first."""
+    boiler = _shingles(_words(boilerplate))
+    words = {n: _words(t) for n, t in answers.items()}
+    sets = {n: _shingles(w) - boiler for n, w in words.items()}
+    pairs = []
+    for a, b in itertools.combinations(sorted(n for n in sets if sets[n]), 2):
+        shared = sets[a] & sets[b]
+        if not shared:
+            continue
+        short = a if len(sets[a]) <= len(sets[b]) else b
+        covered = {i + j for i in range(len(words[short]) - WORDS_K + 1)
+                   if tuple(words[short][i:i + WORDS_K]) in shared for j in range(WORDS_K)}
+        pairs.append(Pair(a, b, max(len(shared) / len(sets[a]), len(shared) / len(sets[b])), len(shared) / len(sets[a]),
+                          len(shared) / len(sets[b]), sum(len(words[short][i]) + 1 for i in covered), [], []))
+    return sorted(pairs, key=lambda p: (-p.score, p.a, p.b))
+
+
+def flag_written(answers: dict[str, dict[str, str]], models: dict[str, str], boilerplate: str = "",
+                 threshold: float = WRITTEN_THRESHOLD) -> tuple[dict[str, list[str]], list[Pair]]:
+    """(student -> reasons, every pair) for the written answers: ``answers`` is question ->
+    {student: text}, ``models`` question -> the public model answer."""
+    flags: dict[str, list[str]] = {}
+    every = []
+    for q in sorted(answers):
+        texts = {n: t for n, t in answers[q].items() if t.strip()}
+        if models.get(q, "").strip():
+            texts[MODEL] = models[q]
+        pairs = compare_written(texts, boilerplate)
+        every += [dataclasses.replace(p, a=f"{p.a} ({q})", b=f"{p.b} ({q})") for p in pairs]
+        for me, reasons in _flags(pairs, threshold, publics=(MODEL,), where=f" in the written answer to {q}").items():
+            flags.setdefault(me, []).extend(reasons)
+    return flags, every
 
 
 # --------------------------------------------------------------------------- the report
@@ -248,7 +364,7 @@ def _marked(code: str, slices: list) -> str:
 
 
 def write_report(path: str | os.PathLike, pairs: list[Pair], codes: dict[str, str], threshold: float = THRESHOLD,
-                 note: str = "", shown: int = 10) -> None:
+                 note: str = "", shown: int = 10, written: tuple[list[Pair], dict[str, str]] | None = None) -> None:
     """``similarity.html``: every flagged pair, then the ``shown`` highest-scoring others, each with
     both answers side by side (copied stretches highlighted). All student text is escaped."""
     esc = html.escape
@@ -274,6 +390,13 @@ def write_report(path: str | os.PathLike, pairs: list[Pair], codes: dict[str, st
                          f"<table><tr><th>{esc(p.a)}</th><th>{esc(p.b)}</th></tr><tr>"
                          f"<td><pre>{_marked(codes.get(p.a, ''), p.slices_a)}</pre></td>"
                          f"<td><pre>{_marked(codes.get(p.b, ''), p.slices_b)}</pre></td></tr></table>")
+    wpairs, texts = written or ([], {})
+    parts.append(f"<h2>Written answers (word {WORDS_K}-grams, the question's text removed; flagged: score &ge; "
+                 f"{WRITTEN_THRESHOLD:g})</h2>" + ("" if wpairs else "<p>none flagged</p>"))
+    for p in wpairs:
+        parts.append(f"<h3>{esc(p.a)} &harr; {esc(p.b)}: score {p.score:.2f} (shares {p.share_a:.2f} / {p.share_b:.2f})</h3>"
+                     f"<table><tr><td><pre>{esc(texts.get(p.a, ''))}</pre></td><td><pre>{esc(texts.get(p.b, ''))}</pre></td>"
+                     "</tr></table>")
     Path(path).write_text("\n".join(parts), encoding="utf-8")
 
 
@@ -286,21 +409,47 @@ def _limit_child() -> None:
 
 
 def run_isolated(paths: dict[str, str], publics: dict[str, str], template: str,
-                 timeout_s: float = TIMEOUT_S, codes: dict[str, str | None] | None = None
-                 ) -> tuple[list[Pair], dict[str, str], dict[str, str]]:
+                 timeout_s: float = TIMEOUT_S, codes: dict[str, str | None] | None = None,
+                 written: dict | None = None) -> tuple[list[Pair], dict[str, str], dict[str, str], dict]:
     """Strip and compare the submissions in a child process with a time and memory limit
     (pygments on hostile code): (pairs, stripped codes, not compared: name -> why).
     ``codes``: student -> the code of the cells grading read (``ingest``), or None where it could
-    not read the notebook; students not in ``codes`` are read from ``paths`` (``read_code``)."""
+    not read the notebook; students not in ``codes`` are read from ``paths`` (``read_code``).
+    ``written``: {questions, models, handout} for the written answers (``_written_request``); the
+    4th value is then {flags: student -> reasons, pairs: [Pair]} (empty without)."""
     # this file run as a script (-I: isolated), so the child imports neither bnviz nor torch
     proc = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], preexec_fn=_limit_child,
                           input=json.dumps({"paths": paths, "publics": publics, "template": template,
-                                            "codes": codes or {}}),
+                                            "codes": codes or {}, "written": written or {}}),
                           capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"comparison process failed (exit status {proc.returncode}): {proc.stderr[-300:]}")
     reply = json.loads(proc.stdout)
-    return [Pair(**p) for p in reply["pairs"]], reply["codes"], reply["unread"]
+    got = reply.get("written") or {}
+    return ([Pair(**p) for p in reply["pairs"]], reply["codes"], reply["unread"],
+            {"flags": got.get("flags") or {}, "pairs": [Pair(**p) for p in got.get("pairs") or []], "texts": got.get("texts") or {}})
+
+
+def _written_request(nb_path: Path | None) -> dict:
+    """The hand-graded questions (``assignment.json`` of the build), their public model answers (the
+    build's autograder notebook, else the checkout's source notebook) and the hand-out notebook
+    (its markdown is boilerplate). {} when there is no build to read them from."""
+    if nb_path is None:
+        return {}
+    dist = Path(nb_path).resolve().parent.parent
+    manifest = json.loads((dist / "assignment.json").read_text(encoding="utf-8")) if (dist / "assignment.json").is_file() else {}
+    questions = sorted(q for q, c in (manifest.get("questions") or {}).items() if isinstance(c, dict) and c.get("manual"))
+    if not questions:
+        return {}
+    solution = dist / "autograder" / Path(nb_path).name
+    if solution.is_file():
+        key = json.loads(solution.read_text(encoding="utf-8"))
+    else:
+        from .layout import default_source
+
+        key = json.loads(default_source().read_text(encoding="utf-8"))
+    return {"questions": questions, "models": {q: model_answer(key, q) for q in questions},
+            "handout": Path(nb_path).read_text(encoding="utf-8")}
 
 
 def _public_code(student_notebook: Path | None) -> str:
@@ -346,10 +495,14 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
         template = _cells_code(json.loads(nb_path.read_text(encoding="utf-8"))) if nb_path else ""
         if paths is None:  # the file of each student (the names shown in ``submission`` may be escaped)
             paths = {r["student"]: str(Path(submissions_dir) / r["submission"]) for r in results}
-        pairs, stripped, unread = run_isolated(paths, _publics(_public_code(nb_path)), template, codes=codes)
+        pairs, stripped, unread, written = run_isolated(paths, _publics(_public_code(nb_path)), template, codes=codes,
+                                                        written=_written_request(nb_path))
         flags = _flags(pairs, threshold, unread)
+        for student, reasons in written["flags"].items():
+            flags.setdefault(student, []).extend(reasons)
         write_report(out / "similarity.html", pairs, stripped, threshold,
-                     "not compared: " + ", ".join(f"{n} ({w})" for n, w in unread.items())[:2000] if unread else "")
+                     "not compared: " + ", ".join(f"{n} ({w})" for n, w in unread.items())[:2000] if unread else "",
+                     written=(written["pairs"], written["texts"]))
     except Exception as e:  # never lose the grades for this
         note = f"similarity check failed, no similarity flags: {type(e).__name__}: {str(e)[:200]}"
         flags = {r["student"]: ["similarity: not compared (the comparison failed, see notes), check by hand"]
@@ -370,6 +523,26 @@ def flag_results(results: list[dict], submissions_dir: str | os.PathLike, out_di
         except Exception:  # the gradebook still carries the flag
             pass
     return note
+
+
+def _written_main(paths: dict[str, str], req: dict) -> dict:
+    """The child's written-answer comparison: {flags, pairs, texts} (texts: "student (q)" -> answer)."""
+    if not req.get("questions"):
+        return {}
+    answers: dict[str, dict[str, str]] = {q: {} for q in req["questions"]}
+    for name, path in paths.items():
+        try:
+            nb = read_notebook(Path(path))
+        except Exception:  # unreadable: listed with the code comparison's "not compared"
+            continue
+        for q in req["questions"]:
+            answers[q][name] = written_answer(nb, q, req.get("handout", ""))
+    boiler = "\n".join(_text(c) for c in _cells(json.loads(req["handout"])) if c.get("cell_type") == "markdown") \
+        if req.get("handout") else ""
+    flags, pairs = flag_written(answers, req.get("models") or {}, boiler)
+    texts = {f"{n} ({q})": t for q, by in answers.items() for n, t in by.items()}
+    texts.update({f"{MODEL} ({q})": t for q, t in (req.get("models") or {}).items()})
+    return {"flags": flags, "pairs": [dataclasses.asdict(p) for p in pairs if p.flagged(WRITTEN_THRESHOLD)], "texts": texts}
 
 
 def main() -> int:
@@ -393,7 +566,8 @@ def main() -> int:
     pairs = _pairs(sources, publics, template)
     codes = {name: strip_template(code, template) for name, code in sources.items()}
     codes.update({name: strip_template(code, template) for name, code in publics.items()})
-    sys.stdout.write(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs], "codes": codes, "unread": unread}))
+    sys.stdout.write(json.dumps({"pairs": [dataclasses.asdict(p) for p in pairs], "codes": codes, "unread": unread,
+                                 "written": _written_main(request["paths"], request.get("written") or {})}))
     return 0
 
 

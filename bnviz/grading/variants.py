@@ -155,6 +155,27 @@ def batch_norm_reference(v, x, running_mean, running_var, weight, bias, training
     return weight.reshape(shape) * x_hat + bias.reshape(shape)
 
 
+def reference_cache(v, x, gamma, eps=1e-5):
+    """The ``cache`` of a training-mode forward pass in the layout question 1 specifies (question 2's
+    tests hand it to ``batch_norm_backward``, so a forward bug costs question 1 only):
+    ``(x_hat, inv_std, gamma, dims, shape)``, plus ``std`` (the square root of the biased variance)
+    last when ``eps`` is added to the standard deviation. ``x_hat = (x - mean) * inv_std`` (shape of
+    x); ``inv_std`` (C,) is one over the denominator; ``dims`` lists the axes the statistics are
+    reduced over; ``shape`` reshapes a (C,) vector to broadcast against x."""
+    axis = v.channel_axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    mean = x.mean(dim=dims)
+    var = ((x - mean.reshape(shape)) ** 2).mean(dim=dims)  # biased
+    std = torch.sqrt(var)
+    inv_std = torch.rsqrt(var + eps) if v.eps == "inside" else 1.0 / (std + eps)
+    x_hat = (x - mean.reshape(shape)) * inv_std.reshape(shape)
+    # (no line here may read like the answer key's: build.variant_notebook rewrites those in every cell)
+    tup = (x_hat, inv_std, gamma, dims, shape)
+    return tup if v.eps == "inside" else tup + (std,)
+
+
 class ReferenceBatchNorm(torch.nn.Module):
     """``nn.BatchNorm2d``'s parameters, buffers and state_dict, with variant ``v``'s conventions."""
 
@@ -221,7 +242,27 @@ def conventions_markdown(v: Variant) -> str:
         f"* **Running statistics:** `{update_text(v)}`, so `momentum` is {weight};",
         f"  `running_var` stores the {stored}.",
         f"* **Default momentum:** `{v.momentum:g}`.",
+        *cache_markdown(v),
     ])
+
+
+def cache_markdown(v: Variant) -> list[str]:
+    """The cache's layout (``reference_cache``), as lines of question 1's conventions block."""
+    axis = v.channel_axis
+    dims = {1: "[0, 2, 3]", -1: "[0, 1, 2]", 0: "[1, 2, 3]"}[axis]
+    shape = {1: "[1, -1, 1, 1]", -1: "[1, 1, 1, -1]", 0: "[-1, 1, 1, 1]"}[axis]
+    inside = v.eps == "inside"
+    names = "(x_hat, inv_std, gamma, dims, shape)" if inside else "(x_hat, inv_std, gamma, dims, shape, std)"
+    inv = r"$1/\sqrt{\sigma^2 + \epsilon}$" if inside else r"$1/(\sqrt{\sigma^2} + \epsilon)$"
+    return [
+        f"* **Cache:** in training mode `cache` is the tuple `{names}`: `x_hat` is $\\hat x$ (the shape of",
+        f"  `x`), `inv_std` the `(C,)` vector {inv}, `gamma` the `gamma` you were given,",
+        f"  `dims` the list of axes the statistics are reduced over (`{dims}` for a 4-D input) and `shape`",
+        f"  a list that reshapes a `(C,)` vector to broadcast against `x` (`{shape}` for a 4-D input)"
+        + (";" if inside else r"; `std` is the `(C,)` vector $\sqrt{\sigma^2}$;"),
+        "  question 2's tests hand your `batch_norm_backward` a cache built this way by a reference",
+        "  forward pass, so a bug in your forward pass costs points in question 1 only.",
+    ]
 
 
 def message_replacements(v: Variant) -> list[tuple[str, str]]:
