@@ -44,3 +44,15 @@ def bwrap():
             pytest.fail("bwrap (bubblewrap) is not installed and BNVIZ_REQUIRE_SANDBOX=1")
         pytest.skip("bwrap (bubblewrap) is not installed: apt-get install bubblewrap")
     return "bwrap"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's small-tensor tests: faster, and on a loaded machine much
+    faster (two threads make every op wait for a preempted thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

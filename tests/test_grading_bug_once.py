@@ -142,15 +142,6 @@ def _old_rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: one thread is faster, and much faster on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 OLD_METRIC_FAILS = [518, 2757]  # the seeds of 0..2999 where the old metric failed the solution at (2, 3)
 
 

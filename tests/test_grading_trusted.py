@@ -104,19 +104,23 @@ EVASIONS = {"evade_modes": EVADE_MODES, "evade_thread": EVADE_THREAD, "evade_sta
 # ------------------------------------------------------------------ hostile reports (issue 17)
 # The student's code replaces the worker's JSON encoder (it lives in the same process), so the
 # pass's report is whatever the student wants: a 16 MB string, or a pickled DAG of depth 40.
-REPORT_BIG_STRING = r'''
-import json, sys, types
-def _dumps(obj):
-    if obj["report"].get("pass") == "normal":
-        obj["report"]["cell_errors"] = [{"cell": 1, "error": "MemoryError " + "x" * (16 << 20)}]
-    return json.dumps(obj)
-def _worker_globals():  # the worker module, up the frames (issue 23: it is no longer in sys.modules)
+# the worker module, found up the frames (issue 23: it is no longer in sys.modules), gets the
+# student's json.dumps
+REPLACE_WORKER_JSON = r'''
+def _worker_globals():
     f = sys._getframe()
     while "encode" not in f.f_globals:
         f = f.f_back
     return f.f_globals
 _worker_globals()["json"] = types.SimpleNamespace(dumps=_dumps)
 '''
+REPORT_BIG_STRING = r'''
+import json, sys, types
+def _dumps(obj):
+    if obj["report"].get("pass") == "normal":
+        obj["report"]["cell_errors"] = [{"cell": 1, "error": "MemoryError " + "x" * (16 << 20)}]
+    return json.dumps(obj)
+''' + REPLACE_WORKER_JSON
 REPORT_PICKLE_DAG = r'''
 import json, pickle, sys, types
 def _dumps(obj):
@@ -126,13 +130,7 @@ def _dumps(obj):
     for _ in range(40):
         node = [node, node]
     return pickle.dumps({"protocol": 2, "pass": "normal", "cell_errors": [{"cell": 0, "error": node}]}).decode("latin-1")
-def _worker_globals():  # the worker module, up the frames (issue 23: it is no longer in sys.modules)
-    f = sys._getframe()
-    while "encode" not in f.f_globals:
-        f = f.f_back
-    return f.f_globals
-_worker_globals()["json"] = types.SimpleNamespace(dumps=_dumps)
-'''
+''' + REPLACE_WORKER_JSON
 
 
 def _src(cell):

@@ -20,14 +20,7 @@ LOSS_REL = 1e-4
 STAT = dict(rel=1e-3, abs=5e-4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CPU machine is shared: two intra-op threads on a loaded machine make every op wait
-    # for a preempted thread (several times slower); one thread keeps each test within seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
