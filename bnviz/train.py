@@ -290,18 +290,8 @@ class Trainer:
         ``fill_`` of the tensor the graphs read); batch size: its graphs (or compiled shapes)
         are made; BN momentum/eps: set on the layers, then the fast path re-captures once."""
         changes = self.live.take(names)
-        if not changes:
-            return
-        values, at = self.live.values, self.step_count + 1
-        self.history.changes += [Change(at, self.epoch, k, values[k], new) for k, new in changes.items()]
-        values.update(changes)
-        if "lr" in changes:
-            fastpath.set_lr(self.opt, values["lr"])
-        if "batch_size" in changes:
-            self.fast.add_sizes(self._batch_sizes(values["batch_size"]), at)
-        if {"bn_momentum", "eps"} & changes.keys():
-            configure_norms(self.model, values["bn_momentum"], values["eps"])
-            self.fast.norms_changed(at)
+        if changes:
+            _apply_changes(self, changes)
 
     def current_config(self) -> Config:
         """The config with the live values now in use."""
@@ -390,19 +380,31 @@ class Trainer:
         epoch_values = {"test_acc": self.fast.evaluate()} if kind == "epoch" or score else {}
         layers = {name: {**layer_state(m), **self.recorder.stats(name)} for name, m in self.norms.items()}
         (row,), layout, now = self.meter.read(kind, self.examples, started, epoch_values, layers)
+        live = {**self.live.values, "lr": self.lr_now} if self.config.lr_schedule != "constant" else self.live.values
         s = Snapshot(kind=kind, step=self.step_count, epoch=self.epoch, examples=self.examples,
-                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate,
-                     **{**self.live.values, **self._scheduled_lr()}, **layout.unpack(row, kind))
+                     time_s=now - self.meter.t0, examples_per_s=self.meter.rate, **live, **layout.unpack(row, kind))
         h.snapshots.append(s)
         h.train_time_s = self.meter.train_time
         self._call("on_snapshot", s)
         return s
 
-    def _scheduled_lr(self) -> dict:
-        return {} if self.config.lr_schedule == "constant" else {"lr": self.lr_now}
-
     def _call(self, event: str, *args) -> None:
         dispatch(self.callbacks, event, self, *args)
+
+
+def _apply_changes(tr: Trainer, changes: dict) -> None:
+    """Apply live values taken from ``tr.live`` (validated when queued) from the next step on and
+    record each as a :class:`~bnviz.history.Change` (see :meth:`Trainer.apply_live`)."""
+    values, at = tr.live.values, tr.step_count + 1
+    tr.history.changes += [Change(at, tr.epoch, k, values[k], new) for k, new in changes.items()]
+    values.update(changes)
+    if "lr" in changes:
+        fastpath.set_lr(tr.opt, values["lr"])
+    if "batch_size" in changes:
+        tr.fast.add_sizes(tr._batch_sizes(values["batch_size"]), at)
+    if {"bn_momentum", "eps"} & changes.keys():
+        configure_norms(tr.model, values["bn_momentum"], values["eps"])
+        tr.fast.norms_changed(at)
 
 
 def train(config: Config | None = None, data: Dataset | None = None, progress: bool = True,
