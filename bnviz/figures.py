@@ -425,6 +425,37 @@ def short_label(text: str, width: int = 30) -> str:
     return "<br>".join(lines + ([line] if line else []))
 
 
+def _forest_status(v) -> str:
+    """A verdict's row colour: "holds after Holm", "nominal" or "within noise"."""
+    decided = v.decided if hasattr(v, "decided") else v.significant
+    if not decided:
+        return "within noise"
+    if hasattr(v, "names"):
+        return "holds after Holm" if v.holm_status(words=False) == "holds after Holm" else "nominal"
+    return "holds after Holm" if "holds" in v.holm_status() else "nominal"
+
+
+def _forest_rows(items) -> tuple[dict, list[str], list[str]]:
+    """The forest plot's points by status (x, y, CI minus/plus, hover text), the labels of rows
+    without an interval, and every row's label (⚠ where a cell carries a CAUTION)."""
+    rows = {key: ([], [], [], [], []) for key in STATUS_STYLE}
+    missing, labels = [], []
+    for n, v in items:
+        lo, hi = v.ci
+        label = short_label(n + (" ⚠" if getattr(v, "cautioned", False) else ""))
+        labels.append(label)
+        if lo != lo or hi != hi:  # NaN: no interval
+            missing.append(label)
+            continue
+        xs, ys, minus, plus, text = rows[_forest_status(v)]
+        xs.append(v.delta)
+        ys.append(label)
+        minus.append(v.delta - lo)
+        plus.append(hi - v.delta)
+        text.append(f"{n}<br>Δ {v.delta:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), p {v.p:.2g}")
+    return rows, missing, labels
+
+
 def forest_figure(verdicts, title: str = "Answers: Δ with its 95% interval", dataset_label: str = "",
                   names: list[str] | None = None):
     """A forest plot of a chapter's verdicts: one row per test, its Δ (other − reference,
@@ -439,27 +470,7 @@ def forest_figure(verdicts, title: str = "Answers: Δ with its 95% interval", da
         dataset_label = dataset_label or ""
         verdicts = verdicts.verdicts
     items = [(n, v) for n, v in verdicts.items() if names is None or n in names]
-    rows = {key: ([], [], [], [], []) for key in STATUS_STYLE}
-    missing = []
-    labels = []
-    for n, v in items:
-        lo, hi = v.ci
-        caution = bool(getattr(v, "cautioned", False))
-        label = short_label(n + (" ⚠" if caution else ""))
-        labels.append(label)
-        if lo != lo or hi != hi:  # NaN: no interval
-            missing.append(label)
-            continue
-        decided = v.decided if hasattr(v, "decided") else v.significant
-        status = ("holds after Holm" if v.holm_status(words=False) == "holds after Holm" else "nominal") \
-            if hasattr(v, "names") and decided else (
-            ("holds after Holm" if "holds" in v.holm_status() else "nominal") if decided else "within noise")
-        xs, ys, minus, plus, text = rows[status]
-        xs.append(v.delta)
-        ys.append(label)
-        minus.append(v.delta - lo)
-        plus.append(hi - v.delta)
-        text.append(f"{n}<br>Δ {v.delta:+.3f} (95% CI {lo:+.3f} to {hi:+.3f}), p {v.p:.2g}")
+    rows, missing, labels = _forest_rows(items)
     fig = go.Figure()
     for status, (xs, ys, minus, plus, text) in rows.items():
         if not xs:

@@ -300,10 +300,8 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     work = Path(tempfile.mkdtemp(prefix="bnviz-grading-"))
     judges = None
     try:
-        masks = [sub_dir, out, work, Path(__file__).resolve().parents[1], *map(Path, extra_masks)]
-        if student_notebook:
-            masks.append(Path(student_notebook).resolve().parent.parent)
-        session = Session(work, backend, limits, [m.resolve() for m in masks], rules_, student_nb, seed, docker_image)
+        masks = _masks(sub_dir, out, work, student_notebook, extra_masks)
+        session = Session(work, backend, limits, masks, rules_, student_nb, seed, docker_image)
         if not new_seed:  # issue 24: an unchanged file keeps its recorded seed (seeds.py)
             session.recorded = seeds.recorded_seeds(out, {names[p]: records.sha256(p) for p in files})
         handed_out = ([ingest._text(c.get("source", "")) or "" for c in student_nb["cells"] if c.get("cell_type") == "code"]
@@ -319,12 +317,27 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if judges is not None:
             judges.close()
         shutil.rmtree(work, ignore_errors=True)
-    # similarity flags + similarity.html, on exactly the cells grading read (ingest); never raises
+    _finish(results, sub_dir, out, student_notebook, columns, manual, {names[p]: str(p) for p in files}, skipped, log)
+    return results
+
+
+def _masks(sub_dir: Path, out: Path, work: Path, student_notebook, extra_masks) -> list[Path]:
+    """What sandboxes must not see: the submissions, the grades, the work folder, bnviz itself,
+    the assignment's folder (its solution) and the instructor's extra masks."""
+    masks = [sub_dir, out, work, Path(__file__).resolve().parents[1], *map(Path, extra_masks)]
+    if student_notebook:
+        masks.append(Path(student_notebook).resolve().parent.parent)
+    return [m.resolve() for m in masks]
+
+
+def _finish(results: list[Result], sub_dir: Path, out: Path, student_notebook, columns, manual, paths: dict,
+            skipped: list, log) -> None:
+    """Similarity flags and similarity.html, on exactly the cells grading read (ingest; never
+    raises), then gradebook.csv and skipped.csv."""
     codes = {r.student: None if r.cells is None else "\n".join(c for _, c in r.cells) for r in results}
     similarity.flag_results(results, sub_dir, out, student_notebook, row=lambda r: records.gradebook_row(r, columns, manual),
-                            log=log, paths={names[p]: str(p) for p in files}, codes=codes)
+                            log=log, paths=paths, codes=codes)
     records.write_gradebook(out, results, columns)
     records.write_table(out / "skipped.csv", ["file", "reason"], [list(s) for s in skipped])
     for name, why in skipped:
         log(f"skipped {clean(name, 80)}: {why}")
-    return results
