@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from .config import Config
-from .data import Dataset, count_correct, to_float
+from .data import Dataset, to_float
 from .models import norm_layers
-from .precise import PRECISE_BN_IMAGES, precise_model
+from .precise import PRECISE_BN_IMAGES, eval_accuracy, precise_bn_accuracy, precise_model
 from .runs import Cell, Run, _data_for, apply_changes, run_grid
 from .stats import bn_layers
 from .train import Trainer
@@ -60,12 +60,6 @@ def score_steps(steps: int, every: int = 1, fractions=SCORE_FRACTIONS) -> tuple[
     return tuple(sorted(s for s in out if s <= steps))
 
 
-def _acc(model: nn.Module, data: Dataset) -> float:
-    model.eval()
-    with torch.no_grad():
-        return int(count_correct(model, data.test_x, data.test_y)) / max(len(data.test_x), 1)
-
-
 @dataclass
 class StepScore:
     step: int
@@ -86,8 +80,8 @@ class ScoreAtSteps:
         model, data = trainer.model, trainer.data
         was_training = model.training
         try:
-            ema = _acc(copy.deepcopy(model), data)
-            precise = _acc(precise_model(model, data, self.images), data) if bn_layers(model) else ema
+            ema = eval_accuracy(copy.deepcopy(model), data.test_x, data.test_y)
+            precise = precise_bn_accuracy(model, data, self.images) if bn_layers(model) else ema
         finally:
             model.train(was_training)
         self.rows.append(StepScore(s.step, precise, ema))
@@ -328,8 +322,8 @@ def eval_modes(model: nn.Module, data: Dataset, batch_size: int, images: int = P
     with torch.no_grad():
         for a, b in zip(cuts, cuts[1:] + [n]):
             correct += int((m(to_float(data.test_x[a:b])).argmax(1) == data.test_y[a:b]).sum())
-    return {"train mode": correct / n, "EMA": _acc(copy.deepcopy(model), data),
-            "recomputed": _acc(precise_model(model, data, images), data)}
+    return {"train mode": correct / n, "EMA": eval_accuracy(copy.deepcopy(model), data.test_x, data.test_y),
+            "recomputed": eval_accuracy(precise_model(model, data, images), data.test_x, data.test_y)}
 
 
 def layer_offsets(model: nn.Module, x: torch.Tensor):

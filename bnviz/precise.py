@@ -45,9 +45,11 @@ def _check_images(images) -> int:
     return images
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def eval_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``model``'s accuracy on the uint8 images ``x`` in eval mode (it is left in eval mode)."""
     model.eval()
-    return int(count_correct(model, x, y)) / max(len(x), 1)
+    with torch.no_grad():
+        return int(count_correct(model, x, y)) / max(len(x), 1)
 
 
 def precise_model(model: nn.Module, data: Dataset, images: int = PRECISE_BN_IMAGES,
@@ -66,7 +68,7 @@ def precise_bn_accuracy(model: nn.Module, data: Dataset, images: int = PRECISE_B
     if not bn_layers(model):
         raise ValueError("precise_bn_accuracy: the model has no BN layer with running statistics; "
                          "its eval-mode accuracy is already exact")
-    return _accuracy(precise_model(model, data, images, batch_size), data.test_x, data.test_y)
+    return eval_accuracy(precise_model(model, data, images, batch_size), data.test_x, data.test_y)
 
 
 def sigmoid_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -142,7 +144,7 @@ class PreciseBNEval:
         model, data = trainer.model, trainer.data
         if bn_layers(model):
             model = precise_model(model, data, self.images, self.batch_size)
-            s.precise_test_acc = _accuracy(model, data.test_x, data.test_y)
+            s.precise_test_acc = eval_accuracy(model, data.test_x, data.test_y)
         s.saturated, s.saturated_layers = _saturation(model, data.train_x[:min(self.batch_size, self.images)])
 
 
