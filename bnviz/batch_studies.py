@@ -32,6 +32,7 @@ from .models import norm_layers
 from .precise import PRECISE_BN_IMAGES, eval_accuracy, precise_bn_accuracy, precise_model
 from .runs import Cell, Run, _data_for, apply_changes, run_grid
 from .stats import bn_layers
+from .grid import fit_in_threads
 from .train import Trainer
 from .verdicts import SeedStats, Verdict, cell_causes, seed_stats, verdict
 
@@ -154,21 +155,12 @@ class Study:
 
 
 def _fit_all(configs: list[Config], data: Dataset, callbacks: list) -> list:
-    """Each config trained by its own Trainer; on a multi-core CPU in threads, one per core (as
-    :func:`bnviz.grid.train_grid` does), else one after another."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cores = os.cpu_count() or 1
-    if data.device.type != "cpu" or cores < 2 or len(configs) < 2:
+    """Each config trained by its own Trainer; on a multi-core CPU in threads, one per core
+    (:func:`bnviz.grid.fit_in_threads`, as the grid does), else one after another."""
+    if data.device.type != "cpu" or (os.cpu_count() or 1) < 2 or len(configs) < 2:
         return [Trainer(c, data=data, callbacks=[cb]).fit() for c, cb in zip(configs, callbacks)]
-    workers, threads = min(cores, len(configs)), torch.get_num_threads()
-    torch.set_num_threads(max(1, cores // workers))
-    try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnviz-study") as pool:
-            futures = [pool.submit(Trainer(c, data=data, callbacks=[cb]).fit) for c, cb in zip(configs, callbacks)]
-            return [f.result() for f in futures]
-    finally:
-        torch.set_num_threads(threads)
+    return [h for _, h in fit_in_threads({i: Trainer(c, data=data, callbacks=[cb])
+                                           for i, (c, cb) in enumerate(zip(configs, callbacks))})]
 
 
 def run_study(base: Config, variants: dict[str, dict], tags: dict[str, dict], data: Dataset | None = None,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -174,7 +175,6 @@ def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset
     Trainer (models are built one at a time under the trainer's seeding lock). Dropout draws
     from torch's global RNG during training, so a dropout run trains alone, in this thread."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     callbacks = ([bar] if bar else []) + ([PreciseBNEval(precise_bn)] if precise_bn else [])
     cores = os.cpu_count() or 1
@@ -184,16 +184,25 @@ def _solo_runs(configs: list[Config], devices: list[torch.device], data: Dataset
     for i, c in enumerate(configs):
         if i not in parallel:
             yield i, Trainer(c, data=data, callbacks=callbacks).fit()
-    if not parallel:
-        return
-    workers = min(cores, len(parallel))
+    if parallel:
+        yield from fit_in_threads({i: Trainer(configs[i], data=data, callbacks=callbacks) for i in parallel})
+
+
+def fit_in_threads(trainers: dict) -> Iterator[tuple[Any, History]]:
+    """Yield ``(key, History)`` of each CPU ``Trainer`` of ``trainers``, trained in parallel
+    threads, one per core, each with ``cores // threads`` torch threads (restored after)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = os.cpu_count() or 1
+    workers = min(cores, len(trainers))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, cores // workers))
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bnviz-grid") as pool:
-            futures = {i: pool.submit(Trainer(configs[i], data=data, callbacks=callbacks).fit) for i in parallel}
-            for i, f in futures.items():
-                yield i, f.result()
+            futures = {k: pool.submit(t.fit) for k, t in trainers.items()}
+            for k, f in futures.items():
+                yield k, f.result()
     finally:
         torch.set_num_threads(threads)
 
