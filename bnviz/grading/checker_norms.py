@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from .checker import Fail, TestCase, _is_tensor, _probe_result, judge_all, question_points  # noqa: F401
+from . import variants_norms
 from .variants import Variant
+from .variants_norms import NormsVariant, variant_of  # noqa: F401 (grade.py reads a built notebook's variant)
 
 RTOL, ATOL = 1e-8, 1e-10  # forward outputs (float64)
 REL_ERR = 1e-8  # hand-written backward passes: ||a - b|| / ||b||
@@ -300,64 +302,79 @@ def _q3_cases():
 # --------------------------------------------------------------------------- q4, q5: LayerNorm, GroupNorm
 
 
-def ln_reference(x, gamma, beta, eps=EPS):
-    return F.layer_norm(x, x.shape[1:], gamma, beta, eps)
+def ln_reference(x, gamma, beta, eps=EPS, v: NormsVariant | None = None):
+    """PyTorch's own LayerNorm; a class variant's (``variants_norms``) when ``v`` is not the default."""
+    if v is None or v.is_default:
+        return F.layer_norm(x, x.shape[1:], gamma, beta, eps)
+    return variants_norms.layer_norm_reference(v, x, gamma, beta, eps)
 
 
-def gn_reference(x, gamma, beta, G, eps=EPS):
-    return F.group_norm(x, G, gamma, beta, eps)
+def gn_reference(x, gamma, beta, G, eps=EPS, v: NormsVariant | None = None):
+    if v is None or v.is_default:
+        return F.group_norm(x, G, gamma, beta, eps)
+    return variants_norms.group_norm_reference(v, x, gamma, beta, G, eps)
+
+
+def _ref_name(q, G, v):
+    if v is not None and not v.is_default:
+        return "the reference (this class's conventions)" + ("" if q == "q4" else f", G={G}")
+    return "F.layer_norm" if q == "q4" else f"F.group_norm with G={G}"
 
 
 NORM = {"q4": ("layer_norm", ln_reference), "q5": ("group_norm", gn_reference)}
 
 
-def _norm_inputs(q, shape, G, g, scale=2.0):
-    x = 0.5 + scale * _f64(*shape, g=g)
-    pshape = shape[1:] if q == "q4" else shape[1:2]
+def _norm_inputs(q, shape, G, g, scale=2.0, v=None):
+    """x (in the variant's layout), gamma, beta, [G]; ``shape`` is given as (N, C, H, W)."""
+    v = v or NormsVariant()
+    x = v.to_layout(0.5 + scale * _f64(*shape, g=g))
+    pshape = v.ln_param_shape(shape) if q == "q4" else shape[1:2]
     gamma, beta = _pos(*pshape, g=g) * torch.where(torch.rand(pshape, generator=g) < 0.3, -1.0, 1.0).double(), _f64(*pshape, g=g)
     extra = [] if q == "q4" else [G]
     return x, gamma, beta, extra
 
 
-def _norm_forward_case(q, number, points, hidden, setups, scale=2.0):
-    """setups: [(shape, G)]; G is ignored for LayerNorm."""
+def _norm_forward_case(q, number, points, hidden, setups, scale=2.0, v=None):
+    """setups: [(shape, G)]; G is ignored for LayerNorm; shapes as (N, C, H, W), drawn in v's layout."""
     name, ref_fn = NORM[q]
 
     def build(g):
         probes, refs = [], {}
         for i, (shape, G) in enumerate(setups):
-            x, gamma, beta, extra = _norm_inputs(q, shape, G, g, scale)
+            x, gamma, beta, extra = _norm_inputs(q, shape, G, g, scale, v)
             pid = f"{q}-{number}-{i}"
             probes.append(_call(pid, q, _fn(f"{name}_forward", x, gamma, beta, *extra)))
-            refs[pid] = (shape, G, ref_fn(x, gamma, beta, *extra))
+            refs[pid] = (tuple(x.shape), G, ref_fn(x, gamma, beta, *extra, v=v))
         return probes, refs
 
     def judge_with(refs):
         def judge(outputs):
             for pid, (shape, G, ref) in refs.items():
                 out = _out(outputs, pid, n=2, what=f"{name}_forward (a pair (y, cache))")
-                ref_name = "F.layer_norm" if q == "q4" else f"F.group_norm with G={G}"
-                tiny = "" if scale > 1e-2 else ", tiny variance: eps inside the square root"
+                ref_name = _ref_name(q, G, v)
+                tiny = "" if scale > 1e-2 else ", tiny variance: " + (
+                    "eps inside the square root" if (v or NormsVariant()).eps == "inside" else
+                    "eps is added to the standard deviation, outside the square root")
                 _close(out[0], ref, f"the output for {shape} (compared with {ref_name}{tiny})")
         return judge
 
     return _case(number, points, hidden, build, judge_with)
 
 
-def _norm_backward_case(q, number, points, hidden, setups):
+def _norm_backward_case(q, number, points, hidden, setups, v=None):
     name, ref_fn = NORM[q]
 
     def build(g):
         probes, refs = [], {}
         for i, (shape, G) in enumerate(setups):
-            x, gamma, beta, extra = _norm_inputs(q, shape, G, g)
-            dy = _f64(*shape, g=g)
+            x, gamma, beta, extra = _norm_inputs(q, shape, G, g, v=v)
+            dy = _f64(*x.shape, g=g)
             xr, gr, br = (t.clone().requires_grad_() for t in (x, gamma, beta))
-            grads = torch.autograd.grad(ref_fn(xr, gr, br, *extra), (xr, gr, br), dy)
+            grads = torch.autograd.grad(ref_fn(xr, gr, br, *extra, v=v), (xr, gr, br), dy)
             pid = f"{q}-{number}-{i}"
             probes.append(_call(pid, q, _fn(f"{name}_forward", x, gamma, beta, *extra),
                                 _fn(f"{name}_backward", dy, {"__out__": [0, 1]})))
-            refs[pid] = (shape, G, dict(zip(["dx", "dgamma", "dbeta"], grads)))
+            refs[pid] = (tuple(x.shape), G, dict(zip(["dx", "dgamma", "dbeta"], grads)))
         return probes, refs
 
     def judge_with(refs):
@@ -372,12 +389,13 @@ def _norm_backward_case(q, number, points, hidden, setups):
     return _case(number, points, hidden, build, judge_with)
 
 
-def _independence_case(q, number, points, hidden, shape, G=1, j=1):
+def _independence_case(q, number, points, hidden, shape, G=1, j=1, v=None):
     """Example j changed: every other example's output must stay the same (no batch statistics)."""
     name, ref_fn = NORM[q]
+    nchw, shape = shape, (v or NormsVariant()).layout_shape(shape)  # drawn as (N, C, H, W), probed in v's layout
 
     def build(g):
-        x, gamma, beta, extra = _norm_inputs(q, shape, G, g)
+        x, gamma, beta, extra = _norm_inputs(q, nchw, G, g, v=v)
         x2 = x.clone()
         x2[j] = 5.0 + 10.0 * _f64(*shape[1:], g=g)
         pid = f"{q}-{number}-indep"
@@ -417,24 +435,29 @@ def _combine(number, points, hidden, *parts):
     return number, points, hidden, build_flat, judge_with
 
 
-def _q4_cases():
-    fwd, bwd = (lambda *a, **k: _norm_forward_case("q4", *a, **k)), (lambda *a: _norm_backward_case("q4", *a))
+def _q4_cases(v=None):
+    fwd, bwd = (lambda *a, **k: _norm_forward_case("q4", *a, v=v, **k)), (lambda *a: _norm_backward_case("q4", *a, v=v))
     return [fwd(1, 1, False, [((4, 5), None)]),
             bwd(2, 1, False, [((4, 5), None)]),
             fwd(3, 1, True, [((3, 4, 5, 2), None), ((2, 3, 1, 1), None), ((1, 6), None)]),
             bwd(4, 1, True, [((3, 4, 5, 2), None), ((1, 6), None), ((8, 2, 3, 3), None)]),
-            _independence_case("q4", 5, 1, True, (4, 3, 2, 2)),
+            _independence_case("q4", 5, 1, True, (4, 3, 2, 2), v=v),
             fwd(6, 1, True, [((6, 5), None), ((2, 3, 2, 2), None)], scale=1e-3)]
 
 
-def _gn_identities():
-    """G = 1 is LayerNorm over (C, H, W), G = C is instance norm (gamma = 1, beta = 0)."""
+def _gn_identities(v=None):
+    """G = 1 is LayerNorm over (C, H, W), G = C is instance norm (gamma = 1, beta = 0); in a
+    variant's layout, with its eps, as explicit formulas (``variants_norms.normalise``)."""
     def build(g):
         probes, refs = [], {}
         for i, (shape, G) in enumerate([((3, 4, 2, 3), 1), ((3, 4, 2, 3), 4)]):
-            x = 1.0 + 3.0 * _f64(*shape, g=g)
+            x = (v or NormsVariant()).to_layout(1.0 + 3.0 * _f64(*shape, g=g))
             ones, zeros = torch.ones(shape[1], dtype=torch.float64), torch.zeros(shape[1], dtype=torch.float64)
-            ref = F.layer_norm(x, x.shape[1:], eps=EPS) if G == 1 else F.instance_norm(x, eps=EPS)
+            if v is None or v.is_default:
+                ref = F.layer_norm(x, x.shape[1:], eps=EPS) if G == 1 else F.instance_norm(x, eps=EPS)
+            else:  # every value of an example, or every position of one channel of it
+                spatial = (2, 3) if v.layout == "channels_first" else (1, 2)
+                ref = variants_norms.normalise(v, x, (1, 2, 3) if G == 1 else spatial, EPS)
             probes.append(_call(f"q5-5-{i}", "q5", _fn("group_norm_forward", x, ones, zeros, G)))
             refs[f"q5-5-{i}"] = (G, ref)
         return probes, refs
@@ -449,11 +472,11 @@ def _gn_identities():
     return _case(5, 1, True, build, judge_with)
 
 
-def _gn_bad_groups():
+def _gn_bad_groups(v=None):
     C, G = 6, 4
 
     def build(g):
-        x = _f64(2, C, 2, 2, g=g)
+        x = (v or NormsVariant()).to_layout(_f64(2, C, 2, 2, g=g))
         return [_call("q5-6-bad", "q5", _fn("group_norm_forward", x, torch.ones(C, dtype=torch.float64),
                                              torch.zeros(C, dtype=torch.float64), G, expect_error=True))], None
 
@@ -470,14 +493,14 @@ def _gn_bad_groups():
     return _case(6, 1, True, build, judge_with)
 
 
-def _q5_cases():
-    fwd, bwd = (lambda *a: _norm_forward_case("q5", *a)), (lambda *a: _norm_backward_case("q5", *a))
+def _q5_cases(v=None):
+    fwd, bwd = (lambda *a: _norm_forward_case("q5", *a, v=v)), (lambda *a: _norm_backward_case("q5", *a, v=v))
     return [fwd(1, 1, False, [((2, 4, 3, 3), 2)]),
             bwd(2, 1, False, [((2, 4, 2, 2), 2)]),
             fwd(3, 1, True, [((3, 6, 4, 5), 3), ((2, 8, 1, 1), 4), ((1, 6, 2, 3), 2)]),
             bwd(4, 2, True, [((3, 6, 4, 5), 3), ((2, 4, 3, 3), 1), ((2, 4, 3, 3), 4), ((1, 6, 2, 3), 2)]),
-            _gn_identities(),
-            _combine(6, 1, True, _gn_bad_groups(), _independence_case("q5", 6, 0, True, (3, 6, 2, 2), G=3, j=2))]
+            _gn_identities(v),
+            _combine(6, 1, True, _gn_bad_groups(v), _independence_case("q5", 6, 0, True, (3, 6, 2, 2), G=3, j=2, v=v))]
 
 
 # --------------------------------------------------------------------------- q6: concepts
@@ -634,15 +657,23 @@ QUESTIONS = {"q1": _q1_cases, "q2": _q2_cases, "q3": _q3_cases, "q4": _q4_cases,
              "q6": _q6_cases, "q9": _q9_cases}
 
 
-def make_tests(seed: int, variant: Variant | None = None) -> list[TestCase]:
-    """Every autograded test case of assignment 2 with fresh inputs drawn from ``seed``. Variants
-    are not defined for this assignment yet: only None or PyTorch's conventions are accepted."""
-    if variant is not None and not (isinstance(variant, Variant) and variant.is_default):
-        raise ValueError("assignment 'norms' has no variants yet: pass variant=None (PyTorch's conventions)")
+VARIANT_QUESTIONS = {"q4", "q5"}  # their case lists take the class variant (variants_norms.py)
+
+
+def make_tests(seed: int, variant: NormsVariant | None = None) -> list[TestCase]:
+    """Every autograded test case of assignment 2 with fresh inputs drawn from ``seed``, for the
+    class ``variant`` (``variants_norms.NormsVariant``; None or assignment 1's default ``Variant()``:
+    PyTorch's conventions). Assignment 1's other variants do not apply here: TypeError."""
+    if isinstance(variant, Variant) and variant.is_default:
+        variant = None
+    if variant is not None and not isinstance(variant, NormsVariant):
+        raise TypeError("assignment 'norms' takes a variants_norms.NormsVariant or None as its variant, got "
+                        f"{type(variant).__name__} (assignment 1's variants.Variant does not apply to it)")
+    v = None if variant is None or variant.is_default else variant
     g = torch.Generator().manual_seed(int(seed))
     tests = []
     for question, cases in QUESTIONS.items():
-        for number, points, hidden, build, judge_with in cases():
+        for number, points, hidden, build, judge_with in (cases(v) if question in VARIANT_QUESTIONS else cases()):
             probes, refs = build(g)
             tests.append(TestCase(question, number, float(points), hidden, probes, judge_with(refs)))
     return tests

@@ -114,16 +114,21 @@ def candidates() -> list[Variant]:
     return out
 
 
-def derive(secret: str) -> Variant:
-    """The variant of a class: deterministic in ``secret``, which cannot be recovered from it."""
+def pick(secret: str, label: bytes, options: list):
+    """``options[HMAC-SHA256(key=secret, message=label) mod len(options)]``: deterministic in
+    ``secret``, which cannot be recovered from the choice (each assignment has its own ``label``)."""
     if not isinstance(secret, str):
         raise TypeError(f"the variant secret must be a string, got {type(secret).__name__}")
     if not secret.strip():
         raise ValueError("the variant secret is empty: pass a non-empty string (keep it private; "
                          "it is not stored anywhere), or no --variant for PyTorch's conventions")
-    digest = hmac.new(secret.encode("utf-8"), DERIVATION_LABEL, hashlib.sha256).digest()
-    options = candidates()
+    digest = hmac.new(secret.encode("utf-8"), label, hashlib.sha256).digest()
     return options[int.from_bytes(digest, "big") % len(options)]
+
+
+def derive(secret: str) -> Variant:
+    """The variant of a class: deterministic in ``secret``, which cannot be recovered from it."""
+    return pick(secret, DERIVATION_LABEL, candidates())
 
 
 # --------------------------------------------------------------------------- references
