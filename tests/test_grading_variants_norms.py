@@ -216,3 +216,87 @@ def test_each_convention_alone_costs_points():
         points, failed = _score(_key_ns(a), b, 3, {"q4", "q5"})
         assert points < Q45, (name, a, b)
         print(f"{name}: the key of {a.to_dict()[name]!r} on {b.to_dict()[name]!r} scores {points:g}/{Q45:g}")
+
+
+# ------------------------------------------------------------------ the notebook of a variant
+
+from pathlib import Path  # noqa: E402
+
+from bnviz.grading import variants_norms_nb  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parents[1] / "notebooks" / "assignments" / "norms" / "norms.ipynb"
+
+
+def _nb_cells(nb: dict) -> list[tuple[str, str]]:
+    return [(c["cell_type"], "".join(c["source"]) if isinstance(c["source"], list) else c["source"]) for c in nb["cells"]]
+
+
+def _test_cells(nb: dict) -> list[tuple[str, float, bool, str]]:
+    out, question = [], None
+    for kind, src in _nb_cells(nb):
+        if kind == "raw" and src.startswith("# BEGIN QUESTION"):
+            question = src.split("name:")[1].split()[0]
+        if kind == "code" and src.startswith('""" # BEGIN TEST CONFIG'):
+            config = src.split('""" # END TEST CONFIG')[0]
+            out.append((question, float(config.split("points:")[1].split()[0]), "hidden: true" in config, src))
+    return out
+
+
+@pytest.fixture(scope="module")
+def source_nb():
+    import json
+
+    return json.loads(SOURCE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("v", [variants_norms.derive(SECRET), NormsVariant("channels_last", "all", "strided", "inside"),
+                               NormsVariant("channels_last", "channel", "contiguous", "outside")],
+                         ids=lambda v: "-".join(v.to_dict().values()))
+def test_variant_notebook_tests_pass_on_its_key_and_fail_on_the_public_solution(source_nb, v):
+    """What ``otter assign`` would run: the rewritten notebook's test cells match the checker's cases
+    (question, points, hidden), pass on the rewritten answer cells (with the notebook's own answers
+    to the other questions) and fail on the public solution's q4 / q5; the check cells run."""
+    nb = variants_norms_nb.variant_notebook(source_nb, v)
+    cells = _test_cells(nb)
+    assert [(q, p, h) for q, p, h, _ in cells] == [(t.question, t.points, t.hidden) for t in checker_norms.make_tests(0, v)]
+    key: dict = {"__name__": "__main__"}
+    for kind, src in _nb_cells(nb):  # imports, the provided forward and every answer cell of the rewritten notebook
+        if kind == "code" and src.startswith(("import time", "def bn_", "def rel_error", "def layer_norm", "def group_norm", "def concepts", "def recompute")):
+            exec(compile(src, "<answer>", "exec"), key)
+    failed_public = []
+    for q, points, hidden, src in cells:
+        exec(compile(src, f"<{q} test>", "exec"), dict(key))
+        if q in ("q4", "q5"):
+            try:
+                exec(compile(src, f"<{q} test>", "exec"), dict(_public_ns()))
+            except Exception:  # AssertionError or a shape error: the public solution fails this test
+                failed_public.append(points)
+    print(f"public solution on the rewritten notebook's q4/q5 tests ({'; '.join(variants_norms.describe(v))}): "
+          f"fails {len(failed_public)} tests, {sum(failed_public):g} of {Q45:g} points")
+    assert sum(failed_public) >= 7
+    import contextlib
+    import io
+
+    for kind, src in _nb_cells(nb):
+        if kind == "code" and "numerical_gradient(lambda x:" in src:
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                exec(compile(src, "<check>", "exec"), dict(key))
+            err = float(out.getvalue().split("numerical_gradient")[1].split()[0])
+            assert err < 1e-5, out.getvalue()
+
+
+def test_variant_notebook_states_the_conventions(source_nb):
+    v = NormsVariant("channels_last", "channel", "strided", "outside")
+    texts = [src for _, src in _nb_cells(variants_norms_nb.variant_notebook(source_nb, v))]
+    q4 = next(t for t in texts if t.startswith("## Question 4"))
+    q5 = next(t for t in texts if t.startswith("## Question 5"))
+    for phrase in ["`(N, H, W, C)`", "over its `C` channels only", "**added to the standard deviation**", "`(C,)`"]:
+        assert phrase in q4, phrase
+    for phrase in ["`(N, H, W, C)`", "channel `c` belongs to group `c % G`", "**added to the standard deviation**"]:
+        assert phrase in q5, phrase
+    assert not any("F.layer_norm(_x" in t or "F.group_norm(_x" in t for t in texts)  # PyTorch's conventions: not these
+    import json
+
+    broken = json.loads(json.dumps(source_nb).replace("**consecutive** channels", "consecutive channels"))
+    with pytest.raises(ValueError, match="not found"):
+        variants_norms_nb.variant_notebook(broken, v)
