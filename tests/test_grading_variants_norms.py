@@ -300,3 +300,32 @@ def test_variant_notebook_states_the_conventions(source_nb):
     broken = json.loads(json.dumps(source_nb).replace("**consecutive** channels", "consecutive channels"))
     with pytest.raises(ValueError, match="not found"):
         variants_norms_nb.variant_notebook(broken, v)
+
+
+def test_build_hooks_pick_the_norms_conventions(tmp_path):
+    """build: a norms source takes the secret through variants_norms.derive, records the
+    conventions under the norms key (read back by checker_norms.variant_of, which grade uses);
+    assignment 1 is unchanged."""
+    import json
+
+    from bnviz.grading import build
+
+    assert variants_norms_nb.is_norms_source(SOURCE) and not variants_norms_nb.is_norms_source("x/batch_norm.ipynb")
+    assert variants_norms_nb.resolve(None).is_default and variants_norms_nb.resolve(SECRET) == variants_norms.derive(SECRET)
+    with pytest.raises(TypeError, match="norms"):
+        variants_norms_nb.resolve(variants.Variant())
+    with pytest.raises(ValueError, match="secret is empty"):
+        variants_norms_nb.resolve(" ")
+    v = variants_norms.derive(SECRET)
+    path = tmp_path / "norms.ipynb"
+    path.write_text(json.dumps({"cells": [], "metadata": {}}))
+    build._record_variant(path, v)
+    student = json.loads(path.read_text())
+    assert checker_norms.variant_of(student) == v and variants.VARIANT_META not in student["metadata"]
+    assert [t.name for t in checker_norms.make_tests(0, checker_norms.variant_of(student))] == \
+        [t.name for t in checker_norms.make_tests(0)]
+    assert variants_norms_nb.describe_any(v.to_dict()) == variants_norms.describe(v)
+    bn = variants.derive(SECRET)
+    assert variants_norms_nb.describe_any(bn.to_dict()) == variants.describe(bn)
+    build._record_variant(path, bn)  # assignment 1: its own key, as before
+    assert variants.variant_of(json.loads(path.read_text())) == bn

@@ -36,7 +36,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from . import rules, similarity, variants
+from . import rules, similarity, variants, variants_norms_nb
 from .layout import DEFAULT_DIST, SOURCE_ENV, default_source  # noqa: F401 (re-exported)
 from .text import natural_key
 from .variants import Variant
@@ -195,7 +195,7 @@ def variant_notebook(nb: dict, v: Variant) -> dict:
 def _record_variant(student_notebook: Path, v: Variant) -> None:
     """The conventions in the built student notebook's metadata (``grade`` reads them there)."""
     nb = json.loads(student_notebook.read_text(encoding="utf-8"))
-    nb.setdefault("metadata", {})[VARIANT_META] = v.to_dict()
+    nb.setdefault("metadata", {})[variants_norms_nb.meta_key(v, VARIANT_META)] = v.to_dict()
     student_notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
@@ -208,7 +208,8 @@ def _otter_assign(source: Path, out: Path, timeout_s: float, variant: Variant) -
         shutil.copytree(source.parent, src_copy,
                         ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "dist"))
         if not variant.is_default:
-            nb = variant_notebook(json.loads(source.read_text(encoding="utf-8")), variant)
+            rewrite = variants_norms_nb.variant_notebook if variants_norms_nb.is_norms(variant) else variant_notebook
+            nb = rewrite(json.loads(source.read_text(encoding="utf-8")), variant)
             (src_copy / source.name).write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
         env = dict(os.environ, PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
         env.pop("PYTHONPATH", None)
@@ -251,7 +252,10 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     if one fails. Nothing is written next to the source notebook. ``variant``: None for PyTorch's
     conventions, a secret string (``variants.derive``) or a ``Variant``.
     """
-    variant = variant if isinstance(variant, Variant) else Variant() if variant is None else variants.derive(variant)
+    if variants_norms_nb.is_norms_source(source or default_source()):  # assignment 2's own conventions
+        variant = variants_norms_nb.resolve(variant)
+    else:
+        variant = variant if isinstance(variant, Variant) else Variant() if variant is None else variants.derive(variant)
     out = Path(out_dir).resolve()
     source = Path(source).resolve() if source else default_source().resolve()
     if not source.is_file():

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         kept = sorted(k for k in manifest if k not in build.GENERATED_KEYS)
         if kept:
             print("kept from the previous assignment.json: " + ", ".join(kept))
-        print("conventions: " + "; ".join(build.variants.describe(build.Variant.from_dict(manifest["variant"]))))
+        print("conventions: " + "; ".join(build.variants_norms_nb.describe_any(manifest["variant"])))
         print(f"built {args.out}: student notebook {manifest['student_notebook']}, "
               f"autograder {manifest['autograder_zip']}, student zip {manifest['student_zip']}; "
               f"{manifest['autograded_points']:g} autograded + {manifest['manual_points']:g} manual points")

@@ -170,8 +170,8 @@ def describe(v: NormsVariant) -> list[str]:
 # --------------------------------------------------------------------------- the answer key
 
 _LN_KEY = '''def layer_norm_forward(x, gamma, beta, eps=1e-5):
-    """LayerNorm of x, shape (N, D) or {four}: {ln_doc}
-    Returns (y, cache)."""
+    """LayerNorm of x, shape (N, D) or {four}:
+    {ln_doc} Returns (y, cache)."""
     # BEGIN SOLUTION
     dims = {dims}
     mu = x.mean(dim=dims, keepdim=True)
@@ -250,9 +250,9 @@ def answer_key(v: NormsVariant) -> tuple[str, str]:
     ln_all = v.ln_axes == "all"
     ln = _LN_KEY.format(
         four=four, std=_std_lines(v),
-        ln_doc=("each example normalised over every axis but 0, then\n    y = gamma * x_hat + beta with gamma, "
+        ln_doc=("each example normalised over every axis but 0, then y = gamma * x_hat + beta\n    with gamma, "
                 "beta of shape x.shape[1:]." if ln_all else "each example normalised over the channel axis only, "
-                "at each position,\n    then y = gamma * x_hat + beta with gamma, beta of shape (C,)."),
+                "at each position, then\n    y = gamma * x_hat + beta with gamma, beta of shape (C,)."),
         dims="tuple(range(1, x.dim()))" if ln_all else channel,
         shape="list(gamma.shape)" if ln_all or last else "[1, -1] + [1] * (x.dim() - 2)")
     gn = _GN_KEY.format(

@@ -244,3 +244,44 @@ def variant_notebook(nb: dict, v: NormsVariant) -> dict:
         cell["source"] = text
     nb.setdefault("metadata", {})[variants_norms.VARIANT_META] = v.to_dict()
     return nb
+
+
+# ---------------------------------------------------------------------------- build's hooks
+
+
+def is_norms_source(source) -> bool:
+    """The source notebook is assignment 2's (``notebooks/assignments/norms/norms.ipynb``)."""
+    from pathlib import Path
+
+    return Path(source).stem == "norms"
+
+
+def is_norms(v) -> bool:
+    return isinstance(v, NormsVariant)
+
+
+def resolve(variant) -> NormsVariant:
+    """build's ``variant`` argument for assignment 2: None (PyTorch's), a ``NormsVariant``, or the
+    class secret (``variants_norms.derive``). Assignment 1's ``Variant`` is refused (TypeError)."""
+    if variant is None:
+        return NormsVariant()
+    if isinstance(variant, NormsVariant):
+        return variant
+    if isinstance(variant, str):
+        return variants_norms.derive(variant)
+    raise TypeError(f"assignment 'norms' takes a secret string, a variants_norms.NormsVariant or None as its variant, "
+                    f"got {type(variant).__name__}")
+
+
+def meta_key(v, default: str) -> str:
+    """The student notebook's metadata key for ``v`` (``default``: assignment 1's)."""
+    return variants_norms.VARIANT_META if is_norms(v) else default
+
+
+def describe_any(data: dict | None) -> list[str]:
+    """``assignment.json``'s ``"variant"`` in words, for either assignment (cli's build summary)."""
+    from . import variants
+
+    if isinstance(data, dict) and set(data) == set(variants_norms.CHOICES):
+        return variants_norms.describe(NormsVariant.from_dict(data))
+    return variants.describe(variants.Variant.from_dict(data))
