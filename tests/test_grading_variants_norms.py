@@ -327,5 +327,7 @@ def test_build_hooks_pick_the_norms_conventions(tmp_path):
     assert variants_norms_nb.describe_any(v.to_dict()) == variants_norms.describe(v)
     bn = variants.derive(SECRET)
     assert variants_norms_nb.describe_any(bn.to_dict()) == variants.describe(bn)
+    assert variants_norms_nb.from_dict_any(v.to_dict()) == v and variants_norms_nb.from_dict_any(bn.to_dict()) == bn
+    assert variants_norms_nb.from_dict_any(None) == variants.Variant()  # no variant: assignment 1's default, as before
     build._record_variant(path, bn)  # assignment 1: its own key, as before
     assert variants.variant_of(json.loads(path.read_text())) == bn

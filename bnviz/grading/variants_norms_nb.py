@@ -278,10 +278,19 @@ def meta_key(v, default: str) -> str:
     return variants_norms.VARIANT_META if is_norms(v) else default
 
 
-def describe_any(data: dict | None) -> list[str]:
-    """``assignment.json``'s ``"variant"`` in words, for either assignment (cli's build summary)."""
+def from_dict_any(data: dict | None):
+    """``assignment.json``'s (or a grading run's) ``"variant"`` as either assignment's variant: a
+    ``NormsVariant`` when it holds exactly the norms conventions' keys, else ``variants.Variant``."""
     from . import variants
 
     if isinstance(data, dict) and set(data) == set(variants_norms.CHOICES):
-        return variants_norms.describe(NormsVariant.from_dict(data))
-    return variants.describe(variants.Variant.from_dict(data))
+        return NormsVariant.from_dict(data)
+    return variants.Variant.from_dict(data)
+
+
+def describe_any(data: dict | None) -> list[str]:
+    """The same ``"variant"`` in words, for either assignment (cli's build summary)."""
+    from . import variants
+
+    v = from_dict_any(data)
+    return variants_norms.describe(v) if is_norms(v) else variants.describe(v)
