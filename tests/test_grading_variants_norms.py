@@ -331,3 +331,26 @@ def test_build_hooks_pick_the_norms_conventions(tmp_path):
     assert variants_norms_nb.from_dict_any(None) == variants.Variant()  # no variant: assignment 1's default, as before
     build._record_variant(path, bn)  # assignment 1: its own key, as before
     assert variants.variant_of(json.loads(path.read_text())) == bn
+
+
+@pytest.mark.grading
+def test_derived_variant_through_the_sandbox(bwrap, tmp_path, source_nb):
+    """As assignment 1's variant is measured: every code cell of the variant's solution notebook as a
+    submission, run by the sandboxed worker in both passes (the strict one blocks autograd in q4 and
+    q5), judged by checker_norms; then the public solution notebook on the same variant's tests."""
+    from test_assignment_norms import _sandboxed
+
+    v = variants_norms.derive(SECRET)
+    tests = checker_norms.make_tests(77, v)
+    points = {t.name: t.points for t in tests}
+
+    def cells_of(nb):
+        return [(i, src) for i, (kind, src) in enumerate(_nb_cells(nb))
+                if kind == "code" and not src.startswith('""" # BEGIN TEST CONFIG')]
+
+    assert _sandboxed(cells_of(variants_norms_nb.variant_notebook(source_nb, v)), tests, tmp_path / "key") == [{}, {}]
+    normal, strict = _sandboxed(cells_of(source_nb), tests, tmp_path / "public")
+    assert {name.split(" - ")[0] for name in normal} == {"q4", "q5"} and set(strict) >= set(normal)
+    score = TOTAL - sum(points[name] for name in normal)
+    print(f"public solution on {SECRET!r} through the sandbox: {score:g}/{TOTAL:g} (the variant's key: {TOTAL:g}/{TOTAL:g})")
+    assert score <= TOTAL - 7
