@@ -12,6 +12,11 @@ Conventions the notebook states: a batch-norm cache is the dict of graph nodes t
 ``bn_forward_reference`` returns; LayerNorm normalises each example over every axis but 0 with
 ``gamma``/``beta`` of shape ``x.shape[1:]`` (``F.layer_norm(x, x.shape[1:])``); GroupNorm splits the
 C channels into G groups of consecutive channels, ``gamma``/``beta`` of shape ``(C,)``.
+
+A class variant (``variants_norms.NormsVariant``, ``make_tests(seed, variant)``) changes questions 4
+and 5 only: their probes carry 4-D tensors in the variant's layout and their references are
+``variants_norms.layer_norm_reference`` / ``group_norm_reference`` (explicit float64 formulas;
+autograd through them for the backward passes) instead of ``F.layer_norm`` / ``F.group_norm``.
 """
 
 from __future__ import annotations
