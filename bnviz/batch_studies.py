@@ -4,13 +4,13 @@ the probes that explain what BN does at B = 2.
 
 Conventions:
 
-* **Same-step scoring.** A study's run is scored by :class:`ScoreAtSteps` at chosen step
-  snapshots (default: 90%, 95% and 100% of its steps, :func:`score_steps`): the test accuracy of
-  a copy with BN statistics recomputed on the first 2,000 training images (PreciseBN,
-  :func:`bnviz.precise.precise_model`) and on the moving averages (EMA). A run's score is the
+* **Same-step scoring.** A study's run is scored by the engine at fractions of its steps
+  (``Config.score_at``, default 90%, 95% and 100%, :func:`bnviz.config.score_steps`): the test
+  accuracy with BN statistics recomputed on the first 2,000 training images (PreciseBN, measured
+  by the engine at those steps, on a copy) and on the moving averages (EMA). A run's score is the
   mean over those steps, so cells with the same number of steps are scored on the same steps,
-  whatever their epoch length (the engine's :data:`bnviz.runs.ACCURACY` averages the last 3
-  *epochs*: steps 950-1000 for a 25-step epoch, step 1000 alone for a one-epoch run).
+  whatever their epoch length (without ``score_at``, :data:`bnviz.runs.ACCURACY` averages the
+  last 3 *epochs*: steps 950-1000 for a 25-step epoch, step 1000 alone for a one-epoch run).
 * **Designs.** *Fixed steps*: every B takes the same steps (:func:`bnviz.sweeps.fixed_steps`).
   *Equal epochs* (Wu & He 2018, following Goyal et al. 2017): every B sees the same examples,
   ``lr = lr_ref · B / B_ref`` (:func:`wu_he_plan`).
@@ -19,46 +19,30 @@ Conventions:
 from __future__ import annotations
 
 import copy
-import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .config import Config
-from .data import Dataset, to_float
+from .config import Config, score_steps
+from .data import Dataset, batch_slices, drops_last, to_float
 from .models import norm_layers
-from .precise import PRECISE_BN_IMAGES, eval_accuracy, precise_bn_accuracy, precise_model
-from .runs import Cell, Run, _data_for, apply_changes, run_grid
+from .precise import PRECISE_BN_IMAGES, eval_accuracy, precise_model
+from .runs import Cell, Run, _data_for, run_grid, scored_snapshots
 from .stats import bn_layers
-from .grid import fit_in_threads
-from .train import Trainer
 from .verdicts import SeedStats, Verdict, cell_causes, seed_stats, verdict
 
-__all__ = ["SCORE_FRACTIONS", "score_steps", "total_steps", "ScoreAtSteps", "ScoredRun", "Study", "run_study",
+__all__ = ["SCORE_FRACTIONS", "total_steps", "StepScore", "scored_run", "ScoredRun", "Study", "run_study",
            "wu_he_plan", "tune_lr_seeds", "EpochStates", "bn_output_levels", "eval_modes", "layer_offsets"]
 
 SCORE_FRACTIONS = (0.9, 0.95, 1.0)
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
-    """The steps of a run of ``cfg`` on ``n_train`` examples (every epoch: ceil(n/B), or floor
-    with ``drop_last``)."""
-    per = n_train // cfg.batch_size if cfg.drop_last else math.ceil(n_train / cfg.batch_size)
-    return cfg.epochs * per
-
-
-def score_steps(steps: int, every: int = 1, fractions=SCORE_FRACTIONS) -> tuple[int, ...]:
-    """The steps a run of ``steps`` steps is scored at: each fraction of ``steps`` rounded down to
-    a multiple of ``every`` (the run's ``snapshot_every``: scores are read at step snapshots),
-    the last one ``steps`` itself; distinct and sorted."""
-    if not (isinstance(steps, int) and steps >= 1 and isinstance(every, int) and every >= 1):
-        raise ValueError(f"steps={steps!r}, every={every!r} are not valid; valid: positive integers")
-    if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise ValueError(f"fractions={fractions!r} is not valid; valid: numbers in (0, 1], e.g. (0.9, 0.95, 1.0)")
-    out = {steps if f == 1 else max(every, int(f * steps) // every * every) for f in fractions}
-    return tuple(sorted(s for s in out if s <= steps))
+    """The steps of a run of ``cfg`` on ``n_train`` examples, as the engine plans them: every
+    epoch ``ceil(n/B)`` batches, or ``floor(n/B)`` when the last batch is dropped
+    (``drop_last``, or a last batch of one example, which BN cannot train on)."""
+    return cfg.epochs * len(batch_slices(n_train, cfg.batch_size, drops_last(n_train, cfg.batch_size, cfg.drop_last)))
 
 
 @dataclass
@@ -68,24 +52,16 @@ class StepScore:
     ema: float      # test accuracy in eval mode on the moving averages
 
 
-class ScoreAtSteps:
-    """Trainer callback: at each step snapshot whose step is in ``steps``, score a **copy** of the
-    model (the run goes on untouched): ``rows`` gets a :class:`StepScore`."""
-
-    def __init__(self, steps, images: int = PRECISE_BN_IMAGES):
-        self.steps, self.images, self.rows = set(int(s) for s in steps), images, []
-
-    def on_snapshot(self, trainer, s) -> None:
-        if s.kind != "step" or s.step not in self.steps or any(r.step == s.step for r in self.rows):
-            return
-        model, data = trainer.model, trainer.data
-        was_training = model.training
-        try:
-            ema = eval_accuracy(copy.deepcopy(model), data.test_x, data.test_y)
-            precise = precise_bn_accuracy(model, data, self.images) if bn_layers(model) else ema
-        finally:
-            model.train(was_training)
-        self.rows.append(StepScore(s.step, precise, ema))
+def scored_run(run: Run, n_train: int) -> "ScoredRun":
+    """A grid run with ``Config.score_at`` as a :class:`ScoredRun`: its planned scoring steps
+    (:func:`bnviz.config.score_steps` of :func:`total_steps`) and the engine's scores there
+    (:func:`bnviz.runs.scored_snapshots`: PreciseBN where the net has BN, else eval mode)."""
+    cfg = run.history.config
+    steps = score_steps(cfg.score_at, total_steps(cfg, cfg.train_size or n_train))
+    snaps = scored_snapshots(run.history) or []
+    rows = [StepScore(sn.step, sn.precise_test_acc if sn.precise_test_acc is not None else sn.test_acc, sn.test_acc)
+            for sn in snaps]
+    return ScoredRun(run, steps, rows)
 
 
 @dataclass
@@ -154,45 +130,21 @@ class Study:
         return pd.DataFrame(rows)
 
 
-def _fit_all(configs: list[Config], data: Dataset, callbacks: list) -> list:
-    """Each config trained by its own Trainer; on a multi-core CPU in threads, one per core
-    (:func:`bnviz.grid.fit_in_threads`, as the grid does), else one after another."""
-    if data.device.type != "cpu" or (os.cpu_count() or 1) < 2 or len(configs) < 2:
-        return [Trainer(c, data=data, callbacks=[cb]).fit() for c, cb in zip(configs, callbacks)]
-    return [h for _, h in fit_in_threads({i: Trainer(c, data=data, callbacks=[cb])
-                                           for i, (c, cb) in enumerate(zip(configs, callbacks))})]
-
-
 def run_study(base: Config, variants: dict[str, dict], tags: dict[str, dict], data: Dataset | None = None,
               fractions=SCORE_FRACTIONS, progress: bool = True) -> Study:
     """Train one run per variant (``label -> changes``, :func:`bnviz.runs.apply_changes`; ``tags[label]``:
-    what the tables show, with ``seed``) and score each at :func:`score_steps` of its own steps.
-    Runs on the same slice of ``data`` train together. Returns a :class:`Study`."""
+    what the tables show, with ``seed``) through :func:`bnviz.runs.run_grid`, each scored by the
+    engine at ``fractions`` of its own steps (``Config.score_at``). Returns a :class:`Study`."""
     if not variants:
         raise ValueError("variants is empty: give at least one label -> changes")
     missing = [k for k in variants if k not in tags]
     if missing:
         raise ValueError(f"tags has no entry for {missing}; give each variant its tags (norm, batch_size, seed, ...)")
     data = _data_for(base, data)
-    labels = list(variants)
-    configs = {k: apply_changes(base, variants[k]).replace(label=k) for k in labels}
-    groups: dict[tuple, list[str]] = {}
-    for k, c in configs.items():
-        groups.setdefault((c.train_size or len(data.train_x), c.test_size or len(data.test_x)), []).append(k)
-    out: dict[str, ScoredRun] = {}
-    items = list(groups.values())
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(items, desc=f"study ({data.label})", unit="group")
-    for group in items:
-        sub = _data_for(configs[group[0]], data)
-        steps = {k: score_steps(total_steps(configs[k], len(sub.train_x)), configs[k].snapshot_every, fractions)
-                 for k in group}
-        cbs = [ScoreAtSteps(steps[k]) for k in group]
-        for k, h, cb in zip(group, _fit_all([configs[k] for k in group], sub, cbs), cbs):
-            out[k] = ScoredRun(Run(k, dict(tags[k]), h), steps[k], sorted(cb.rows, key=lambda r: r.step))
-    return Study([out[k] for k in labels], len(data.train_x), data.label)
+    fractions = tuple(float(f) for f in fractions)
+    grid = run_grid(base, {k: {**v, "score_at": fractions} for k, v in variants.items()}, data=data,
+                    progress=progress, tags={k: dict(tags[k]) for k in variants})
+    return Study([scored_run(r, len(data.train_x)) for r in grid.runs], len(data.train_x), data.label)
 
 
 def wu_he_plan(batch_sizes, lr_ref: float, batch_ref: int, epochs: int, n_train: int) -> list[dict]:
@@ -206,7 +158,7 @@ def wu_he_plan(batch_sizes, lr_ref: float, batch_ref: int, epochs: int, n_train:
         raise ValueError(f"lr_ref={lr_ref!r}, batch_ref={batch_ref!r}, epochs={epochs!r}, n_train={n_train!r} are not "
                          "valid; valid: lr_ref > 0, batch_ref >= 1, epochs a positive int, n_train >= the largest B")
     return [{"batch_size": b, "lr": lr_ref * b / batch_ref, "epochs": epochs, "train_size": n_train,
-             "steps": epochs * math.ceil(n_train / b)} for b in bss]
+             "steps": epochs * len(batch_slices(n_train, b, drops_last(n_train, b)))} for b in bss]
 
 
 def tune_lr_seeds(base: Config, cells: dict[str, dict], lrs: dict[str, list[float]], seeds=(100, 101),

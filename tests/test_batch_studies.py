@@ -27,15 +27,14 @@ def _lenet(norm="torch", seed=0):
     return init_weights(build_lenet(preset("lenet-bn", norm=norm)))
 
 
-def test_score_steps_and_total_steps():
-    assert bs.score_steps(1000, 50) == (900, 950, 1000)
-    assert bs.score_steps(1000, 20) == (900, 940, 1000)  # rounded down to snapshot steps
-    assert bs.score_steps(8, 2) == (6, 8)
+def test_total_steps_counts_the_batches_the_engine_takes():
     assert bs.total_steps(Config(batch_size=8, epochs=3), 20) == 9
     assert bs.total_steps(Config(batch_size=8, epochs=3, drop_last=True), 20) == 6
-    for bad in (dict(steps=0), dict(steps=10, every=0), dict(steps=10, fractions=(0, 1)), dict(steps=10, fractions=())):
-        with pytest.raises(ValueError, match="not valid"):
-            bs.score_steps(**bad)
+    assert bs.total_steps(Config(batch_size=8, epochs=2), 17) == 4  # a last batch of 1 is dropped (BN needs 2)
+    # the reference: the steps a Trainer actually took
+    small = load_dataset("synthetic", device="cpu", train_size=17, test_size=16)
+    h = Trainer(Config(model=preset("lenet-bn"), dataset="synthetic", batch_size=8, epochs=2, fast="eager"), data=small).fit()
+    assert h.epochs[-1].step == 4
 
 
 def test_wu_he_plan_scales_lr_linearly_and_keeps_examples():
@@ -48,18 +47,25 @@ def test_wu_he_plan_scales_lr_linearly_and_keeps_examples():
             bs.wu_he_plan(**args)
 
 
-def test_score_at_steps_equals_the_engines_precise_bn_and_leaves_the_run_alone(data):
-    cfg = Config(model=preset("lenet-bn"), dataset="synthetic", batch_size=32, lr=0.5, epochs=2, seed=3,
-                 snapshot_every=4, fast="eager")
-    plain = Trainer(cfg, data=data).fit()
-    score = bs.ScoreAtSteps([8, 16], images=128)
-    scored = Trainer(cfg, data=data, callbacks=[score, PreciseBNEval(128)]).fit()
-    assert [r.step for r in score.rows] == [8, 16]
-    for row, epoch in zip(score.rows, scored.epochs):  # epochs end at steps 8 and 16
-        assert epoch.step == row.step
-        assert row.precise == pytest.approx(epoch.precise_test_acc)
-        assert row.ema == pytest.approx(epoch.test_acc)
-    assert scored.final_loss == plain.final_loss  # scoring works on copies: the run is the same run
+def test_run_study_scores_equal_a_solo_trainer_scored_at_the_same_steps(data):
+    """run_study trains in the grid (K runs at once) and reads the engine's score_at snapshots;
+    the reference is each run alone in a Trainer with PreciseBNEval, read by hand."""
+    small = data.subset(64, 64)
+    base = Config(model=preset("lenet-bn"), dataset="synthetic", batch_size=8, lr=0.5, epochs=2, snapshot_every=3,
+                  fast="eager")
+    variants = {f"s{s}": {"seed": s} for s in (3, 4)}
+    st = bs.run_study(base, variants, {k: {"norm": "BN", "seed": v["seed"]} for k, v in variants.items()},
+                      data=small, progress=False)
+    for r in st.runs:
+        assert r.steps == (14, 15, 16)  # 16 steps: round(14.4), round(15.2), 16: not multiples of snapshot_every
+        solo = Trainer(base.replace(seed=r.run.tags["seed"], score_at=(0.9, 0.95, 1.0)), data=small,
+                       callbacks=[PreciseBNEval()]).fit()
+        want = {sn.step: sn for sn in solo.snapshots if sn.step in r.steps and sn.test_acc is not None}
+        assert [x.step for x in r.scores] == [14, 15, 16]
+        for x in r.scores:
+            assert x.precise == pytest.approx(want[x.step].precise_test_acc, abs=1e-6)
+            assert x.ema == pytest.approx(want[x.step].test_acc, abs=1e-6)
+        assert r.value() == pytest.approx(sum(want[k].precise_test_acc for k in r.steps) / 3, abs=1e-6)
 
 
 def test_run_study_scores_every_batch_size_at_the_same_steps(data):
@@ -72,9 +78,9 @@ def test_run_study_scores_every_batch_size_at_the_same_steps(data):
             variants[f"{b}-{s}"] = {"batch_size": b, "train_size": n, "epochs": e, "seed": s}
             tags[f"{b}-{s}"] = {"norm": "BN", "batch_size": b, "seed": s}
     st = bs.run_study(base, variants, tags, data=small, progress=False)
-    assert {r.steps for r in st.runs} == {(6, 8)}
+    assert {r.steps for r in st.runs} == {(7, 8)}  # round(0.9 * 8), round(0.95 * 8), 8: the same for both B
     for r in st.runs:
-        assert [x.step for x in r.scores] == [6, 8]
+        assert [x.step for x in r.scores] == [7, 8]
         assert r.value() == pytest.approx(sum(x.precise for x in r.scores) / 2)
         assert r.value("ema") == pytest.approx(sum(x.ema for x in r.scores) / 2)
     s2 = st.stats(norm="BN", batch_size=2)
