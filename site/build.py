@@ -1,7 +1,8 @@
 """The course as a static web site, and the notebooks' Colab setup cells, from one place.
 
 ``python site/build.py build`` (``make site``) executes chapters 00-08 at the sizes of this machine
-(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignment's student version,
+(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignments' student versions
+(:data:`ASSIGNMENTS`),
 records a lab run with a mid-run lr change for the replay, stages everything in
 ``_build/site-src`` and renders it with Sphinx (myst-nb + sphinx-book-theme) into ``_build/site``.
 Nothing is downloaded: plotly.js and MathJax are served from the site's ``_static``.
@@ -278,10 +279,12 @@ def web_figure(fig: dict) -> tuple[dict, bool]:
         return fig, columns >= WIDE_COLUMNS  # laid out by bnviz.figures, or an animation (the replay)
     g = go.Figure(fig)
     title = g.layout.title.text or ""
-    g.update_layout(title={"text": _web_title(title), "x": 0.01, "xanchor": "left", "y": 0.985, "yref": "container",
-                           "yanchor": "top", "pad": {"t": 10}, "font": {"size": 16}}, height=None)
-    g.update_annotations(font_size=12)
     legend = sum(1 for t in g.data if t.type not in ("image", "heatmap") and t.showlegend is not False and t.name) > 1
+    g.update_layout(title={"text": _web_title(title), "x": 0.01, "xanchor": "left", "y": 0.985, "yref": "container",
+                           "yanchor": "top", "pad": {"t": 10}, "font": {"size": 16}})
+    if legend:  # the legend moves below the plot: the height is fitted to it (bnviz.figures._legible)
+        g.update_layout(height=None)
+    g.update_annotations(font_size=12)
     return _legible(g, legend=legend).to_plotly_json(), columns >= WIDE_COLUMNS
 
 

@@ -6,10 +6,13 @@ place the repository URL lives (pyproject's [project.urls]).
 * ``site``: builds the site in fast mode (``BNVIZ_FAST=1``; the chapters come from the execution
   cache that tests/test_notebooks.py fills, else they run here) and reads it: every page there,
   no address outside the site loaded by any page (it must work offline), no broken internal link
-  or anchor, the assignment page without solutions or hidden tests; then headless Chromium
+  or anchor, each assignment's page without solutions or hidden tests; then headless Chromium
   (Playwright, Debian's chromium) opens every page: no console error, no request that leaves
   the site, each chapter's figures drawn, the replay plays, search finds a word, and on a phone's
-  width nothing makes the page scroll sideways. Screenshots go to test-artifacts/.
+  width nothing makes the page scroll sideways; at the 688-px column and at 390 px every figure's
+  title, legend and controls sit inside it and off its plot areas, no code block on 01 and 05
+  scrolls sideways, and no chapter shows its setup cell, a raw warning or test scaffolding.
+  Screenshots go to test-artifacts/.
 """
 from __future__ import annotations
 
