@@ -1,8 +1,7 @@
 """The course as a static web site, and the notebooks' Colab setup cells, from one place.
 
 ``python site/build.py build`` (``make site``) executes chapters 00-08 at the sizes of this machine
-(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignments' student versions
-(:data:`ASSIGNMENTS`),
+(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignments' student versions (:data:`ASSIGNMENTS`),
 records a lab run with a mid-run lr change for the replay, stages everything in
 ``_build/site-src`` and renders it with Sphinx (myst-nb + sphinx-book-theme) into ``_build/site``.
 Nothing is downloaded: plotly.js and MathJax are served from the site's ``_static``.
