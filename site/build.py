@@ -1,7 +1,7 @@
 """The course as a static web site, and the notebooks' Colab setup cells, from one place.
 
 ``python site/build.py build`` (``make site``) executes chapters 00-08 at the sizes of this machine
-(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignment's student version,
+(``BNVIZ_FAST=1``: fast mode), reusing the execution cache, builds the assignments' student versions (:data:`ASSIGNMENTS`),
 records a lab run with a mid-run lr change for the replay, stages everything in
 ``_build/site-src`` and renders it with Sphinx (myst-nb + sphinx-book-theme) into ``_build/site``.
 Nothing is downloaded: plotly.js and MathJax are served from the site's ``_static``.
@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from string import Template
@@ -35,12 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent  # site/build.py -> the checkout
 SITE_DIR = ROOT / "site"
 NB_DIR = ROOT / "notebooks"
 BUILD_DIR = ROOT / "_build"
-ASSIGNMENT_SRC = NB_DIR / "assignments" / "batch_norm" / "batch_norm.ipynb"
-ASSIGNMENT_DIST = ROOT / "dist" / "batch_norm"
 BRANCH = "main"  # the branch Colab opens
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 TQDM_TEXT = re.compile(r"\d+%\|.*\|")
+BANG_ROW = re.compile(r"^!{10,}[ \t]*\n?", re.M)
 
 __all__ = ["project_urls", "setup_cell_source", "sync_setup_cells", "chapters", "links", "run_context",
            "cache_key", "store_executed", "execute_chapter", "site_notebook", "build"]
@@ -236,12 +236,66 @@ def execute_chapter(path: Path, ctx: dict, timeout: int = 1800):
 # ----------------------------------------------------------------------------- outputs for the web
 
 
+DATA_LABELS = ("SYNTHETIC data (not Fashion-MNIST)", "Fashion-MNIST", "MNIST")  # bnviz.data.Dataset.label
+_TITLE_DATA = re.compile(r"\s*(?:[:,(]\s*)?(" + "|".join(map(re.escape, DATA_LABELS)) + r")\)?\s*$")
+WIDE_COLUMNS = 5  # a figure with this many subplot columns keeps a minimum width on a phone (CSS: bnviz-wide)
+
+
+def _web_title(text: str) -> str:
+    """A chapter figure's title for the column: its first line wrapped, the data set moved from
+    that line to its own small line (``data: ...``, as :mod:`bnviz.figures` titles do), small
+    lines wrapped too."""
+    from bnviz.figures import TITLE_WIDTH, short_label
+
+    head, _, rest = text.partition("<br>")
+    m = _TITLE_DATA.search(head)
+    label = m.group(1) if m else None
+    head = head[:m.start()] if m else head
+    lines = [short_label(head, TITLE_WIDTH)] if head.strip() else []
+    for line in filter(None, rest.split("<br>")):
+        inner = re.fullmatch(r"<sup>(.*)</sup>", line)
+        lines.append("<br>".join(f"<sup>{x}</sup>" for x in short_label(inner.group(1), 52).split("<br>"))
+                     if inner else short_label(line, TITLE_WIDTH))
+    if label and not any("data:" in line for line in lines):
+        lines.append(f"<sup>data: {label}</sup>")
+    return "<br>".join(lines)
+
+
+def web_figure(fig: dict) -> tuple[dict, bool]:
+    """A figure a chapter laid out itself (not through :mod:`bnviz.figures`, whose figures have
+    their legend at the bottom of the container already), made legible in the 688-px column and
+    on a 390-px phone the way :mod:`bnviz.figures` lays out its own: title wrapped and left, the
+    data set said once on a small line, the legend below the plot, small margins, subplot titles
+    at 12 px. Returns the figure and whether it has :data:`WIDE_COLUMNS` or more subplot columns
+    (too many to read at 390 px: it keeps a minimum width and scrolls inside its box)."""
+    import plotly.graph_objects as go
+
+    from bnviz.figures import _legible
+
+    layout = fig.get("layout", {})
+    columns = len({round(v.get("domain", (0, 1))[0], 3) for k, v in layout.items() if re.fullmatch(r"xaxis\d*", k)})
+    if (layout.get("legend") or {}).get("yref") == "container" or fig.get("frames"):
+        return fig, columns >= WIDE_COLUMNS  # laid out by bnviz.figures, or an animation (the replay)
+    g = go.Figure(fig)
+    title = g.layout.title.text or ""
+    legend = sum(1 for t in g.data if t.type not in ("image", "heatmap") and t.showlegend is not False and t.name) > 1
+    g.update_layout(title={"text": _web_title(title), "x": 0.01, "xanchor": "left", "y": 0.985, "yref": "container",
+                           "yanchor": "top", "pad": {"t": 10}, "font": {"size": 16}})
+    if legend:  # the legend moves below the plot: the height is fitted to it (bnviz.figures._legible)
+        g.update_layout(height=None)
+    g.update_annotations(font_size=12)
+    return _legible(g, legend=legend).to_plotly_json(), columns >= WIDE_COLUMNS
+
+
 def plotly_html(fig: dict, css: str = "bnviz-plotly") -> str:
     """A plotly figure as HTML that uses the site's own plotly.js (no CDN): its fixed width
-    is dropped so that it takes the page's width (the height stays)."""
+    is dropped so that it takes the page's width (the height stays); a chapter's own figure is
+    made legible first (:func:`web_figure`)."""
     import plotly.io as pio
 
-    fig = copy.deepcopy(fig)
+    fig, wide = web_figure(copy.deepcopy(fig))
+    if wide:
+        css += " bnviz-wide"
     fig.setdefault("layout", {}).pop("width", None)
     fig["layout"]["autosize"] = True
     body = pio.to_html(fig, include_plotlyjs=False, full_html=False, validate=False, auto_play=False,
@@ -264,6 +318,8 @@ def _web_output(out: dict) -> dict | None:
         if TQDM_TEXT.search(str(data.get("text/plain", ""))):
             return None
         return _html_output(WIDGET_NOTE)
+    if out.get("output_type") == "stream" and isinstance(out.get("text"), str):
+        out["text"] = BANG_ROW.sub("", out["text"])  # a row of '!' shouts; the page's run note says it once
     for mime in ("text/markdown", "text/html"):  # e.g. 00's question map, printed by code
         if isinstance(data.get(mime), str):
             data[mime] = web_links(data[mime])
@@ -288,12 +344,20 @@ def web_links(markdown: str) -> str:
     def sub(m: re.Match) -> str:
         text, target = m.groups()
         if target.startswith("assignments/"):
-            return f'<a href="assignment.html">{text}</a>'
+            return f'<a href="{_assignment_page(target)}.html">{text}</a>'
         page, _, frag = target.partition("#")
         return f'<a href="{page[:-6] + ".html" if page else ""}#{frag}">{text}</a>'
     markdown = MD_LINK.sub(sub, markdown)
     markdown = HTML_LINK.sub(lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"', markdown)
-    return re.sub(r'href="assignments/[\w/.-]+\.ipynb"', 'href="assignment.html"', markdown)
+    return re.sub(r'href="(assignments/[\w/.-]+\.ipynb)"', lambda m: f'href="{_assignment_page(m.group(1))}.html"',
+                  markdown)
+
+
+def _assignment_page(target: str) -> str:
+    """The site page of ``assignments/NAME/...``: that assignment's page (the first one if
+    NAME is not published)."""
+    name = target.split("/")[1] if target.count("/") >= 1 else ""
+    return next((a.page for a in ASSIGNMENTS if a.name == name), ASSIGNMENTS[0].page)
 
 
 def _md(source: str):
@@ -455,24 +519,69 @@ def replay_cells(run_file: str, h) -> list:
 # ----------------------------------------------------------------------------- the assignment
 
 
-def student_notebook(python: str = sys.executable) -> Path:
-    """``dist/batch_norm/student/batch_norm.ipynb`` as ``make assignment`` builds it (rebuilt if
-    missing or older than the source). Its build runs every test against the solution."""
-    student = ASSIGNMENT_DIST / "student" / "batch_norm.ipynb"
-    manifest = ASSIGNMENT_DIST / "assignment.json"
-    if not (student.exists() and manifest.exists() and manifest.stat().st_mtime >= ASSIGNMENT_SRC.stat().st_mtime):
-        print("  building the assignment (python -m bnviz.grading build)", flush=True)
-        subprocess.run([python, "-m", "bnviz.grading", "build", "--source", str(ASSIGNMENT_SRC),
-                        "--out", str(ASSIGNMENT_DIST)], check=True, cwd=ROOT)
+@dataclass(frozen=True)
+class Assignment:
+    """A graded assignment the site publishes: its source folder under notebooks/assignments/,
+    the page (``page``.ipynb → ``page``.html) and the paragraph under the page's title."""
+    name: str
+    page: str
+    intro: str
+
+    @property
+    def source(self) -> Path:
+        return NB_DIR / "assignments" / self.name / f"{self.name}.ipynb"
+
+    @property
+    def dist(self) -> Path:
+        return ROOT / "dist" / self.name
+
+    @property
+    def zip_name(self) -> str:
+        return f"{self.name}-student.zip"
+
+
+_INTRO = """\
+<p class="bnviz-runinfo">The <strong>student version</strong> of {what}, exactly as
+<code>make assignment{arg}</code> hands it out: no solutions and no hidden tests. Students download
+<a href="{zip}">{zip}</a> (this notebook and its visible tests),
+run it in JupyterLab or Colab and check their work with <code>grader.check_all()</code>.
+Instructors: see the README of <code>notebooks/assignments/{name}/</code>.{more}</p>"""
+
+ASSIGNMENTS = (
+    Assignment("batch_norm", "assignment", _INTRO.format(
+        what="the graded assignment", arg="", zip="batch_norm-student.zip", name="batch_norm", more="")),
+    Assignment("norms", "assignment-norms", _INTRO.format(
+        what="the second assignment, <em>Normalization in depth</em> (backward through the graph, "
+             "gradient checks, LayerNorm, GroupNorm)", arg=" ASSIGNMENT=norms", zip="norms-student.zip",
+        name="norms", more="")),
+)
+ASSIGNMENT_SRC = ASSIGNMENTS[0].source  # the first assignment (the default of make assignment)
+ASSIGNMENT_DIST = ASSIGNMENTS[0].dist
+ASSIGNMENT_INTRO = ASSIGNMENTS[0].intro
+
+
+def student_notebook(python: str = sys.executable, assignment: Assignment = ASSIGNMENTS[0]) -> Path:
+    """``dist/NAME/student/NAME.ipynb`` as ``make assignment ASSIGNMENT=NAME`` builds it (rebuilt
+    if missing or older than the source). Its build runs every test against the solution."""
+    a = assignment
+    student = a.dist / "student" / a.source.name
+    manifest = a.dist / "assignment.json"
+    if not (student.exists() and manifest.exists() and manifest.stat().st_mtime >= a.source.stat().st_mtime):
+        print(f"  building the assignment {a.name} (python -m bnviz.grading build)", flush=True)
+        subprocess.run([python, "-m", "bnviz.grading", "build", "--source", str(a.source),
+                        "--out", str(a.dist)], check=True, cwd=ROOT)
     return student
 
 
-ASSIGNMENT_INTRO = """\
-<p class="bnviz-runinfo">The <strong>student version</strong> of the graded assignment, exactly as
-<code>make assignment</code> hands it out: no solutions and no hidden tests. Students download
-<a href="batch_norm-student.zip">batch_norm-student.zip</a> (this notebook and its visible tests),
-run it in JupyterLab or Colab and check their work with <code>grader.check_all()</code>.
-Instructors: see the README of <code>notebooks/assignments/batch_norm/</code>.</p>"""
+def stage_assignment(src: Path, a: Assignment) -> None:
+    """The student version of assignment ``a`` as the page ``a.page``, its zip for download."""
+    import nbformat
+
+    nb = nbformat.read(student_notebook(assignment=a), as_version=4)
+    title = 1 if nb.cells and nb.cells[0].source.lstrip().startswith("# ") else 0
+    nb.cells.insert(title, _md(a.intro))
+    nbformat.write(nb, src / f"{a.page}.ipynb")
+    shutil.copy2(a.dist / a.zip_name, src / "notebooks" / a.zip_name)
 
 
 # ----------------------------------------------------------------------------- staging and Sphinx
@@ -550,12 +659,8 @@ def stage(src: Path, ctx: dict, executed: dict, urls: dict) -> None:
                          len(nb0.cells) - 1)
             extra = [(after, c) for c in reversed(replay_cells("bnviz_runs.json", h))]
         nbformat.write(site_notebook(executed[path.name], path.name, urls, extra), src / path.name)
-    student = student_notebook()
-    nb = nbformat.read(student, as_version=4)
-    title = 1 if nb.cells and nb.cells[0].source.lstrip().startswith("# ") else 0
-    nb.cells.insert(title, _md(ASSIGNMENT_INTRO))
-    nbformat.write(nb, src / "assignment.ipynb")
-    shutil.copy2(ASSIGNMENT_DIST / "batch_norm-student.zip", src / "notebooks" / "batch_norm-student.zip")
+    for a in ASSIGNMENTS:
+        stage_assignment(src, a)
     summary = _summary([executed[p.name].metadata.get("bnviz_run") for p in chapters()])
     values = dict(run_summary=summary, repository=urls["Repository"], install_spec=install_spec(urls),
                   repo_name=urls["Repository"].rstrip("/").rsplit("/", 1)[-1])

@@ -6,10 +6,13 @@ place the repository URL lives (pyproject's [project.urls]).
 * ``site``: builds the site in fast mode (``BNVIZ_FAST=1``; the chapters come from the execution
   cache that tests/test_notebooks.py fills, else they run here) and reads it: every page there,
   no address outside the site loaded by any page (it must work offline), no broken internal link
-  or anchor, the assignment page without solutions or hidden tests; then headless Chromium
+  or anchor, each assignment's page without solutions or hidden tests; then headless Chromium
   (Playwright, Debian's chromium) opens every page: no console error, no request that leaves
   the site, each chapter's figures drawn, the replay plays, search finds a word, and on a phone's
-  width nothing makes the page scroll sideways. Screenshots go to test-artifacts/.
+  width nothing makes the page scroll sideways; at the 688-px column and at 390 px every figure's
+  title, legend and controls sit inside it and off its plot areas, no code block on 01 and 05
+  scrolls sideways, and no chapter shows its setup cell, a raw warning or test scaffolding.
+  Screenshots go to test-artifacts/.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ from bnviz.history import load_histories, save_histories
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTER_PAGES = [p.stem + ".html" for p in site.chapters()]
-PAGES = ["index.html", *CHAPTER_PAGES, "assignment.html", "questions.html", "run-locally.html"]
+ASSIGNMENT_PAGES = [a.page + ".html" for a in site.ASSIGNMENTS]
+PAGES = ["index.html", *CHAPTER_PAGES, *ASSIGNMENT_PAGES, "questions.html", "run-locally.html"]
 
 
 # ----------------------------------------------------------------------------- the URL, once
@@ -100,6 +104,29 @@ def test_the_site_hides_setup_warnings_and_the_labs_scaffolding(path):
         assert len(session) == 2 and all("remove-output" in tags(c) for c in session)
     else:
         assert len(shown) == len(web.cells) - 1  # only the setup cell is hidden
+
+
+def test_a_chapters_own_figure_and_printed_banner_are_made_web_ready():
+    """A figure a chapter lays out itself (as 00 and 04 do: the data set in the title, plotly's
+    legend at the right) gets bnviz.figures' layout on the site; a row of '!' is dropped from
+    printed output. (Both shown on a 390-px phone by the Chromium tests below.)"""
+    import plotly.graph_objects as go
+
+    label = "SYNTHETIC data (not Fashion-MNIST)"
+    fig = go.Figure([go.Scatter(x=[1, 2], y=[0.3, 0.5], name="moving averages (eval mode)"),
+                     go.Scatter(x=[1, 2], y=[0.4, 0.6], name="recomputed on 2,000 images")])
+    fig.update_layout(height=360, title=f"Running estimates vs the true mean of one channel ({label})")
+    web, wide = site.web_figure(fig.to_plotly_json())
+    title = web["layout"]["title"]["text"]
+    lines = title.split("<br>")
+    assert title.count(label) == 1 and lines[-1] == f"<sup>data: {label}</sup>", title
+    assert all(len(line) <= 38 for line in lines[:-1]) and "(" not in lines[-2], title
+    assert web["layout"]["legend"]["yref"] == "container" and web["layout"]["legend"]["orientation"] == "h"
+    assert not wide and web["layout"]["height"] >= 360
+    done = site.web_figure(web)[0]
+    assert done["layout"]["title"]["text"] == title  # bnviz.figures' own figures are left as they are
+    out = nbformat.v4.new_output("stream", name="stdout", text="a\n" + "!" * 78 + "\nSYNTHETIC note\n" + "!" * 78 + "\n")
+    assert site._web_output(out)["text"] == "a\nSYNTHETIC note\n"
 
 
 def test_a_url_that_colab_cannot_open_is_refused(tmp_path):
@@ -245,7 +272,7 @@ def built(tmp_path_factory):
 @pytest.mark.timeout(1800)
 def test_every_page_is_built_and_states_its_run(built):
     for page in PAGES + ["search.html", "notebooks/00_start_here.ipynb", "bnviz_runs.json",
-                         "batch_norm-student.zip", "_static/plotly.min.js", "_static/mathjax/tex-chtml.js"]:
+                         *(a.zip_name for a in site.ASSIGNMENTS), "_static/plotly.min.js", "_static/mathjax/tex-chtml.js"]:
         assert (built / page).is_file(), f"{page} is missing from the site"
     urls = site.project_urls()
     for page in CHAPTER_PAGES:
@@ -303,9 +330,9 @@ def test_question_index_links_each_question_to_its_answer(built):
         assert qid in _parse(built / ref.split("#")[0]).ids, f"{ref}: no such anchor on the page"
 
 
-def _solution_and_hidden_lines() -> list[str]:
-    """Lines of the assignment's source that only its solutions and hidden tests contain."""
-    nb = nbformat.read(site.ASSIGNMENT_SRC, as_version=4)
+def _solution_and_hidden_lines(source: Path) -> list[str]:
+    """Lines of an assignment's source that only its solutions and hidden tests contain."""
+    nb = nbformat.read(source, as_version=4)
     secret, public, raw_solution = [], set(), False
     for cell in nb.cells:
         if cell.cell_type == "raw":
@@ -326,16 +353,27 @@ def _solution_and_hidden_lines() -> list[str]:
     return sorted({s for s in secret if len(s) >= 12 and s not in public})
 
 
+STUDENT_STUBS = {"batch_norm": "def batch_norm_forward(", "norms": "def bn_backward_graph("}
+
+
 @pytest.mark.site
-def test_assignment_page_is_the_student_version(built):
+@pytest.mark.parametrize("assignment", site.ASSIGNMENTS, ids=lambda a: a.name)
+def test_assignment_page_is_the_student_version(built, assignment):
+    """Each assignment (issue 26: the second one too) has its page, listed on the index, with
+    the student version: the question stubs, no solution line, no hidden test."""
     import html as html_lib
 
-    text = html_lib.unescape(re.sub(r"<[^>]+>", "", (built / "assignment.html").read_text()))
-    secret = _solution_and_hidden_lines()
+    page = built / f"{assignment.page}.html"
+    assert page.is_file(), f"{page.name}: no page for the assignment {assignment.name}"
+    text = html_lib.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+    secret = _solution_and_hidden_lines(assignment.source)
     assert len(secret) > 30, "the solution and hidden-test lines could not be read from the source"
-    leaked = [s for s in secret if s in text]
-    assert not leaked, f"the assignment page shows solution or hidden-test lines: {leaked[:5]}"
-    assert "def batch_norm_forward(" in text and 'grader.check("q1")' in text
+    shown = {line.strip() for line in text.splitlines()}  # whole lines: `_g = ...` is not the secret `g = ...`
+    leaked = [s for s in secret if s in shown]
+    assert not leaked, f"the {assignment.name} page shows solution or hidden-test lines: {leaked[:5]}"
+    assert STUDENT_STUBS[assignment.name] in text and 'grader.check("q1")' in text
+    assert f'href="{assignment.page}.html"' in (built / "index.html").read_text(), "the index does not link it"
+    assert (built / assignment.zip_name).is_file(), f"{assignment.zip_name} is not served by the site"
 
 
 # ----------------------------------------------------------------------------- in Chromium
@@ -494,38 +532,45 @@ JS_LAYOUT = """() => {
         const n = (ax._vals || []).filter(v => v.text && String(v.text).trim()).length;
         if (n < 2) problems.push(k + ': a log axis with ' + n + ' tick label(s)');
       }
+    // the plot areas (one per subplot) from plotly's axes: no legend, title or slider drawn over one
+    const o = gd.querySelector('svg.main-svg').getBoundingClientRect(), fl = gd._fullLayout;
+    const areas = ((fl._subplots || {}).cartesian || []).map(id => {
+      const m = id.match(/^x([0-9]*)y([0-9]*)$/), xa = fl['xaxis' + m[1]], ya = fl['yaxis' + m[2]];
+      return [id, {l: o.left + xa._offset, r: o.left + xa._offset + xa._length,
+                   t: o.top + ya._offset, b: o.top + ya._offset + ya._length}];
+    });
+    for (const [what, r] of parts)
+      if (['title', 'legend', 'slider', 'buttons'].includes(what))
+        for (const [id, a] of areas) if (hit(r, a)) problems.push(what + ' over the plot area ' + id);
     const legendText = Array.from(gd.querySelectorAll('.legend text')).map(t => t.textContent).join(' | ');
     if ((legendText.match(/SYNTHETIC/g) || []).length) problems.push('the legend repeats the data set');
     return {name, width: Math.round(svg.w), replay: !!gd.closest('.bnviz-replay'), problems};
   });
 }"""
 
-LAYOUT_PAGES = ["03_lab.html", "05_optimisation.html", "06_architecture.html", "07_batches.html"]
+FIGURE_PAGES = CHAPTER_PAGES  # a page without a figure costs one visit
+WIDTHS = pytest.mark.parametrize("width", [1280, 390], ids=["688-px column", "390-px phone"])
 
 
 @pytest.mark.site
 @pytest.mark.browser
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("width", [1280, 390], ids=["688-px column", "390-px phone"])
+@WIDTHS
 def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, width):
-    """Every figure of 03 and 05-07: its title, legend, slider and buttons inside the figure, no two
-    of them (nor subplot titles, annotations, axis titles) drawn over each other, log axes with
-    more than one tick label, the data set not repeated in legends; the page shows no setup cell,
-    no raw warning and no test scaffolding. Screenshots of every figure go to
-    test-artifacts/."""
+    """Every figure of the chapters that draw plotly figures: its title, legend, slider and buttons
+    inside the figure and off every plot area, no two of them (nor subplot titles, annotations,
+    axis titles) drawn over each other, log axes with more than one tick label, the data set not
+    repeated in legends; the replay's buttons, step slider and legend apart. Screenshots of every
+    figure go to test-artifacts/."""
     from browser_helpers import shot
 
     page = browser_page
     page.set_viewport_size({"width": width, "height": 900})
     failures = {}
     try:
-        for name in LAYOUT_PAGES:
+        for name in FIGURE_PAGES:
             assert not _visit(page, f"{served}/{name}")
             page.wait_for_timeout(400)
-            text = page.inner_text("article")
-            for leak in ("google.colab", "UserWarning", "!!!!", "assert history.status", "lab.run_clicked()"):
-                if leak in text:
-                    failures.setdefault(name, []).append(f"the page shows {leak!r}")
             figures = page.evaluate(JS_LAYOUT)
             if width == 1280:
                 widths = {f["width"] for f in figures if not f["replay"]}
@@ -538,8 +583,54 @@ def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, 
                 boxes.nth(k).scroll_into_view_if_needed()
                 boxes.nth(k).screenshot(path=str(_artifact(f"site-{name[:2]}-{width}-fig{k}.png")))
             if name == "03_lab.html":
+                assert any(f["replay"] for f in figures), "no replay on the lab page"
                 page.locator(".bnviz-replay").first.screenshot(path=str(_artifact(f"site-replay-{width}.png")))
         shot(page, f"site-07-{width}", full_page=False)
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+    assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)[:8000]
+
+
+JS_READER = """() => {
+  const article = document.querySelector('article') || document.body;
+  const inputs = Array.from(article.querySelectorAll('div.cell_input pre, div.cell_input .highlight pre'));
+  const code = inputs.map(p => p.textContent);
+  const scrolls = inputs.filter(p => p.scrollWidth > p.clientWidth + 1)
+    .map(p => p.scrollWidth - p.clientWidth + 'px: ' + p.textContent.split('\\n').sort((a, b) => b.length - a.length)[0].slice(0, 60));
+  return {text: article.innerText, code: code, blocks: inputs.length, scrolls: scrolls};
+}"""
+
+# what a web reader must not see: the Colab setup cell, a raw warning (with the building machine's
+# paths) or its row of '!', and on the lab page the headless check (asserts, its tiny run)
+LEAKS = ("google.colab", "%pip install", "UserWarning", "Warning:", "!!!!", "site-packages/", "/work/",
+         "lab.run_clicked()", "assert history.status")
+
+
+@pytest.mark.site
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+@WIDTHS
+def test_a_reader_sees_readable_code_and_no_setup_warning_or_test_scaffolding(served, browser_page, width):
+    """On every chapter page: no setup cell, no raw warning, no test scaffolding (no `assert` in
+    the lab's published code); on 01 and 05 (the pages with the most code) no code block scrolls
+    sideways (scrollWidth <= clientWidth) in the 688-px column or on a 390-px phone."""
+    page = browser_page
+    page.set_viewport_size({"width": width, "height": 900})
+    failures = {}
+    try:
+        for name in CHAPTER_PAGES:
+            assert not _visit(page, f"{served}/{name}")
+            seen = page.evaluate(JS_READER)
+            assert seen["blocks"] > 0, f"{name}: no code block found (has the page's HTML changed?)"
+            problems = [f"the page shows {leak!r}" for leak in LEAKS if leak in seen["text"]]
+            if name.startswith("03_"):
+                problems += [f"test scaffolding published: {c[:80]!r}" for c in seen["code"]
+                             if re.search(r"^\s*assert\b", c, re.M)]
+            if name[:2] in ("01", "05") and seen["scrolls"]:
+                problems.append(f"{len(seen['scrolls'])} of {seen['blocks']} code blocks scroll sideways: "
+                                f"{seen['scrolls'][:4]}")
+            if problems:
+                failures[name] = problems
     finally:
         page.set_viewport_size({"width": 1280, "height": 900})
     assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)[:8000]
