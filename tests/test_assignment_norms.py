@@ -581,3 +581,33 @@ def test_assignment_one_probes_still_dispatch():
     worker.run_probes(ns, Recorder(), torch, [p for t in tests for p in t.probes], {"q2"}, lambda: seen.append("switch"))
     switch = seen.index("switch")  # the strict pass blocks autograd here: q2's probes must all come after
     assert "q2" not in seen[:switch] and "q2" in seen[switch:] and set(seen[switch + 1:]) <= {"q1", "q2"}
+
+
+def test_student_seeds_follow_one_convention_and_the_class_secret_stays_out(tmp_path, monkeypatch):
+    """The notebook's seeds cell (student side) and student_seeds.seeds_for (instructor side) agree;
+    the build's stamp writes a salt derived from the class secret, never the secret itself."""
+    from bnviz.grading import student_seeds
+
+    monkeypatch.delenv(student_seeds.SECRET_ENV, raising=False)
+    assert student_seeds.class_salt() == student_seeds.PUBLIC_SALT
+    secret = "instructor-secret-Xq7"
+    salt = student_seeds.class_salt(secret)
+    assert secret not in salt and salt != student_seeds.class_salt("another-secret")
+    monkeypatch.setenv(student_seeds.SECRET_ENV, secret)
+    assert student_seeds.class_salt() == salt
+    nb_path = tmp_path / "norms.ipynb"
+    nb_path.write_text(SOURCE.read_text())
+    assert student_seeds.stamp_notebook(nb_path, salt)
+    text = nb_path.read_text()
+    cell = next("".join(c["source"]) for c in json.loads(text)["cells"] if "def student_seeds" in "".join(c["source"]))
+    assert secret not in text and f'SEED_SALT = "{salt}"' in cell
+    import os
+
+    for sid in ("alice", " bob "):
+        ns = {"os": os, "STUDENT_ID": sid, "grader": None}
+        exec(compile(cell, "<seeds cell>", "exec"), ns)
+        assert ns["SEEDS"] == student_seeds.seeds_for(salt, sid) and ns["GRADING"] is True
+    assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(salt, "bob")
+    assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(student_seeds.PUBLIC_SALT, "alice")
+    with pytest.raises(ValueError, match="salt"):
+        student_seeds.stamp_notebook(nb_path, 'x" ; import os #')

@@ -29,7 +29,7 @@ from pathlib import Path
 PUBLIC_SALT = "bnviz-norms-public-salt"
 SECRET_ENV = "BNVIZ_CLASS_SECRET"
 N_SEEDS = 3
-_SALT_LINE = re.compile(r'^SEED_SALT = "[^"\n]*"$', re.M)
+_SALT_LINE = re.compile(r'^SEED_SALT = "[^"\n]*"', re.M)
 
 
 def class_salt(secret: str | bytes | None = None) -> str:
