@@ -27,6 +27,9 @@ def _cells():
     return [(c["cell_type"], "".join(c["source"])) for c in json.loads(SOURCE.read_text())["cells"]]
 
 
+PROVIDED = ("def rel_error_check", "def bn_forward_reference", "def student_seeds", "class Norm(")  # handed-out cells
+
+
 def _solution_sources() -> list[str]:
     """The provided helpers and every code cell between # BEGIN SOLUTION and # END SOLUTION."""
     out, inside = [], False
@@ -35,14 +38,21 @@ def _solution_sources() -> list[str]:
             inside = True
         elif kind == "raw" and src.startswith("# END SOLUTION"):
             inside = False
-        elif kind == "code" and (inside or "def rel_error_check" in src or "def bn_forward_reference" in src):
+        elif kind == "code" and (inside or any(k in src for k in PROVIDED)):
             out.append(src)
     return out
 
 
 @pytest.fixture(scope="module")
 def solution() -> dict:
-    ns: dict = {"__name__": "__main__"}
+    return fresh_solution()
+
+
+def fresh_solution() -> dict:
+    """The solution's namespace (its functions look names up in it: a planted bug replaces one for all)."""
+    import os  # the setup cell's; no `grader` here, so the seeds cell reads GRADING = True (no experiments)
+
+    ns: dict = {"__name__": "__main__", "os": os, "STUDENT_ID": "s-test", "grader": None}
     for src in _solution_sources():
         exec(compile(src, "<solution>", "exec"), ns)
     return ns
@@ -71,7 +81,8 @@ def test_solution_scores_full_marks(solution):
     results = checker_norms.judge_all(tests, run_in_process(dict(solution), tests))
     failed = {r["name"]: r["reason"] for r in results if not r["passed"]}
     assert failed == {}
-    assert checker_norms.question_points(tests) == {"q1": 6, "q2": 4, "q3": 4, "q4": 6, "q5": 7, "q6": 3, "q9": 3}
+    assert checker_norms.question_points(tests) == {"q1": 6, "q2": 4, "q3": 4, "q4": 6, "q5": 7, "q6": 3, "q7": 3, "q8": 2,
+                                                     "q9": 3}
 
 
 def _notebook_tests():
@@ -327,11 +338,63 @@ def recompute_bn_stats(model, batches):
 }
 
 
+BUGS["q7"] = [
+    ("output layer scaled too", """
+def build_init_model(norm, scale, seed, depth=8, width=64, d_in=784, n_out=10):
+    model = _good_build(norm, scale, seed, depth, width, d_in, n_out)
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+    return model
+""", "must not depend on the init scale"),
+    ("init scale ignored", """
+def build_init_model(norm, scale, seed, depth=8, width=64, d_in=784, n_out=10):
+    return _good_build(norm, 1.0, seed, depth, width, d_in, n_out)
+""", "gave the same output"),
+    ("batches from the global generator",  # the q7 solution cell with torch.randint(..) lacking generator=g
+     next(src for src in _solution_sources() if "def run_init_experiment" in src).replace(
+         "(batch_size,), generator=g)", "(batch_size,))"), "the same seeds gave different results"),
+    ("results transposed", """
+def run_init_experiment(*args, **kwargs):
+    r = _good_run(*args, **kwargs)
+    return dict(r, final_loss=r["final_loss"].T, final_acc=r["final_acc"].T)
+""", "final_loss (shape (len(scales), len(seeds))) has shape (2, 3), expected (3, 2)"),
+    ("seeds cell edited", """
+def student_seeds(student_id, n=3, salt=None):
+    return [1, 2, 3][:n]
+""", "student_seeds does not follow the seeds cell's convention"),
+]
+BUGS["q8"] = [
+    ("floor instead of ceil", """
+def plan_runs(batch_sizes, budget):
+    p = _good_plan(batch_sizes, budget)
+    return {k: {b: budget // b if k == "equal_examples" else budget // max(batch_sizes) for b in v} for k, v in p.items()}
+""", "returned"),
+    ("equal steps of the smallest batch", """
+def plan_runs(batch_sizes, budget):
+    p = _good_plan(batch_sizes, budget)
+    return dict(p, equal_steps={b: p["equal_examples"][min(batch_sizes)] for b in batch_sizes})
+""", "expected"),
+    ("float steps", """
+def plan_runs(batch_sizes, budget):
+    return {"equal_examples": {b: budget / b for b in batch_sizes},
+            "equal_steps": {b: budget / max(batch_sizes) for b in batch_sizes}}
+""", "int steps"),
+    ("no validation", """
+def plan_runs(batch_sizes, budget):
+    largest = -(-budget // max(batch_sizes, default=1) if batch_sizes else 1)
+    return {"equal_examples": {b: -(-budget // b) if b else 0 for b in batch_sizes},
+            "equal_steps": {b: largest for b in batch_sizes}}
+""", "must raise a ValueError"),
+]
+
+
 @pytest.mark.parametrize("question,bug,source,message",
                          [(q, b, s, m) for q, bugs in BUGS.items() for b, s, m in bugs],
                          ids=[f"{q}-{b}" for q, bugs in BUGS.items() for b, _, _ in bugs])
 def test_planted_bug_fails_with_a_clear_message(solution, question, bug, source, message):
-    ns = copy.copy(solution)
+    ns = fresh_solution()
+    ns.update(_good_build=solution["build_init_model"], _good_run=solution["run_init_experiment"],
+              _good_plan=solution["plan_runs"])
     exec(compile(source, f"<{bug}>", "exec"), ns)
     failed = failures(ns, question)
     assert failed, f"planted bug {bug!r} passed every {question} test"
@@ -454,7 +517,7 @@ def test_source_notebook_format():
     assert kinds[0][0] == "raw" and kinds[0][1].startswith("# ASSIGNMENT CONFIG")
     assert kinds[2][0] == "code" and kinds[2][1].lstrip().startswith("# Your student id") and "STUDENT_ID" in kinds[2][1]
     allowed = {"torch", "matplotlib", "otter", "glob", "os", "sys", "zipfile", "subprocess", "time", "contextlib",
-               "io", "copy", "math"}
+               "io", "copy", "math", "hashlib", "hmac", "torchvision", "bnviz"}  # torchvision / bnviz: load_data only
     for kind, src in kinds:
         if kind == "code":
             for node in ast.walk(ast.parse(src)):
@@ -518,3 +581,33 @@ def test_assignment_one_probes_still_dispatch():
     worker.run_probes(ns, Recorder(), torch, [p for t in tests for p in t.probes], {"q2"}, lambda: seen.append("switch"))
     switch = seen.index("switch")  # the strict pass blocks autograd here: q2's probes must all come after
     assert "q2" not in seen[:switch] and "q2" in seen[switch:] and set(seen[switch + 1:]) <= {"q1", "q2"}
+
+
+def test_student_seeds_follow_one_convention_and_the_class_secret_stays_out(tmp_path, monkeypatch):
+    """The notebook's seeds cell (student side) and student_seeds.seeds_for (instructor side) agree;
+    the build's stamp writes a salt derived from the class secret, never the secret itself."""
+    from bnviz.grading import student_seeds
+
+    monkeypatch.delenv(student_seeds.SECRET_ENV, raising=False)
+    assert student_seeds.class_salt() == student_seeds.PUBLIC_SALT
+    secret = "instructor-secret-Xq7"
+    salt = student_seeds.class_salt(secret)
+    assert secret not in salt and salt != student_seeds.class_salt("another-secret")
+    monkeypatch.setenv(student_seeds.SECRET_ENV, secret)
+    assert student_seeds.class_salt() == salt
+    nb_path = tmp_path / "norms.ipynb"
+    nb_path.write_text(SOURCE.read_text())
+    assert student_seeds.stamp_notebook(nb_path, salt)
+    text = nb_path.read_text()
+    cell = next("".join(c["source"]) for c in json.loads(text)["cells"] if "def student_seeds" in "".join(c["source"]))
+    assert secret not in text and f'SEED_SALT = "{salt}"' in cell
+    import os
+
+    for sid in ("alice", " bob "):
+        ns = {"os": os, "STUDENT_ID": sid, "grader": None}
+        exec(compile(cell, "<seeds cell>", "exec"), ns)
+        assert ns["SEEDS"] == student_seeds.seeds_for(salt, sid) and ns["GRADING"] is True
+    assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(salt, "bob")
+    assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(student_seeds.PUBLIC_SALT, "alice")
+    with pytest.raises(ValueError, match="salt"):
+        student_seeds.stamp_notebook(nb_path, 'x" ; import os #')

@@ -36,7 +36,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from . import rules, similarity, variants, variants_norms_nb
+from . import rules, similarity, student_seeds, variants, variants_norms_nb
 from .layout import DEFAULT_DIST, SOURCE_ENV, default_source  # noqa: F401 (re-exported)
 from .text import natural_key
 from .variants import Variant
@@ -224,7 +224,7 @@ def _otter_assign(source: Path, out: Path, timeout_s: float, variant: Variant) -
 # the keys build writes; any other key of an existing assignment.json (``late``, an instructor's own) is
 # the instructor's and is carried over by a rebuild
 GENERATED_KEYS = ("source", "notebook", "autograder_zip", "student_notebook", "student_zip", "questions",
-                  "autograded_points", "manual_points", "forbidden", "variant")
+                  "autograded_points", "manual_points", "forbidden", "variant", "seed_salt")
 
 
 def instructor_keys(out: Path) -> dict[str, Any]:
@@ -252,6 +252,7 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     if one fails. Nothing is written next to the source notebook. ``variant``: None for PyTorch's
     conventions, a secret string (``variants.derive``) or a ``Variant``.
     """
+    seed_salt = student_seeds.class_salt(variant if isinstance(variant, str) else None)  # never the secret itself
     if variants_norms_nb.is_norms_source(source or default_source()):  # assignment 2's own conventions
         variant = variants_norms_nb.resolve(variant)
     else:
@@ -266,6 +267,7 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     out.mkdir(parents=True, exist_ok=True)
     _otter_assign(source, out, timeout_s, variant)
     _record_variant(out / "student" / source.name, variant)
+    stamped = student_seeds.stamp_notebook(out / "student" / source.name, seed_salt)  # norms: the experiments' seeds
     # the public solution's answer code (the source notebook, never the variant's): similarity.py compares with it
     (out / "public_answers.py").write_text(similarity.answer_code(json.loads(source.read_text(encoding="utf-8"))),
                                            encoding="utf-8")
@@ -292,6 +294,7 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
         "forbidden": {q: sorted(f) for q, f in rules.DEFAULT_RULES.items()},
         # the conventions the tests and `grade` follow (variants.py); the secret is not stored
         "variant": variant.to_dict(),
+        **({"seed_salt": seed_salt} if stamped else {}),  # student_seeds.py: each student's experiment seeds
         **kept,  # the late policy and the instructor's own keys of the previous assignment.json
     }
     (out / "assignment.json").write_text(json.dumps(manifest, indent=2))

@@ -5,8 +5,8 @@ float64 inputs and returns ``TestCase``s whose probes the sandboxed worker runs 
 kind ``call``: ``worker.probe_call``) and whose judges compare the outputs with references computed
 here with PyTorch itself: autograd on float64 graphs, ``F.layer_norm``, ``F.group_norm``,
 ``F.instance_norm``, central differences and closed-form gradients, and ``nn.BatchNorm`` with
-``momentum=None`` for the recomputed statistics. Questions 7 and 8 (the experiments) are not
-written yet (issue 26).
+``momentum=None`` for the recomputed statistics. Questions 7 and 8 (the experiments, never re-run
+here: tiny probes only) live in ``checker_norms_experiments.py``.
 
 Conventions the notebook states: a batch-norm cache is the dict of graph nodes the provided
 ``bn_forward_reference`` returns; LayerNorm normalises each example over every axis but 0 with
@@ -26,6 +26,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from . import checker_norms_experiments as experiments
+from .call_probes import _call, _calls, _fn, _out
 from .checker import Fail, TestCase, _is_tensor, _probe_result, judge_all, question_points  # noqa: F401
 from . import variants_norms
 from .variants import Variant
@@ -41,8 +43,9 @@ RULES = {"q1": {"autograd"}, "q2": {"autograd"}, "q4": {"autograd"}, "q5": {"aut
 # answer name -> question, for the source scan (the counterpart of rules.ANSWERS)
 ANSWERS = {"bn_backward_graph": "q1", "bn_backward_simplified": "q2", "numerical_gradient": "q3", "rel_error": "q3",
            "layer_norm_forward": "q4", "layer_norm_backward": "q4", "group_norm_forward": "q5",
-           "group_norm_backward": "q5", "concepts": "q6", "recompute_bn_stats": "q9"}
-MANUAL = {"q2w": 3, "q3w": 1, "q6w": 2, "q9w": 2}  # graded by hand (rubrics in the notebook)
+           "group_norm_backward": "q5", "concepts": "q6", "build_init_model": "q7", "run_init_experiment": "q7",
+           "plan_runs": "q8", "train_run": "q8", "recompute_bn_stats": "q9"}
+MANUAL = {"q2w": 3, "q3w": 1, "q6w": 2, "q7w": 7, "q8w": 7, "q9w": 2}  # graded by hand (rubrics in the notebook)
 
 
 def _f64(*shape, g):
@@ -51,32 +54,6 @@ def _f64(*shape, g):
 
 def _pos(*shape, g):
     return torch.rand(*shape, dtype=torch.float64, generator=g) + 0.5
-
-
-def _call(pid, phase, *calls):
-    return {"id": pid, "kind": "call", "phase": phase, "calls": list(calls)}
-
-
-def _fn(name, *args, expect_error=False, return_args=False, **kwargs):
-    return {"fn": name, "args": list(args), "kwargs": kwargs, "expect_error": expect_error, "return_args": return_args}
-
-
-def _calls(outputs, pid) -> list:
-    calls = _probe_result(outputs, pid).get("calls")
-    if not isinstance(calls, list):
-        raise Fail("malformed result")
-    return calls
-
-
-def _out(outputs, pid, k=0, n=None, what="the function"):
-    """Output of call k (a list of n values when n is given)."""
-    calls = _calls(outputs, pid)
-    if len(calls) <= k or not isinstance(calls[k], dict) or "out" not in calls[k]:
-        raise Fail(f"{what} did not return")
-    out = calls[k]["out"]
-    if n is not None and (not isinstance(out, list) or len(out) != n):
-        raise Fail(f"{what} must return {n} values")
-    return out
 
 
 def _rel(a, b, name) -> float:
@@ -659,7 +636,7 @@ def _q9_cases():
 
 
 QUESTIONS = {"q1": _q1_cases, "q2": _q2_cases, "q3": _q3_cases, "q4": _q4_cases, "q5": _q5_cases,
-             "q6": _q6_cases, "q9": _q9_cases}
+             "q6": _q6_cases, "q7": experiments.q7_cases, "q8": experiments.q8_cases, "q9": _q9_cases}
 
 
 VARIANT_QUESTIONS = {"q4", "q5"}  # their case lists take the class variant (variants_norms.py)
