@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from bnviz.grading import checker_norms, variants, variants_norms
 from bnviz.grading.variants_norms import NormsVariant
-from test_assignment_norms import _solution_sources, run_in_process
+from test_assignment_norms import fresh_solution, run_in_process
 
 SECRET = "test-class-0"
 
@@ -155,10 +155,7 @@ def test_variant_references_are_pytorch_on_permuted_tensors():
 
 @functools.lru_cache(maxsize=1)
 def _public_ns() -> dict:
-    ns: dict = {"__name__": "__main__"}
-    for src in _solution_sources():
-        exec(compile(src, "<solution>", "exec"), ns)
-    return ns
+    return fresh_solution()  # the public solution's namespace, as test_assignment_norms builds it
 
 
 def _key_ns(v: NormsVariant) -> dict:
@@ -176,7 +173,7 @@ def _score(ns: dict, v: NormsVariant, seed: int, questions=None) -> tuple[float,
     return sum(r["points"] for r in judged if r["passed"]), {r["name"]: r["reason"] for r in judged if not r["passed"]}
 
 
-TOTAL = 33.0  # autograded points of questions 1-6 and 9
+TOTAL = 38.0  # autograded points of questions 1-9 (q7, q8: the experiments' probes)
 Q45 = 13.0  # the points of questions 4 and 5, the ones the conventions touch
 
 
