@@ -332,3 +332,94 @@ def test_a_forged_report_and_the_wrong_notebook_score_nothing(graded):
     assert big["total"] == 0 and "report was rejected" in big["error"], big["error"]
     wrong = res["wrong_assignment"]  # assignment 1's answer key handed in for assignment 2
     assert wrong["total"] == 0 and "bn_backward_graph is not defined" in json.dumps(wrong["failed_tests"])
+
+
+# ------------------------------------------------------------------ Gradescope: the same checker in the zip
+
+
+def test_gradescope_zip_grades_the_answer_key_with_the_norms_checker(norms_dist, bwrap, tmp_path):
+    """``make gradescope ASSIGNMENT=norms``: the zip ships the name and checker_norms; its
+    run_autograder gives the answer key every test of checker_norms, in Gradescope's format."""
+    from bnviz.grading import checker_norms, cli
+    from test_grading_gradescope import Autograder, check_results
+
+    dist, manifest = norms_dist
+    zip_path = tmp_path / "autograder.zip"
+    assert cli.main(["gradescope", "--dist", str(dist), "--out", str(zip_path)]) == 0
+    ag = Autograder(zip_path, json.loads((dist / "autograder" / "norms.ipynb").read_text()))
+    try:
+        assert json.loads((ag.root / "source" / "dist" / "assignment.json").read_text())["assignment"] == "norms"
+        data, _ = ag.run()
+    finally:
+        ag.close()
+    assert check_results(data) == [], check_results(data)
+    names = [t.name for t in checker_norms.make_tests(0)]
+    assert [t["name"].replace(" (hidden)", "") for t in data["tests"]] == names
+    assert data["score"] == manifest["autograded_points"] and all(t["status"] == "passed" for t in data["tests"])
+
+
+# ------------------------------------------------------------------ the wiring, without a sandbox
+
+
+def test_the_assignment_is_picked_by_name_and_an_unknown_one_is_refused(tmp_path):
+    from bnviz.grading import assignments, checker, checker_norms, cli, grade
+
+    assert assignments.checker_of(assignments.name_of({})) is checker  # built before assignment 2
+    assert assignments.checker_of(assignments.name_of({"assignment": "norms"})) is checker_norms
+    with pytest.raises(ValueError, match=r"unknown assignment 'layer_norms': grading knows batch_norm, norms"):
+        assignments.name_of({"assignment": "layer_norms"})
+    (tmp_path / "subs").mkdir()
+    with pytest.raises(ValueError, match="grading knows batch_norm, norms"):
+        grade.grade_folder(tmp_path / "subs", tmp_path / "grades", assignment="layer_norms")
+    assert not (tmp_path / "grades").exists()  # refused before anything was written
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    (dist / "assignment.json").write_text(json.dumps({"assignment": "layer_norms", "student_notebook": "s.ipynb"}))
+    with pytest.raises(SystemExit):
+        cli.main(["grade", str(tmp_path / "subs"), "--dist", str(dist), "--out", str(tmp_path / "grades")])
+    assert not (tmp_path / "grades").exists()
+
+
+def test_a_variant_of_norms_is_refused_before_anything_is_built(tmp_path):
+    from bnviz.grading import build
+
+    with pytest.raises(ValueError, match="assignment 'norms' has no class variants yet"):
+        build.build_assignment(tmp_path / "dist", REPO / "notebooks" / "assignments" / "norms" / "norms.ipynb",
+                               variant="our class secret")
+    assert not (tmp_path / "dist").exists()
+
+
+def test_the_strict_plan_keeps_batch_norm_for_q9_and_refuses_it_with_autograd():
+    """Assignment 1: batch norm refused for the whole strict pass (as before). Assignment 2: the
+    norm kernels only from the probes of q1, q2, q4, q5 on (they also forbid autograd), so q9's
+    nn.BatchNorm runs; a kernel forbidden in a question that allows autograd is refused throughout."""
+    from bnviz.grading import assignments
+
+    assert assignments.strict_plan(assignments.rules_of("batch_norm")) == {
+        "batch_norm": True, "kernels": ["batch_norm"], "late_kernels": [], "autograd_phases": ["q2"]}
+    assert assignments.strict_plan(assignments.rules_of("norms")) == {
+        "batch_norm": False, "kernels": [], "late_kernels": ["batch_norm", "group_norm", "layer_norm"],
+        "autograd_phases": ["q1", "q2", "q4", "q5"]}
+    mixed = assignments.strict_plan({"q1": {"autograd", "layer_norm"}, "q3": {"layer_norm"}})
+    assert mixed["kernels"] == ["layer_norm"] and mixed["late_kernels"] == []
+    assert assignments.strict_plan({}) is None
+
+
+def test_the_scan_follows_answers_not_an_answers_own_local_names():
+    """A scratch cell binding ``y = F.group_norm(...)`` is not the ``y`` inside group_norm_forward
+    (the answer key's own local name: it was flagged before ``_local_names``); an alias reached
+    through ``global`` or a nested function still is."""
+    from bnviz.grading import checker_norms, rules
+
+    scratch = (0, "import torch.nn.functional as F\nx = torch.randn(2, 4, 3, 3)\ny = F.group_norm(x, 2)\n")
+    answer = (1, "def group_norm_forward(x, gamma, beta, G, eps=1e-5):\n    y = x * gamma\n    return y, None\n")
+    assert rules.scan([scratch, answer], checker_norms.ANSWERS) == {}
+    sneaky = (1, "def group_norm_forward(x, gamma, beta, G, eps=1e-5):\n    def inner():\n        y = 1\n"
+                 "    return y(x, G), None\n")
+    assert rules.scan([scratch, sneaky], checker_norms.ANSWERS) == {"q5": {"group_norm": "cell 0 line 3"}}
+    default = (1, "def group_norm_forward(x, gamma, beta, G, eps=1e-5, y=y):\n    return y(x, G), None\n")
+    assert rules.scan([scratch, default], checker_norms.ANSWERS) == {"q5": {"group_norm": "cell 0 line 3"}}
+    aliased = (1, "from torch.nn.functional import layer_norm as _ln\n"
+                  "def layer_norm_forward(x, gamma, beta, eps=1e-5):\n    return _ln(x, x.shape[1:]), None\n")
+    assert rules.scan([aliased], checker_norms.ANSWERS) == {"q4": {"layer_norm": "cell 1 line 1"}}
+    assert rules.scan([aliased]) == {}  # assignment 1's answer names: not an answer there

@@ -144,6 +144,16 @@ def _local_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
     return names - declared
 
 
+def _outer_loads(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """Names a ``def`` statement evaluates outside the function's scope: defaults, decorators,
+    annotations (``def f(x, ln=ln)``: the default is the top-level ``ln``, the parameter local)."""
+    a = fn.args
+    params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p]
+    outer = [*a.defaults, *(d for d in a.kw_defaults if d), *fn.decorator_list, fn.returns,
+             *(p.annotation for p in params)]
+    return {n.id for e in outer if e is not None for n in ast.walk(e) if isinstance(n, ast.Name)}
+
+
 def _top_level(tree: ast.Module):
     """Top-level statements, looking inside module-level if/try/for/with blocks."""
     for node in tree.body:
@@ -172,7 +182,7 @@ def scan(cells: list[tuple[int, str]], answers: dict[str, str] | None = None) ->
             uses = _Uses()
             uses.visit(node.value if isinstance(node, ast.Assign) else node)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                uses.names -= _local_names(node)
+                uses.names = (uses.names - _local_names(node)) | _outer_loads(node)
             where = {f: f"cell {index} line {line}" for f, line in uses.features.items()}
             for name in names:
                 bindings.setdefault(name, []).append((where, uses.names))
