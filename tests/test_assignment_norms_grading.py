@@ -216,11 +216,35 @@ def group_norm_forward(x, gamma, beta, G, eps=1e-5):
     cache = _gn_cache(x, gamma, G, eps)
     return getattr(F, "group" + "_norm")(x, G, gamma, beta, eps), cache
 '''
+# the probes' inputs found up the frames while the cells run, LayerNorm computed for them there and
+# handed back by the probes: only refusing the kernel during the cells too (not just during q4's
+# probes) withholds it (shown by grading it with layer_norm in assignments.NEEDS: q4 kept its 6)
+PRECOMPUTE = _HIDDEN_FWD + r"""
+import sys
+_ln, _pre = getattr(F, "layer" + "_norm"), {}
+def _request():
+    f = sys._getframe()
+    while f is not None and not isinstance(f.f_locals.get("request"), dict):
+        f = f.f_back
+    return f.f_locals["request"] if f is not None else {"probes": []}
+for _pp in _request()["probes"]:  # names of its own: the notebook's check cells bind _x, _g, ...
+    for _pc in _pp.get("calls", []):
+        if _pc.get("fn") == "layer_norm_forward" and all(isinstance(a, torch.Tensor) for a in _pc["args"][:3]):
+            _px, _pg, _pb = _pc["args"][:3]
+            try:
+                _pre[_px.numpy().tobytes()] = _ln(_px, _px.shape[1:], _pg, _pb, 1e-5)
+            except Exception:
+                pass
+
+def layer_norm_forward(x, gamma, beta, eps=1e-5):
+    y = _pre.get(x.numpy().tobytes())
+    return (_ln(x, x.shape[1:], gamma, beta, eps) if y is None else y), _ln_cache(x, gamma, eps)
+"""
 GN_CELL = "def group_norm_forward"
 SUBMISSIONS = {  # name -> (cell to insert after, source)
     "honest_broadcast": (GN_CELL, BROADCAST),
     "direct": (GN_CELL, DIRECT), "aliases": (GN_CELL, ALIASES), "aten": (GN_CELL, ATEN),
-    "autograd": (GN_CELL, AUTOGRAD), "tamper_tripwires": (GN_CELL, TAMPER),
+    "autograd": (GN_CELL, AUTOGRAD), "tamper_tripwires": (GN_CELL, TAMPER), "precompute": (GN_CELL, PRECOMPUTE),
     "report_big_string": ("import time", REPORT_BIG_STRING),
 }
 
@@ -301,11 +325,11 @@ def test_forbidden_calls_in_plain_sight_are_withheld_by_the_scan(graded):
     assert all(r["scores"][q] == full[q] for q in full if q not in ("q4", "q5")), r["scores"]
 
 
-@pytest.mark.parametrize("name", ["aliases", "aten", "tamper_tripwires"])
+@pytest.mark.parametrize("name", ["aliases", "aten", "tamper_tripwires", "precompute"])
 def test_aliased_kernels_are_withheld_by_the_strict_rerun(graded, name):
     res, manifest = graded
     r, full = res[name], _full(manifest)
-    questions = ["q5"] if name == "tamper_tripwires" else ["q4", "q5"]
+    questions = {"tamper_tripwires": ["q5"], "precompute": ["q4"]}.get(name, ["q4", "q5"])
     for q in questions:
         assert _withheld(r, q, full[q]), (name, q, r["scores"], r["flags"])
     assert "in the source" not in r["flags"], r["flags"]  # the names were built at run time
@@ -313,7 +337,7 @@ def test_aliased_kernels_are_withheld_by_the_strict_rerun(graded, name):
     assert all(r["scores"][q] == full[q] for q in kept), r["scores"]
     if name == "aliases":
         assert "importlib" in r["flags"], r["flags"]  # and the scan asks for a look by hand
-    if name == "tamper_tripwires":
+    if name in ("tamper_tripwires", "precompute"):
         assert "frame access" in r["flags"] and "called at run time" not in r["flags"], r["flags"]
 
 
@@ -389,19 +413,20 @@ def test_a_variant_of_norms_is_refused_before_anything_is_built(tmp_path):
     assert not (tmp_path / "dist").exists()
 
 
-def test_the_strict_plan_keeps_batch_norm_for_q9_and_refuses_it_with_autograd():
-    """Assignment 1: batch norm refused for the whole strict pass (as before). Assignment 2: the
-    norm kernels only from the probes of q1, q2, q4, q5 on (they also forbid autograd), so q9's
-    nn.BatchNorm runs; a kernel forbidden in a question that allows autograd is refused throughout."""
+def test_the_strict_plan_keeps_batch_norm_for_q9_only():
+    """Assignment 1: batch norm refused for the whole strict pass (as before). Assignment 2: layer
+    and group norm too (cells included: none can compute a q4 / q5 answer ahead of its probes);
+    batch norm, which q9 needs, only from the first probe of q1, q2, q4, q5 on (they forbid autograd
+    too, so those probes run last); a needed kernel forbidden where autograd is allowed is an error."""
     from bnviz.grading import assignments
 
-    assert assignments.strict_plan(assignments.rules_of("batch_norm")) == {
-        "batch_norm": True, "kernels": ["batch_norm"], "late_kernels": [], "autograd_phases": ["q2"]}
-    assert assignments.strict_plan(assignments.rules_of("norms")) == {
-        "batch_norm": False, "kernels": [], "late_kernels": ["batch_norm", "group_norm", "layer_norm"],
-        "autograd_phases": ["q1", "q2", "q4", "q5"]}
-    mixed = assignments.strict_plan({"q1": {"autograd", "layer_norm"}, "q3": {"layer_norm"}})
-    assert mixed["kernels"] == ["layer_norm"] and mixed["late_kernels"] == []
+    plan = {n: assignments.strict_plan(assignments.rules_of(n), assignments.NEEDS[n]) for n in ("batch_norm", "norms")}
+    assert plan["batch_norm"] == {"batch_norm": True, "kernels": ["batch_norm"], "late_kernels": [],
+                                  "autograd_phases": ["q2"]}
+    assert plan["norms"] == {"batch_norm": False, "kernels": ["group_norm", "layer_norm"], "late_kernels": ["batch_norm"],
+                             "autograd_phases": ["q1", "q2", "q4", "q5"]}
+    with pytest.raises(ValueError, match="forbidden in q3, which allow autograd"):
+        assignments.strict_plan({"q1": {"autograd", "batch_norm"}, "q3": {"batch_norm"}}, {"batch_norm"})
     assert assignments.strict_plan({}) is None
 
 

@@ -14,6 +14,11 @@ from . import checker, checker_norms, rules
 
 DEFAULT = "batch_norm"
 CHECKERS: dict[str, ModuleType] = {"batch_norm": checker, "norms": checker_norms}
+# The kernel features (rules.KERNELS) some question's probes need although another question
+# forbids them: assignment 2's q9 runs nn.BatchNorm. Those are refused only from the probes of the
+# autograd questions on (``strict_plan``); every other forbidden kernel raises for the whole strict
+# pass, its cells included (so no cell can compute a forbidden answer ahead of the probes).
+NEEDS = {"batch_norm": set(), "norms": {"batch_norm"}}
 # The assignments whose class variants build and grade support. The one place the refusal lives:
 # add "norms" once its variants (variants_norms.py, a `variant` hook in checker_norms.make_tests
 # and build's rewrite of its notebook) exist.
@@ -63,20 +68,23 @@ def make_tests(name: str, seed: int, variant=None) -> list:
     return mod.make_tests(seed, variant)
 
 
-def strict_plan(forbidden: dict[str, set[str]]) -> dict | None:
+def strict_plan(forbidden: dict[str, set[str]], needs: set[str] = frozenset()) -> dict | None:
     """What the strict pass refuses: ``{"kernels": [...], "late_kernels": [...], "autograd_phases":
     [...]}``. Autograd raises from the first probe of an ``autograd_phases`` question on (those
-    probes run last). A kernel feature (``rules.KERNELS``) forbidden only in questions that also
-    forbid autograd is refused from that same point (``late_kernels``: the other questions keep it,
-    as assignment 2's q9 keeps batch norm); one forbidden in any other question is refused for the
-    whole pass (``kernels``, as ``batch_norm`` in assignment 1). None without rules."""
+    probes run last). A forbidden kernel feature (``rules.KERNELS``) raises for the whole pass
+    (``kernels``, as batch norm in assignment 1), unless ``needs`` (``NEEDS``) holds it: then from
+    that same first probe on (``late_kernels``), which needs every question that forbids it to
+    forbid autograd too (ValueError otherwise). None without rules."""
     if not forbidden:
         return None
     autograd = {q for q, f in forbidden.items() if "autograd" in f}
     kernels, late = [], []
     for feature in sorted(rules.KERNELS):
         where = {q for q, f in forbidden.items() if feature in f}
+        if where and feature in needs and not where <= autograd:
+            raise ValueError(f"{feature} is needed by a question and forbidden in {', '.join(sorted(where - autograd))}, "
+                             "which allow autograd: the strict pass cannot refuse it there only")
         if where:
-            (late if where <= autograd else kernels).append(feature)
+            (late if feature in needs else kernels).append(feature)
     return {"batch_norm": "batch_norm" in kernels, "kernels": kernels, "late_kernels": late,
             "autograd_phases": sorted(autograd)}

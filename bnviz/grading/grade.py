@@ -82,7 +82,7 @@ class Session:
         self.forbidden, self.student_nb, self.docker_image = forbidden, student_nb, docker_image
         self.worker_root = sandbox.make_worker_root(work / "worker")
         # the strict pass: forbidden kernels raise (throughout, or with autograd in its questions' probes)
-        self.strict = assignments.strict_plan(forbidden)
+        self.strict = assignments.strict_plan(forbidden, assignments.NEEDS.get(assignment, set()))
         # two passes, each in its own sandbox with the whole limits (issue 23: nothing shared)
         self.run_limits = limits
 

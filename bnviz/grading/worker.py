@@ -650,19 +650,21 @@ def install_strict(torch, features=("batch_norm",)) -> int:
     return done
 
 
-# one call per feature that must raise once it is refused (``still_raises``)
-_SENTINELS = {"batch_norm": lambda t: t.ops.aten.native_batch_norm.default(t.ones(2, 1), None, None, None, None,
-                                                                             True, 0.1, 1e-5),
-              "layer_norm": lambda t: t.ops.aten.native_layer_norm.default(t.ones(2, 2), [2], None, None, 1e-5),
-              "group_norm": lambda t: t.ops.aten.native_group_norm.default(t.ones(2, 2, 1), None, None, 2, 2, 1, 1,
-                                                                           1e-5)}
+def sentinels(torch) -> dict:
+    """One call per feature that must raise once it is refused (``still_raises``), its operator and
+    inputs resolved now, before student code runs (which could rebind ``torch.ops.aten.*``)."""
+    aten, one, two, three = torch.ops.aten, torch.ones(2, 1), torch.ones(2, 2), torch.ones(2, 2, 1)
+    bn, ln, gn = aten.native_batch_norm.default, aten.native_layer_norm.default, aten.native_group_norm.default
+    return {"batch_norm": lambda: bn(one, None, None, None, None, True, 0.1, 1e-5),
+            "layer_norm": lambda: ln(two, [2], None, None, 1e-5),
+            "group_norm": lambda: gn(three, None, None, 2, 2, 1, 1, 1e-5)}
 
 
-def still_raises(torch, features) -> bool:
+def still_raises(calls: dict, features) -> bool:
     """Whether each refused feature's kernel still raises (advisory: it runs in the student's process)."""
     for feature in features:
         try:
-            _SENTINELS[feature](torch)
+            calls[feature]()
         except Forbidden:
             continue
         except BaseException:
@@ -769,21 +771,23 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     quiet = os.open(os.devnull, os.O_WRONLY)  # what it prints was shown by the normal pass
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
+    # the plan read (into immutable values) before student code runs: the cells can reach this frame
     refused = list(plan.get("kernels") or (["batch_norm"] if plan.get("batch_norm") else []))
-    kernels = [install_strict(torch, refused)]
+    late = tuple(f for f in plan.get("late_kernels") or () if f not in refused)
+    last = frozenset(plan.get("autograd_phases") or ())
+    checks, kernels = sentinels(torch), [install_strict(torch, refused)]
     block_autograd = autograd_blocker(torch)
 
     def block():  # the autograd phases run last: autograd and the late kernels raise from here on
         block_autograd()
-        late = [f for f in plan.get("late_kernels") or () if f not in refused]
         kernels.append(install_strict(torch, late))
         refused.extend(late)
 
     namespace = student_namespace()
     cell_errors = run_cells(request["cells"], namespace, strict=True)
-    probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
+    probes = run_probes(namespace, Direct(), torch, request["probes"], last, block)
     return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
-            "intact": bool(still_raises(torch, refused)), "kernels": int(sum(kernels))}
+            "intact": bool(still_raises(checks, refused)), "kernels": int(sum(kernels))}
 
 
 def no_dumping() -> None:
