@@ -1,4 +1,9 @@
-"""The assignment's rules, checked on the trusted side by reading the source (never running it).
+"""The assignments' rules, checked on the trusted side by reading the source (never running it).
+
+Assignment 2 (``norms``) uses the same scan with its own answer names (``checker_norms.ANSWERS``,
+passed as ``answers``) and two more features, ``layer_norm`` and ``group_norm`` (``F.layer_norm``,
+``nn.LayerNorm``, ``F.group_norm``, ``F.instance_norm``, ``nn.GroupNorm``, their aten kernels).
+What follows describes assignment 1.
 
 The notebook forbids ``F.batch_norm`` / ``torch.batch_norm`` / ``nn.BatchNorm*`` in the answers and
 autograd in question 2's backward pass. ``scan(cells)`` parses every code cell and finds, for each
