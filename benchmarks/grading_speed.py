@@ -15,8 +15,13 @@ code ... ``--rounds`` times, on the same submissions and the same built assignme
 says the load average it was measured under. Extra arguments after ``--`` go to ``grade`` (e.g.
 ``-- --no-sandbox``).
 
+``--assignment norms batch_norm`` measures several assignments (each built from
+``notebooks/assignments/<name>/<name>.ipynb``, its answer key copied N times), alternating in the
+same run (``--rounds`` times), and ends with each one's seconds per submission and
+``ratio <first>/<second> (s per submission): X``.
+
     .venv/bin/python benchmarks/grading_speed.py [--n 40] [--jobs 2] [--pythonpath DIR]
-                                                [--baseline DIR [--rounds 2]] [-- ...]
+                                                [--baseline DIR [--rounds 2]] [--assignment NAME ...] [-- ...]
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "notebooks" / "assignments" / "batch_norm" / "batch_norm.ipynb"
+
+
+def source_of(name: str) -> Path:
+    return REPO / "notebooks" / "assignments" / name / f"{name}.ipynb"
 
 
 def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -66,15 +74,16 @@ def _full_marks(record: Path) -> bool:
     return r["total"] == r["possible_total"] and all(r["scores"][q] == r["possible"][q] for q in r["possible"])
 
 
-def grade_once(code: str, work: Path, subs: Path, args, extra: list[str]) -> float | None:
-    """Grade ``subs`` with the ``bnviz`` at ``code``; submissions/min, or None if any honest
-    submission lost points."""
+def grade_once(code: str, work: Path, name: str, args, extra: list[str]) -> float | None:
+    """Grade assignment ``name``'s submissions with the ``bnviz`` at ``code``; submissions/min, or
+    None if any honest submission lost points."""
     env = dict(os.environ, PYTHONPATH=str(Path(code).resolve()))
     grades = work / f"grades-{time.monotonic_ns()}"
-    print(f"grading {args.n} honest submissions, jobs={args.jobs}, cpus={os.cpu_count()}, "
+    print(f"grading {args.n} honest submissions of {name}, jobs={args.jobs}, cpus={os.cpu_count()}, "
           f"load average before: {_load()}, code: {code}", flush=True)
     t0 = time.perf_counter()
-    _run([sys.executable, "-m", "bnviz.grading", "grade", str(subs), "--dist", str(work / "dist"), "--out", str(grades),
+    _run([sys.executable, "-m", "bnviz.grading", "grade", str(work / f"subs-{name}"), "--dist", str(work / f"dist-{name}"),
+          "--out", str(grades),
           "--jobs", str(args.jobs), "--timeout", str(args.timeout), *extra], env, work)
     seconds = time.perf_counter() - t0
     with open(grades / "gradebook.csv", newline="") as f:
@@ -100,30 +109,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pythonpath", default=str(REPO), help="where `bnviz` is imported from")
     p.add_argument("--baseline", default=None, help="another `bnviz` copy, measured in the same run")
     p.add_argument("--rounds", type=int, default=2, help="with --baseline: alternations")
-    p.add_argument("--source", default=str(SOURCE), help="the assignment's solution notebook")
+    p.add_argument("--source", default=None, help="the solution notebook (one --assignment only)")
+    p.add_argument("--assignment", nargs="+", default=["batch_norm"], help="which assignments (alternated)")
     p.add_argument("--workdir", default=None, help="keep the files here (default: a temp folder)")
     args = p.parse_args(argv)
-
+    if args.source and len(args.assignment) > 1:
+        p.error("--source goes with one --assignment")
     env = dict(os.environ, PYTHONPATH=str(Path(args.pythonpath).resolve()))
     with tempfile.TemporaryDirectory(prefix="bnviz-gradebench-") as tmp:
         work = Path(args.workdir or tmp).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        dist, subs = work / "dist", work / "submissions"
-        _run([sys.executable, "-m", "bnviz.grading", "build", "--source", args.source, "--out", str(dist)], env, work)
-        make_submissions(dist / "autograder" / "batch_norm.ipynb", subs, args.n)
-        codes = [args.baseline, args.pythonpath] * args.rounds if args.baseline else [args.pythonpath]
-        rates: dict[str, list[float]] = {}
-        for code in codes:
-            rate = grade_once(code, work, subs, args, extra)
-            if rate is None:
-                print("ERROR: some honest submissions did not get full marks", file=sys.stderr)
-                return 1
-            rates.setdefault(code, []).append(rate)
-            print(f"submissions/min: {rate:.1f}", flush=True)
+        for name in args.assignment:
+            source = Path(args.source) if args.source else source_of(name)
+            dist = work / f"dist-{name}"
+            _run([sys.executable, "-m", "bnviz.grading", "build", "--source", str(source), "--out", str(dist)], env, work)
+            make_submissions(dist / "autograder" / source.name, work / f"subs-{name}", args.n)
+        codes = [args.baseline, args.pythonpath] if args.baseline else [args.pythonpath]
+        rounds = args.rounds if args.baseline or len(args.assignment) > 1 else 1
+        rates: dict[tuple[str, str], list[float]] = {}
+        for _ in range(rounds):
+            for name in args.assignment:
+                for code in codes:
+                    rate = grade_once(code, work, name, args, extra)
+                    if rate is None:
+                        print("ERROR: some honest submissions did not get full marks", file=sys.stderr)
+                        return 1
+                    rates.setdefault((code, name), []).append(rate)
+                    print(f"submissions/min: {rate:.1f}", flush=True)
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
     if args.baseline:
-        base, new = (sum(rates[c]) / len(rates[c]) for c in (args.baseline, args.pythonpath))
-        print(f"baseline {base:.1f}/min, code {new:.1f}/min (means of {args.rounds})")
-        print(f"ratio code/baseline: {new / base:.2f}")
+        for name in args.assignment:
+            base, new = mean[(args.baseline, name)], mean[(args.pythonpath, name)]
+            print(f"{name}: baseline {base:.1f}/min, code {new:.1f}/min (means of {rounds})")
+            print(f"ratio code/baseline: {new / base:.2f}")
+    if len(args.assignment) > 1:
+        per = {n: 60.0 / mean[(args.pythonpath, n)] for n in args.assignment}
+        print("s per submission (means of %d): %s" % (rounds, ", ".join(f"{n} {v:.2f}" for n, v in per.items())))
+        first, second = args.assignment[:2]
+        print(f"ratio {first}/{second} (s per submission): {per[first] / per[second]:.2f}")
     return 0
 
 

@@ -7,7 +7,8 @@ Leaves in ``out_dir``::
     autograder/…zip, batch_norm-autograder.zip otter's autograder, with the hidden tests
     autograder/batch_norm.ipynb                the solution notebook without tests
     public_answers.py                          the public solution's answer code (similarity flags)
-    assignment.json                            questions, points, manual questions, rules, paths,
+    assignment.json                            the assignment's name (the source's stem: which checker
+                                               grades it), questions, points, manual questions, rules, paths,
                                                the variant's conventions (never its secret); a
                                                rebuild keeps the keys build does not write (``late``,
                                                an instructor's own: ``instructor_keys``)
@@ -36,7 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from . import rules, similarity, student_seeds, variants, variants_norms_nb
+from . import assignments, similarity, student_seeds, variants, variants_norms_nb
 from .layout import DEFAULT_DIST, SOURCE_ENV, default_source  # noqa: F401 (re-exported)
 from .text import natural_key
 from .variants import Variant
@@ -223,7 +224,7 @@ def _otter_assign(source: Path, out: Path, timeout_s: float, variant: Variant) -
 
 # the keys build writes; any other key of an existing assignment.json (``late``, an instructor's own) is
 # the instructor's and is carried over by a rebuild
-GENERATED_KEYS = ("source", "notebook", "autograder_zip", "student_notebook", "student_zip", "questions",
+GENERATED_KEYS = ("source", "assignment", "notebook", "autograder_zip", "student_notebook", "student_zip", "questions",
                   "autograded_points", "manual_points", "forbidden", "variant", "seed_salt")
 
 
@@ -252,15 +253,17 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     if one fails. Nothing is written next to the source notebook. ``variant``: None for PyTorch's
     conventions, a secret string (``variants.derive``) or a ``Variant``.
     """
-    seed_salt = student_seeds.class_salt(variant if isinstance(variant, str) else None)  # never the secret itself
-    if variants_norms_nb.is_norms_source(source or default_source()):  # assignment 2's own conventions
-        variant = variants_norms_nb.resolve(variant)
-    else:
-        variant = variant if isinstance(variant, Variant) else Variant() if variant is None else variants.derive(variant)
     out = Path(out_dir).resolve()
     source = Path(source).resolve() if source else default_source().resolve()
     if not source.is_file():
         raise FileNotFoundError(f"assignment source notebook not found: {source}")
+    forbidden = assignments.rules_of(source.stem)  # ValueError for a notebook grading does not know
+    assignments.check_variant(source.stem, variant)
+    seed_salt = student_seeds.class_salt(variant if isinstance(variant, str) else None)  # never the secret itself
+    if variants_norms_nb.is_norms_source(source):  # assignment 2's own conventions (variants_norms.py)
+        variant = variants_norms_nb.resolve(variant)
+    else:
+        variant = variant if isinstance(variant, Variant) else Variant() if variant is None else variants.derive(variant)
     kept = instructor_keys(out)  # read (and checked) before anything is removed
     for sub in ("student", "autograder"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -285,13 +288,13 @@ def build_assignment(out_dir: str | os.PathLike = DEFAULT_DIST, source: str | os
     for name, pts in read_question_points(stable_zip).items():
         questions.setdefault(name, {"manual": False})["points"] = pts
     manifest = {
-        "source": str(source), "notebook": source.name, "autograder_zip": stable_zip.name,
+        "source": str(source), "assignment": source.stem, "notebook": source.name, "autograder_zip": stable_zip.name,
         "student_notebook": f"student/{source.name}", "student_zip": student_zip.name,
         "questions": questions,
         "autograded_points": sum(q["points"] or 0 for q in questions.values() if not q["manual"]),
         "manual_points": sum(q["points"] or 0 for q in questions.values() if q["manual"]),
         # question -> forbidden features; edit (or set to {}) to change the rules for this assignment
-        "forbidden": {q: sorted(f) for q, f in rules.DEFAULT_RULES.items()},
+        "forbidden": {q: sorted(f) for q, f in sorted(forbidden.items())},
         # the conventions the tests and `grade` follow (variants.py); the secret is not stored
         "variant": variant.to_dict(),
         **({"seed_salt": seed_salt} if stamped else {}),  # student_seeds.py: each student's experiment seeds

@@ -84,10 +84,10 @@ def _gradescope(args, parser) -> int:
         return gradescope.run(args.root)
     try:
         path = gradescope.build_zip(args.dist, args.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError: assignment.json names an unknown assignment
         parser.error(str(e))
     print(f"Gradescope autograder: {path} (upload it as the assignment's autograder; see "
-          "notebooks/assignments/batch_norm/README.md, 'Grading on Gradescope')")
+          "notebooks/assignments/batch_norm/README.md, 'Grading on Gradescope', shared by every assignment)")
     return 0
 
 
@@ -112,7 +112,12 @@ def _grade(args, parser) -> int:
         parser.error(f"{manifest_path} not found: run `python -m bnviz.grading build --out {dist}` first")
     manifest = json.loads(manifest_path.read_text())
     student_nb = dist / manifest["student_notebook"]
-    from . import late
+    from . import assignments, late
+
+    try:
+        assignment = assignments.name_of(manifest)  # no name: batch_norm (built before assignment 2)
+    except ValueError as e:
+        parser.error(f"{manifest_path}: {e}")
 
     if args.roster and not Path(args.roster).is_file():
         parser.error(f"--roster {args.roster}: no such file")
@@ -133,7 +138,8 @@ def _grade(args, parser) -> int:
                                allow_forbidden=args.allow_forbidden, seed=args.seed,
                                sandbox_backend="none" if args.no_sandbox else args.sandbox,
                                docker_image=args.docker_image, extra_masks=[dist.resolve()],
-                               regrade=args.regrade, only=set(args.only), new_seed=args.new_seed)
+                               regrade=args.regrade, only=set(args.only), new_seed=args.new_seed,
+                               assignment=assignment)
     except sandbox.SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import checker, ingest, lms, records, report, rules, sandbox, scoring, seeds, similarity, worker
+from . import assignments, checker, ingest, lms, records, report, sandbox, scoring, seeds, similarity, worker
 from .judge import GiB, Judge, JudgeError
 from .records import Result
 from .text import clean, visible
@@ -45,9 +45,9 @@ from .text import clean, visible
 # --------------------------------------------------------------------------- one submission
 
 
-def _variant(student_nb: dict | None):
+def _variant(student_nb: dict | None, assignment: str = assignments.DEFAULT):
     """The class variant recorded in the built student notebook (None: PyTorch's conventions)."""
-    variant_of = getattr(checker, "variant_of", None)
+    variant_of = getattr(assignments.checker_of(assignment), "variant_of", None)
     v = variant_of(student_nb) if variant_of else None
     return None if v is None or getattr(v, "is_default", False) else v
 
@@ -70,19 +70,19 @@ class Session:
 
     def __init__(self, work: Path, backend: str, limits: sandbox.Limits, masks: list[Path],
                  forbidden: dict[str, set[str]], student_nb: dict | None, seed: int | None = None,
-                 docker_image: str | None = None):
+                 docker_image: str | None = None, assignment: str = assignments.DEFAULT):
+        self.assignment = assignment
         self._secret = secrets.token_bytes(32) if seed is None else None
         self.fixed_seed = None if seed is None else int(seed)
         self.recorded: dict[str, int] = {}  # seeds in the students' JSON, reused for unchanged files (seeds.py)
-        self.variant = _variant(student_nb)  # the class variant (build --variant)
+        self.variant = _variant(student_nb, assignment)  # the class variant (build --variant)
         self.tests = self.tests_for(0)  # the questions, tests and points (the same for every seed)
         self.questions = checker.question_points(self.tests)
         self.work, self.backend, self.limits, self.masks = work, backend, limits, masks
         self.forbidden, self.student_nb, self.docker_image = forbidden, student_nb, docker_image
         self.worker_root = sandbox.make_worker_root(work / "worker")
-        # the strict pass: batch-norm kernels raise throughout; autograd during these questions' probes
-        self.strict = {"batch_norm": any("batch_norm" in f for f in forbidden.values()),
-                       "autograd_phases": sorted(q for q, f in forbidden.items() if "autograd" in f)} if forbidden else None
+        # the strict pass: forbidden kernels raise (throughout, or with autograd in its questions' probes)
+        self.strict = assignments.strict_plan(forbidden, assignments.NEEDS.get(assignment, set()))
         # two passes, each in its own sandbox with the whole limits (issue 23: nothing shared)
         self.run_limits = limits
 
@@ -92,7 +92,7 @@ class Session:
         return self.recorded[student] if student in self.recorded else derive_seed(self._secret, student)
 
     def tests_for(self, seed: int) -> list:
-        return checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
+        return assignments.make_tests(self.assignment, seed, self.variant)
 
     def request(self, cells: list, seed: int, pass_: str = "normal") -> bytes:
         """The worker's request for one pass (``"normal"`` or ``"strict"``)."""
@@ -111,7 +111,7 @@ class Session:
                                   self.masks, self.docker_image)
 
     def judge_config(self, handed_out: list[str] | None, preferred: str) -> dict:
-        return {"rules": {q: sorted(f) for q, f in self.forbidden.items()},
+        return {"assignment": self.assignment, "rules": {q: sorted(f) for q, f in self.forbidden.items()},
                 "handed_out": handed_out, "preferred": preferred,
                 "variant": self.variant.to_dict() if self.variant is not None else None}
 
@@ -271,7 +271,8 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
                  allow_forbidden: bool = False, seed: int | None = None, docker_image: str | None = None,
                  extra_masks: list[str | os.PathLike] = (), regrade: bool = False,
                  judge_memory_bytes: int = 3 * GiB, judge_timeout_s: float = 120.0, log=print,
-                 only: set[str] = frozenset(), new_seed: bool = False) -> list[Result]:
+                 only: set[str] = frozenset(), new_seed: bool = False,
+                 assignment: str = assignments.DEFAULT) -> list[Result]:
     """Grade every ``*.ipynb`` / ``*.zip`` (any case) in ``submissions_dir`` (not recursive) into ``out_dir``.
 
     Writes ``<out>/<student>.json`` (student: the file's name without extension, see
@@ -284,7 +285,10 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     not graded. Manual questions get an empty column and do not count in ``possible``. Results
     already in ``out_dir`` for an unchanged file are kept unless ``regrade``. Raises
     ``sandbox.SandboxUnavailable`` if no sandbox can be used and ``sandbox_backend`` is not ``"none"``.
+    ``assignment``: which one (``assignments.CHECKERS``; ``assignment.json``'s ``"assignment"``):
+    its checker, its default rules (``forbidden`` None) and its answer names for the scan.
     """
+    assignments.checker_of(assignment)  # an unknown name stops before anything is written
     sub_dir, out = Path(submissions_dir).resolve(), Path(out_dir).resolve()
     if not sub_dir.is_dir():
         raise NotADirectoryError(f"{submissions_dir}: not a folder of submissions")
@@ -292,21 +296,22 @@ def grade_folder(submissions_dir: str | os.PathLike, out_dir: str | os.PathLike,
     if backend == "none":
         log(sandbox.NO_SANDBOX_WARNING)
     limits = limits or sandbox.Limits(timeout_s=timeout_s, threads=1 if jobs > 1 else 2)
-    rules_ = {} if allow_forbidden else {q: set(f) for q, f in (forbidden if forbidden is not None else rules.DEFAULT_RULES).items()}
+    rules_ = {} if allow_forbidden else {q: set(f) for q, f in (forbidden if forbidden is not None
+                                                                 else assignments.rules_of(assignment)).items()}
     student_nb = json.loads(Path(student_notebook).read_text(encoding="utf-8")) if student_notebook else None
-    files, names, skipped, _ = lms.collect(sub_dir, Path(student_notebook).name if student_notebook else "batch_norm.ipynb")
+    preferred = Path(student_notebook).name if student_notebook else f"{assignment}.ipynb"
+    files, names, skipped, _ = lms.collect(sub_dir, preferred)
     manual = dict(manual_questions or {})
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bnviz-grading-"))
     judges = None
     try:
         masks = _masks(sub_dir, out, work, student_notebook, extra_masks)
-        session = Session(work, backend, limits, masks, rules_, student_nb, seed, docker_image)
+        session = Session(work, backend, limits, masks, rules_, student_nb, seed, docker_image, assignment)
         if not new_seed:  # issue 24: an unchanged file keeps its recorded seed (seeds.py)
             session.recorded = seeds.recorded_seeds(out, {names[p]: records.sha256(p) for p in files})
         handed_out = ([ingest._text(c.get("source", "")) or "" for c in student_nb["cells"] if c.get("cell_type") == "code"]
                       if student_nb else None)
-        preferred = Path(student_notebook).name if student_notebook else "batch_norm.ipynb"
         judges = _Judges(max(1, jobs), session.judge_config(handed_out, preferred), judge_memory_bytes, judge_timeout_s)
         columns = records.gradebook_columns(session.questions, manual)
         ctx = {"out": out, "columns": columns, "manual": manual, "regrade": regrade, "log": log, "only": set(only),

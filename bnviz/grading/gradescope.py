@@ -122,6 +122,9 @@ def build_zip(dist: str | os.PathLike, out: str | os.PathLike | None = None) -> 
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} not found: build the assignment first (make assignment)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    from .assignments import name_of
+
+    name_of(manifest)  # ValueError for an assignment grading does not know, before anything is written
     student_nb = dist / manifest["student_notebook"]
     if not student_nb.is_file():
         raise FileNotFoundError(f"{student_nb} not found: build the assignment again (make assignment)")
@@ -213,11 +216,11 @@ def isolation(log=print) -> tuple[str, str | None]:
     return "none", None
 
 
-def test_list() -> list[tuple[str, str, bool, float]]:
+def test_list(assignment: str = "batch_norm") -> list[tuple[str, str, bool, float]]:
     """(question, test name, hidden, points) of every autograded test (the same for every seed)."""
-    from . import checker
+    from . import assignments
 
-    return [(t.question, t.name, t.hidden, t.points) for t in checker.make_tests(0)]
+    return [(t.question, t.name, t.hidden, t.points) for t in assignments.make_tests(assignment, 0)]
 
 
 def results_json(result, tests: list[tuple[str, str, bool, float]], manual: dict[str, float]) -> dict:
@@ -276,6 +279,12 @@ def grade_one(root: Path, log=print) -> dict:
     dist = root / "source" / "dist"
     manifest = json.loads((dist / "assignment.json").read_text(encoding="utf-8"))
     student_nb = dist / manifest["student_notebook"]
+    from .assignments import name_of
+
+    try:
+        assignment = name_of(manifest)
+    except ValueError as e:
+        return failure_json(f"Not graded: {e}; ask your instructor.")
     try:
         upload = find_submission(root / "submission", Path(manifest["student_notebook"]).name)
     except ValueError as e:
@@ -292,12 +301,13 @@ def grade_one(root: Path, log=print) -> dict:
         limits = sandbox.Limits(timeout_s=float(os.environ.get(TIMEOUT_ENV, "240")), threads=2, user=user)
         results = grade_folder(subs, work / "grades", jobs=1, limits=limits, student_notebook=student_nb,
                                manual_questions=manual, forbidden=manifest.get("forbidden"), seed=seed,
-                               sandbox_backend=backend, extra_masks=[root / "source", root / "results"], log=log)
+                               sandbox_backend=backend, extra_masks=[root / "source", root / "results"], log=log,
+                               assignment=assignment)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if len(results) != 1:
         return failure_json("Not graded: the grader found no notebook to grade; ask your instructor.")
-    return results_json(results[0], test_list(), manual)
+    return results_json(results[0], test_list(assignment), manual)
 
 
 def run(root: str | os.PathLike | None = None, log=print) -> int:

@@ -74,10 +74,11 @@ class Work:
 
     def __init__(self, config: dict):
         self.variant = None
-        if config.get("variant") is not None:
-            from .variants import Variant
+        self.assignment = str(config.get("assignment") or "batch_norm")
+        if config.get("variant") is not None:  # either assignment's conventions (variants / variants_norms)
+            from .variants_norms_nb import from_dict_any
 
-            self.variant = Variant.from_dict(config["variant"])
+            self.variant = from_dict_any(config["variant"])
         self._tests: tuple[int, list] | None = None  # (seed, tests): the last student's
         self.rules = {q: set(f) for q, f in (config.get("rules") or {}).items()}
         self.handed_out = list(config.get("handed_out") or [])
@@ -85,7 +86,7 @@ class Work:
         self.memory_gib = float(config.get("memory_bytes", 0)) / GiB
 
     def ingest(self, msg: dict) -> dict:
-        from . import ingest, rules, scoring
+        from . import assignments, ingest, rules, scoring
 
         sub = ingest.read_submission(Path(msg["path"]), self.preferred, self.handed_out)
         if sub.error:
@@ -93,7 +94,7 @@ class Work:
         notes = sub.notes + scoring.tamper_notes(sub.sources, sub.otter_tests, self.handed_out)
         skip = {s.strip() for s in self.handed_out}
         return {"error": None, "notes": notes, "problems": sub.problems, "cells": sub.cells,
-                "scanned": rules.scan(sub.cells), "hand": rules.look_by_hand(sub.cells, skip)}
+                "scanned": rules.scan(sub.cells, assignments.answers_of(self.assignment)), "hand": rules.look_by_hand(sub.cells, skip)}
 
     def judge(self, msg: dict, blob: bytes) -> dict:
         from . import scoring
@@ -102,10 +103,10 @@ class Work:
 
     def tests(self, seed: int) -> list:
         """The tests (inputs and references) of one student's seed."""
-        from . import checker
+        from . import assignments
 
         if self._tests is None or self._tests[0] != seed:
-            tests = checker.make_tests(seed, self.variant) if self.variant else checker.make_tests(seed)
+            tests = assignments.make_tests(self.assignment, seed, self.variant)
             self._tests = (seed, tests)
         return self._tests[1]
 

@@ -1,4 +1,9 @@
-"""The assignment's rules, checked on the trusted side by reading the source (never running it).
+"""The assignments' rules, checked on the trusted side by reading the source (never running it).
+
+Assignment 2 (``norms``) uses the same scan with its own answer names (``checker_norms.ANSWERS``,
+passed as ``answers``) and two more features, ``layer_norm`` and ``group_norm`` (``F.layer_norm``,
+``nn.LayerNorm``, ``F.group_norm``, ``F.instance_norm``, ``nn.GroupNorm``, their aten kernels).
+What follows describes assignment 1.
 
 The notebook forbids ``F.batch_norm`` / ``torch.batch_norm`` / ``nn.BatchNorm*`` in the answers and
 autograd in question 2's backward pass. ``scan(cells)`` parses every code cell and finds, for each
@@ -31,12 +36,21 @@ BN_NAMES = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit", "_bat
             "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional",
             "_native_batch_norm_legit_no_stats", "_batch_norm_with_update", "_batch_norm_with_update_functional",
             "_batch_norm_no_update", "batch_norm_backward", "native_batch_norm_backward"}
+LN_NAMES = {"layer_norm", "native_layer_norm", "native_layer_norm_backward", "LayerNorm", "_native_layer_norm",
+            "native_layer_norm_decomposition"}
+GN_NAMES = {"group_norm", "native_group_norm", "native_group_norm_backward", "GroupNorm", "instance_norm",
+            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+            "LazyInstanceNorm3d", "_InstanceNorm", "native_group_norm_decomposition"}
 AUTOGRAD_NAMES = {"backward", "autograd", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functorch",
                   "functional_call", "grad_and_value", "forward_ad", "make_dual", "unpack_dual", "dual_level",
                   "_make_dual", "linearize"}
 # question -> forbidden features (the default rules of the assignment)
 DEFAULT_RULES = {"q1": {"batch_norm"}, "q2": {"batch_norm", "autograd"}, "q3": {"batch_norm"}}
+# the features the strict pass refuses at the dispatcher (worker.KERNEL_PATTERNS: which aten ops each is)
+KERNELS = {"batch_norm", "layer_norm", "group_norm"}
 DESCRIBE = {"batch_norm": "F.batch_norm / torch.batch_norm / nn.BatchNorm*",
+            "layer_norm": "F.layer_norm / torch.layer_norm / nn.LayerNorm",
+            "group_norm": "F.group_norm / F.instance_norm / nn.GroupNorm / nn.InstanceNorm*",
             "autograd": "autograd (.backward(), torch.autograd, torch.func)"}
 
 
@@ -45,6 +59,10 @@ def _feature(name: str) -> str | None:
         return "batch_norm"
     if name in AUTOGRAD_NAMES:
         return "autograd"
+    if name in LN_NAMES:
+        return "layer_norm"
+    if name in GN_NAMES:
+        return "group_norm"
     return None
 
 
@@ -70,7 +88,7 @@ class _Uses(ast.NodeVisitor):
             self.names.add(node.id)
 
     def visit_Constant(self, node):
-        if isinstance(node.value, str) and node.value.strip() in BN_NAMES | AUTOGRAD_NAMES - {"backward"}:
+        if isinstance(node.value, str) and node.value.strip() in STRING_NAMES:
             self._add(_feature(node.value.strip()), node)
 
     def visit_Import(self, node):
@@ -84,6 +102,9 @@ class _Uses(ast.NodeVisitor):
             self._add(_feature(part), node)
         for alias in node.names:
             self._add(_feature(alias.name), node)
+
+
+STRING_NAMES = BN_NAMES | LN_NAMES | GN_NAMES | AUTOGRAD_NAMES - {"backward"}
 
 
 def _bound_names(node: ast.AST) -> set[str]:
@@ -101,6 +122,43 @@ def _bound_names(node: ast.AST) -> set[str]:
     return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
 
 
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp,
+           ast.DictComp, ast.GeneratorExp)
+
+
+def _local_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """The names a function binds in its own scope (parameters, assignments, loop targets, imports,
+    nested definitions), less those it declares ``global`` / ``nonlocal``: its loads of them never
+    reach a top-level binding (a scratch cell's ``y = F.layer_norm(...)`` is not the ``y`` inside
+    an answer). Nested scopes are not entered (their names stay loads: the safe side)."""
+    a = fn.args
+    names = {p.arg for p in a.posonlyargs + a.args + a.kwonlyargs} | {p.arg for p in (a.vararg, a.kwarg) if p}
+    declared, todo = set(), list(fn.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            declared.update(node.names)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(al.asname or al.name).split(".")[0] for al in node.names}
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        if not isinstance(node, _SCOPES):
+            todo.extend(ast.iter_child_nodes(node))
+    return names - declared
+
+
+def _outer_loads(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """Names a ``def`` statement evaluates outside the function's scope: defaults, decorators,
+    annotations (``def f(x, ln=ln)``: the default is the top-level ``ln``, the parameter local)."""
+    a = fn.args
+    params = a.posonlyargs + a.args + a.kwonlyargs + [p for p in (a.vararg, a.kwarg) if p]
+    outer = [*a.defaults, *(d for d in a.kw_defaults if d), *fn.decorator_list, fn.returns,
+             *(p.annotation for p in params)]
+    return {n.id for e in outer if e is not None for n in ast.walk(e) if isinstance(n, ast.Name)}
+
+
 def _top_level(tree: ast.Module):
     """Top-level statements, looking inside module-level if/try/for/with blocks."""
     for node in tree.body:
@@ -112,8 +170,10 @@ def _top_level(tree: ast.Module):
                     yield from _top_level(ast.Module(body=body, type_ignores=[]))
 
 
-def scan(cells: list[tuple[int, str]]) -> dict[str, dict[str, str]]:
-    """{question: {feature: "cell C line L"}} for the forbidden features each answer reaches."""
+def scan(cells: list[tuple[int, str]], answers: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
+    """{question: {feature: "cell C line L"}} for the forbidden features each answer reaches;
+    ``answers``: answer name -> question (default ``ANSWERS``, assignment 1's; assignment 2's is
+    ``checker_norms.ANSWERS``: ``assignments.answers_of``). Several answers of one question merge."""
     bindings: dict[str, list[tuple[dict[str, str], set[str]]]] = {}
     for index, source in cells:
         try:
@@ -126,11 +186,13 @@ def scan(cells: list[tuple[int, str]]) -> dict[str, dict[str, str]]:
                 continue
             uses = _Uses()
             uses.visit(node.value if isinstance(node, ast.Assign) else node)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                uses.names = (uses.names - _local_names(node)) | _outer_loads(node)
             where = {f: f"cell {index} line {line}" for f, line in uses.features.items()}
             for name in names:
                 bindings.setdefault(name, []).append((where, uses.names))
     found: dict[str, dict[str, str]] = {}
-    for answer, question in ANSWERS.items():
+    for answer, question in (ANSWERS if answers is None else answers).items():
         features, seen, todo = {}, set(), [answer]
         while todo:
             name = todo.pop()
@@ -141,8 +203,8 @@ def scan(cells: list[tuple[int, str]]) -> dict[str, dict[str, str]]:
                 for f, w in where.items():
                     features.setdefault(f, w)
                 todo.extend(names - seen)
-        if features:
-            found[question] = features
+        for f, w in features.items():
+            found.setdefault(question, {}).setdefault(f, w)
     return found
 
 

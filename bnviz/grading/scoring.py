@@ -78,8 +78,8 @@ def _tripwire_trouble(tw: dict, passed_questions: set[str]) -> tuple[str | None,
     """(why the sandbox's advisory tripwires cannot be trusted for this submission, withhold all?).
 
     Missing or removed tripwires withhold everything (honest code never touches them). A question
-    whose calls the dispatch mode saw no aten op for is only flagged: code that works on numpy
-    arrays and converts back can be honest."""
+    under rules (``passed_questions`` holds only those) whose calls the dispatch mode saw no aten
+    op for is only flagged: code that works on numpy arrays and converts back can be honest."""
     if not tw.get("installed"):
         return "tripwire report missing: all points withheld, check by hand", True
     if not tw.get("intact"):
@@ -145,7 +145,7 @@ def judge_report(tests: list, rules_: dict[str, set[str]], data: bytes, scanned:
     if rules_:
         more, withhold = _strict_flags(tests, rules_, raw, scores, strict, flagged, normal["probes"])
         flags += more
-    trouble, withhold_tw = _tripwire_trouble(tw, {q for q, s in scores.items() if s})
+    trouble, withhold_tw = _tripwire_trouble(tw, {q for q, s in scores.items() if s and q in rules_})
     if trouble:
         flags.append(trouble)
     if withhold or withhold_tw:

@@ -55,6 +55,10 @@ PROTOCOL = 2
 MAX_MESSAGE = 120
 MAX_NAME = 200  # state_dict keys and other names the student chooses
 MAGIC, MAGIC_PAIR = b"BNVZREP2", b"BNVZPAIR"
+# a kernel feature (rules.KERNELS) -> the parts of the aten op names it covers ("norm_legit": the
+# batch norm ops named _native_batch_norm_legit*; instance norm runs batch norm's kernels)
+KERNEL_PATTERNS = {"batch_norm": ("batch_norm", "norm_legit"), "layer_norm": ("layer_norm",),
+                   "group_norm": ("group_norm", "instance_norm")}
 TENSOR_KEY = "\x00tensor"  # {TENSOR_KEY: index}: a tensor in the JSON header
 
 
@@ -138,8 +142,9 @@ class Tripwires:
     def _op(self, name: str) -> None:
         if self.phase:
             self.ops[self.phase] = self.ops.get(self.phase, 0) + 1
-            if "batch_norm" in name:
-                self._hit("batch_norm", name)
+            for feature, patterns in KERNEL_PATTERNS.items():
+                if any(p in name for p in patterns):
+                    self._hit(feature, name)
             if self.torch._C._current_autograd_node() is not None:
                 self._hit("autograd", "autograd engine ran " + name)
 
@@ -159,9 +164,16 @@ class Tripwires:
         t = self.torch
         from torch.nn.modules import batchnorm
 
-        self._wrap(t.nn.functional, "batch_norm", "batch_norm")
-        self._wrap(t, "batch_norm", "batch_norm")
-        self._wrap(batchnorm._NormBase, "__init__", "batch_norm")
+        from torch.nn.modules import normalization
+
+        for owner, attr, what in ((t.nn.functional, "batch_norm", "batch_norm"), (t, "batch_norm", "batch_norm"),
+                                  (batchnorm._NormBase, "__init__", "batch_norm"),
+                                  (t.nn.functional, "layer_norm", "layer_norm"), (t, "layer_norm", "layer_norm"),
+                                  (normalization.LayerNorm, "__init__", "layer_norm"),
+                                  (t.nn.functional, "group_norm", "group_norm"), (t, "group_norm", "group_norm"),
+                                  (t.nn.functional, "instance_norm", "group_norm"),
+                                  (normalization.GroupNorm, "__init__", "group_norm")):
+            self._wrap(owner, attr, what)
         self._wrap(t.autograd, "grad", "autograd")
         self._wrap(t.autograd, "backward", "autograd")
         self._wrap(t.Tensor, "backward", "autograd")
@@ -523,7 +535,7 @@ real = [None]  # the autograd engine
 
 def refuse(*args, **kwargs):
     count[0] += 1
-    raise Forbidden("forbidden in this assignment: a batch-norm kernel (strict re-run)")
+    raise Forbidden("forbidden here: a normalization kernel (batch / layer / group norm; strict re-run)")
 
 
 def refuse_dual(*args, **kwargs):
@@ -619,37 +631,52 @@ def register_for_good(torch, namespace: str, ops: list, fn, keys: tuple) -> int:
 BN_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CPU", "AutogradCPU", "Autograd", "QuantizedCPU")
 
 
-def install_strict(torch):
-    """Make every batch-norm kernel raise at the dispatcher, for every overload and dispatch key
-    a CPU tensor can take (``F.batch_norm``, ``torch.batch_norm``, ``nn.BatchNorm*``,
-    ``torch.ops.aten.*batch_norm*``, ``instance_norm``, cudnn / miopen variants), for good
-    (``register_for_good``). Returns (how many registrations took, a probe that returns True while
-    they still raise: advisory, it runs in the student's process)."""
+def install_strict(torch, features=("batch_norm",)) -> int:
+    """Make every kernel of ``features`` (``KERNEL_PATTERNS``; batch norm: ``F.batch_norm``,
+    ``torch.batch_norm``, ``nn.BatchNorm*``, ``torch.ops.aten.*batch_norm*``, ``instance_norm``,
+    cudnn / miopen variants; layer norm; group norm) raise at the dispatcher, for every overload
+    and dispatch key a CPU tensor can take, for good (``register_for_good``), and PyTorch's
+    Python versions of them (``_refuse_decompositions``). Returns how many registrations took."""
+    patterns = [p for f in features for p in KERNEL_PATTERNS[f]]
+    if not patterns:
+        return 0
     ops: dict[str, list] = {}
     for full in torch._C._dispatch_get_all_op_names():
         namespace, _, op = full.partition("::")
-        if "batch_norm" in op and namespace in ("aten", "quantized", "onednn"):
+        if any(p in op for p in patterns) and namespace in ("aten", "quantized", "onednn"):
             ops.setdefault(namespace, []).append(op)
     done = sum(register_for_good(torch, ns, names, _R["refuse"], BN_KEYS) for ns, names in ops.items())
-    _refuse_decompositions(torch, _R["refuse"])
-    native = torch.ops.aten.native_batch_norm.default
+    _refuse_decompositions(patterns, _R["refuse"])
+    return done
 
-    def still_raises() -> bool:
+
+def sentinels(torch) -> dict:
+    """One call per feature that must raise once it is refused (``still_raises``), its operator and
+    inputs resolved now, before student code runs (which could rebind ``torch.ops.aten.*``)."""
+    aten, one, two, three = torch.ops.aten, torch.ones(2, 1), torch.ones(2, 2), torch.ones(2, 2, 1)
+    bn, ln, gn = aten.native_batch_norm.default, aten.native_layer_norm.default, aten.native_group_norm.default
+    return {"batch_norm": lambda: bn(one, None, None, None, None, True, 0.1, 1e-5),
+            "layer_norm": lambda: ln(two, [2], None, None, 1e-5),
+            "group_norm": lambda: gn(three, None, None, 2, 2, 1, 1, 1e-5)}
+
+
+def still_raises(calls: dict, features) -> bool:
+    """Whether each refused feature's kernel still raises (advisory: it runs in the student's process)."""
+    for feature in features:
         try:
-            native(torch.ones(2, 1), None, None, None, None, True, 0.1, 1e-5)
+            calls[feature]()
         except Forbidden:
-            return True
+            continue
         except BaseException:
             return False
         return False
+    return True
 
-    return done, still_raises
 
-
-def _refuse_decompositions(torch, refuse) -> None:
-    """PyTorch's own batch norm written in Python (``torch._decomp``: the decompositions and the
-    tables that hand them out) raises too: it never reaches a batch-norm kernel. (``torch._refs``
-    and ``torch._prims`` hold none.) Advisory: a module can be imported afresh (the scan flags
+def _refuse_decompositions(patterns, refuse) -> None:
+    """PyTorch's own norms written in Python (``torch._decomp``: the decompositions and the tables
+    that hand them out) raise too: they never reach a kernel. (``torch._refs`` and ``torch._prims``
+    hold none of batch norm.) Advisory: a module can be imported afresh (the scan flags
     ``importlib`` and ``_decomp``)."""
     import importlib
 
@@ -659,14 +686,14 @@ def _refuse_decompositions(torch, refuse) -> None:
         except Exception:  # another torch version: nothing of that name to refuse
             continue
         for attr, value in list(vars(module).items()):
-            if callable(value) and ("batch_norm" in attr or "norm_legit" in attr):
+            if callable(value) and any(p in attr for p in patterns):
                 setattr(module, attr, refuse)
     decomp = sys.modules.get("torch._decomp")
     tables = [getattr(decomp, "decomposition_table", None), *(getattr(decomp, "global_decomposition_table", {}) or {}).values()]
     for table in tables:
         if isinstance(table, dict):
             for op in list(table):
-                if "batch_norm" in str(op) or "norm_legit" in str(op):
+                if any(p in str(op) for p in patterns):
                     table[op] = refuse
 
 
@@ -744,13 +771,23 @@ def run_pass(torch, request: dict, strict: bool) -> dict:
     quiet = os.open(os.devnull, os.O_WRONLY)  # what it prints was shown by the normal pass
     os.dup2(quiet, 1)
     os.dup2(quiet, 2)
-    kernels, still_raises = install_strict(torch) if plan.get("batch_norm") else (0, lambda: True)
-    block = autograd_blocker(torch)
+    # the plan read (into immutable values) before student code runs: the cells can reach this frame
+    refused = list(plan.get("kernels") or (["batch_norm"] if plan.get("batch_norm") else []))
+    late = tuple(f for f in plan.get("late_kernels") or () if f not in refused)
+    last = frozenset(plan.get("autograd_phases") or ())
+    checks, kernels = sentinels(torch), [install_strict(torch, refused)]
+    block_autograd = autograd_blocker(torch)
+
+    def block():  # the autograd phases run last: autograd and the late kernels raise from here on
+        block_autograd()
+        kernels.append(install_strict(torch, late))
+        refused.extend(late)
+
     namespace = student_namespace()
     cell_errors = run_cells(request["cells"], namespace, strict=True)
-    probes = run_probes(namespace, Direct(), torch, request["probes"], set(plan.get("autograd_phases") or ()), block)
+    probes = run_probes(namespace, Direct(), torch, request["probes"], last, block)
     return {"protocol": PROTOCOL, "pass": "strict", "cell_errors": cell_errors, "probes": probes,
-            "intact": bool(still_raises()), "kernels": int(kernels)}
+            "intact": bool(still_raises(checks, refused)), "kernels": int(sum(kernels))}
 
 
 def no_dumping() -> None:
