@@ -404,9 +404,12 @@ def test_the_assignment_is_picked_by_name_and_an_unknown_one_is_refused(tmp_path
     assert not (tmp_path / "grades").exists()
 
 
-def test_a_variant_of_norms_is_refused_before_anything_is_built(tmp_path):
-    from bnviz.grading import build
+def test_a_variant_of_an_assignment_without_variants_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """The one place the refusal lives (assignments.VARIANTS): an assignment taken out of it gets a
+    clear error and no dist folder (norms has variants now: variants_norms.py)."""
+    from bnviz.grading import assignments, build
 
+    monkeypatch.setattr(assignments, "VARIANTS", {"batch_norm"})
     with pytest.raises(ValueError, match="assignment 'norms' has no class variants yet"):
         build.build_assignment(tmp_path / "dist", REPO / "notebooks" / "assignments" / "norms" / "norms.ipynb",
                                variant="our class secret")
