@@ -216,14 +216,16 @@ def _cpu_value(cpu, label: str):
     return v if isinstance(v, (int, float)) else getattr(v, "mean", None)
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], runs: int) -> str:
+    """'mean ± sample std (n=k)', saying how many saved runs had no accuracy (diverged)."""
+    failed = f", {runs - len(values)} diverged" if runs > len(values) else ""
     if not values:
-        return "–"
+        return f"– (all {runs} diverged)" if runs else "–"
     mean = sum(values) / len(values)
     if len(values) < 2:
-        return f"{mean:.3f} (1 seed, no spread)"
+        return f"{mean:.3f} (1 seed, no spread{failed})"
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
+    return f"{mean:.3f} ± {std:.3f} (n={len(values)}{failed})"
 
 
 def reference_table(chapter: str, cpu=None, root=None):
@@ -251,7 +253,8 @@ def reference_table(chapter: str, cpu=None, root=None):
         src = (f"SYNTHETIC, full size, {_machine_text(metas[0])}, {metas[0]['date'][:10]}" if metas
                else f"not run yet: `{fix_command(a.name)}`")
         cpu_v = _cpu_value(cpu, a.label)
-        rows.append({"arm": a.label, "reference accuracy": _fmt(precise), "reference EMA": _fmt(ema),
+        rows.append({"arm": a.label, "reference accuracy": _fmt(precise, len(metas)),
+                     "reference EMA": _fmt(ema, len(metas)),
                      "CPU size": "–" if cpu_v is None else f"{cpu_v:.3f}",
                      "seeds saved": f"{len(metas)} of {len(a.seeds)}", "size": a.note, "source": src})
     df = pd.DataFrame(rows)
