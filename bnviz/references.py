@@ -59,7 +59,8 @@ class Arm:
     chapters: tuple[str, ...]
     changes: dict = field(default_factory=dict)
     seeds: tuple[int, ...] = SEEDS
-    note: str = "full size: 60,000 images × 10 epochs, batch 256"
+    note: str = "60,000 images × 10 epochs, B 256"
+    aliases: tuple[str, ...] = ()  # other chapters' names for the same arm
 
 
 def _b07(norm: dict, b: int) -> dict:
@@ -71,15 +72,17 @@ def _b07(norm: dict, b: int) -> dict:
             "snapshot_every": max(50, B07_STEPS // 40)}
 
 
-_S07 = f"07's GPU design: {B07_STEPS} steps at every batch size, lr 1.0·√(B/256)"
+def _s07(b: int) -> str:
+    return f"07's GPU design: {B07_STEPS:,} steps, B {b}, lr √(B/256) = {math.sqrt(b / 256):.3g}"
+
 # In priority order: the script runs them top to bottom (the headline arms first).
 ARMS = (
-    Arm("base", "LeNet-BN (base)", ("00", "04", "05", "06", "07"), {}),
-    Arm("no-bn", "no BN", ("05", "06"), {"norm": "none"}),
-    Arm("bn-b2", "BN @ 2", ("07",), _b07({"norm": "torch"}, 2), note=_S07),
-    Arm("gn-b2", "GroupNorm (2) @ 2", ("07",), _b07({"norm": "group", "groups": 2}, 2), note=_S07),
-    Arm("bn-b32", "BN @ 32", ("07",), _b07({"norm": "torch"}, 32), note=_S07),
-    Arm("gn-b32", "GroupNorm (2) @ 32", ("07",), _b07({"norm": "group", "groups": 2}, 32), note=_S07),
+    Arm("base", "LeNet-BN (base)", ("00", "04", "05", "06", "07"), {}, aliases=("LeNet-BN, lr 1.0", "LeNet-BN")),
+    Arm("no-bn", "no BN", ("05", "06"), {"norm": "none"}, aliases=("LeNet, no BN", "avg pool, no BN")),
+    Arm("bn-b2", "BN @ 2", ("07",), _b07({"norm": "torch"}, 2), note=_s07(2)),
+    Arm("gn-b2", "GroupNorm (2) @ 2", ("07",), _b07({"norm": "group", "groups": 2}, 2), note=_s07(2)),
+    Arm("bn-b32", "BN @ 32", ("07",), _b07({"norm": "torch"}, 32), note=_s07(32)),
+    Arm("gn-b32", "GroupNorm (2) @ 32", ("07",), _b07({"norm": "group", "groups": 2}, 32), note=_s07(32)),
     Arm("d2l-lenet", "LeNet (no BN), lr 0.9", ("00",), {"model": "lenet", "lr": 0.9}),
     Arm("bn-lr0.3", "LeNet-BN, lr 0.3", ("05",), {"lr": 0.3}),
     Arm("base-linear", "LeNet-BN, lr decayed linearly to 0", ("05",), {"lr_schedule": "linear"}),
@@ -199,21 +202,31 @@ def load_reference(name: str, seed: int, root=None) -> tuple[History, dict]:
 
 
 def _machine_text(meta: dict) -> str:
+    """'2-core Intel Xeon CPU' or the GPU's name (the file keeps the full record)."""
     m = meta.get("machine", {})
-    where = m.get("gpu") or f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores)"
-    return f"{where}, torch {m.get('torch', '?')}"
+    if m.get("gpu"):
+        return m["gpu"]
+    cpu = " ".join(w for w in str(m.get("cpu", "?")).replace("(R)", "").replace("(TM)", "").split()
+                   if w not in ("Processor", "CPU"))
+    return f"{m.get('cores', '?')}-core {cpu} CPU"
 
 
-def _cpu_value(cpu, label: str):
-    """The CPU-size accuracy of ``label`` from ``cpu`` (a dict label -> number/SeedStats, or an
-    object with ``.stats(label)`` such as a Comparison); None where it has no such label."""
+def _cpu_value(cpu, a: Arm):
+    """The CPU-size accuracy of arm ``a`` (its label, else an alias) from ``cpu``: a dict
+    label -> number, SeedStats (its mean) or History (:func:`~bnviz.runs.run_accuracy`:
+    PreciseBN where measured, else the eval-mode accuracy, last 3 epochs), or an object with
+    ``.stats(label)`` such as a Comparison; None where it has none of the arm's names."""
     if cpu is None:
         return None
-    try:
-        v = cpu[label] if isinstance(cpu, dict) else cpu.stats(label)
-    except (KeyError, ValueError, AttributeError):
-        return None
-    return v if isinstance(v, (int, float)) else getattr(v, "mean", None)
+    for name in (a.label, *a.aliases):
+        try:
+            v = cpu[name] if isinstance(cpu, dict) else cpu.stats(name)
+        except (KeyError, ValueError, AttributeError):
+            continue
+        if isinstance(v, History):
+            return run_accuracy(v)
+        return v if isinstance(v, (int, float)) else getattr(v, "mean", None)
+    return None
 
 
 def _fmt(values: list[float], runs: int) -> str:
@@ -250,9 +263,10 @@ def reference_table(chapter: str, cpu=None, root=None):
                 v = run_accuracy(h, statistics=stat)
                 if v is not None:
                     out.append(v)
-        src = (f"SYNTHETIC, full size, {_machine_text(metas[0])}, {metas[0]['date'][:10]}" if metas
+        kind = "GPU size" if "train_size" in a.changes else "full size"
+        src = (f"SYNTHETIC, {kind}, {_machine_text(metas[0])}, {metas[0]['date'][:10]}" if metas
                else f"not run yet: `{fix_command(a.name)}`")
-        cpu_v = _cpu_value(cpu, a.label)
+        cpu_v = _cpu_value(cpu, a)
         rows.append({"arm": a.label, "reference accuracy": _fmt(precise, len(metas)),
                      "reference EMA": _fmt(ema, len(metas)),
                      "CPU size": "–" if cpu_v is None else f"{cpu_v:.3f}",

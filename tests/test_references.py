@@ -96,6 +96,8 @@ def test_table_numbers_are_the_files(tmp_path, runs):
     m, s = row["reference accuracy"].split(" (")[0].split(" ± ")
     assert float(m) == pytest.approx(mean, abs=5e-4) and float(s) == pytest.approx(std, abs=5e-4)
     assert row["seeds saved"] == "2 of 2" and row["CPU size"] == "0.500"
+    by_alias = rf.reference_table("00", cpu={"LeNet-BN, lr 1.0": runs[0]}, root=tmp_path)  # 00's name, a History
+    assert by_alias.loc[by_alias["arm"] == "LeNet-BN (base)", "CPU size"].item() == f"{vals[0]:.3f}"
     assert row["source"].startswith("SYNTHETIC, full size, ")
 
 
