@@ -85,7 +85,8 @@ ARMS = (
     Arm("gn-b32", "GroupNorm (2) @ 32", ("07",), _b07({"norm": "group", "groups": 2}, 32), note=_s07(32)),
     Arm("d2l-lenet", "LeNet (no BN), lr 0.9", ("00",), {"model": "lenet", "lr": 0.9}),
     Arm("bn-lr0.3", "LeNet-BN, lr 0.3", ("05",), {"lr": 0.3}),
-    Arm("base-linear", "LeNet-BN, lr decayed linearly to 0", ("05",), {"lr_schedule": "linear"}),
+    Arm("base-linear", "LeNet-BN, lr decayed linearly to 0", ("05",), {"lr_schedule": "linear"},
+        aliases=("lr decayed linearly to 0",)),
     Arm("no-bn-linear", "no BN, lr decayed linearly to 0", ("05",), {"norm": "none", "lr_schedule": "linear"}),
     Arm("fixed-gamma-beta", "γ = 1, β = 0 fixed", ("06",), {"affine": False}),
     Arm("bn-after", "FC → act → BN", ("06",), {"norm_position": "after"}),
@@ -215,9 +216,12 @@ def _cpu_value(cpu, a: Arm):
     """The CPU-size accuracy of arm ``a`` (its label, else an alias) from ``cpu``: a dict
     label -> number, SeedStats (its mean) or History (:func:`~bnviz.runs.run_accuracy`:
     PreciseBN where measured, else the eval-mode accuracy, last 3 epochs), or an object with
-    ``.stats(label)`` such as a Comparison; None where it has none of the arm's names."""
+    ``.stats(label)`` such as a Comparison, or a list of these (the first that has the arm);
+    None where none has any of the arm's names."""
     if cpu is None:
         return None
+    if isinstance(cpu, (list, tuple)):
+        return next((v for v in (_cpu_value(c, a) for c in cpu) if v is not None), None)
     for name in (a.label, *a.aliases):
         try:
             v = cpu[name] if isinstance(cpu, dict) else cpu.stats(name)

@@ -98,6 +98,8 @@ def test_table_numbers_are_the_files(tmp_path, runs):
     assert row["seeds saved"] == "2 of 2" and row["CPU size"] == "0.500"
     by_alias = rf.reference_table("00", cpu={"LeNet-BN, lr 1.0": runs[0]}, root=tmp_path)  # 00's name, a History
     assert by_alias.loc[by_alias["arm"] == "LeNet-BN (base)", "CPU size"].item() == f"{vals[0]:.3f}"
+    listed = rf.reference_table("00", cpu=[{"other": 0.1}, {"LeNet-BN": 0.25}, {"LeNet-BN (base)": 0.75}], root=tmp_path)
+    assert listed.loc[listed["arm"] == "LeNet-BN (base)", "CPU size"].item() == "0.250"  # the first that has it
     assert row["source"].startswith("SYNTHETIC, full size, ")
 
 
