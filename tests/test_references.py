@@ -114,3 +114,18 @@ def test_missing_and_corrupt_files_give_a_note(tmp_path, capsys):
     assert "NOTE: 4 reference file(s) not found or unreadable" in out and "reference_runs.py" in out
     assert list(df["seeds saved"]) == ["0 of 2", "0 of 2"]
     assert df["source"].str.contains("not run yet").all() and "SYNTHETIC" in out
+
+
+def test_overlay_traces_are_the_files_curves(tmp_path, runs):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    assert rf.add_reference_traces(fig, "00", root=tmp_path) == 0 and not fig.data  # nothing saved: unchanged
+    paths = [rf.save_reference(runs[s], rf.arm("base"), s, root=tmp_path) for s in (0, 1)]
+    assert rf.add_reference_traces(fig, "00", x="epoch", root=tmp_path) == 2
+    for trace, path in zip(fig.data, paths):
+        epochs = [e for e in json.loads(path.read_text())["runs"][0]["snapshots"] if e["kind"] == "epoch"]
+        assert list(trace.x) == [e["epoch"] for e in epochs]
+        assert list(trace.y) == [e["precise_test_acc"] for e in epochs]
+        assert "SYNTHETIC" in trace.name
+
