@@ -66,7 +66,11 @@ def main(argv=None, data=None) -> int:
     done = 0
     for i, (a, s) in enumerate(todo, 1):
         if rf.reference_path(a.name, s, args.root).exists() and not args.force:
-            print(f"[{i}/{len(todo)}] {a.name} seed {s}: saved already, skipped", flush=True)
+            try:
+                rf.load_reference(a.name, s, args.root)
+                print(f"[{i}/{len(todo)}] {a.name} seed {s}: saved already, skipped", flush=True)
+            except rf.ReferenceError as err:  # stale or corrupt: kept, said, not retrained without --force
+                print(f"[{i}/{len(todo)}] {a.name} seed {s}: NOT retrained: {err}", flush=True)
             continue
         print(f"[{i}/{len(todo)}] {a.name} seed {s}: training ({a.note}) ...", flush=True)
         path, wall, h = run_one(a, s, data, args.root, args.force)

@@ -69,11 +69,12 @@ def _b07(norm: dict, b: int) -> dict:
 
     n, epochs = fixed_steps(B07_STEPS, b, 60000)
     return {**norm, "batch_size": b, "train_size": n, "epochs": epochs, "lr": math.sqrt(b / 256),
-            "snapshot_every": max(50, B07_STEPS // 40)}
+            "snapshot_every": max(50, B07_STEPS // 40), "score_at": (0.9, 0.95, 1.0)}
 
 
 def _s07(b: int) -> str:
-    return f"07's GPU design: {B07_STEPS:,} steps, B {b}, lr √(B/256) = {math.sqrt(b / 256):.3g}"
+    return (f"07's GPU design: {B07_STEPS:,} steps, B {b}, lr √(B/256) = {math.sqrt(b / 256):.3g}, "
+            "scored at steps 1,800/1,900/2,000")
 
 # In priority order: the script runs them top to bottom (the headline arms first).
 ARMS = (
@@ -199,7 +200,17 @@ def load_reference(name: str, seed: int, root=None) -> tuple[History, dict]:
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ReferenceError(f"reference file {path} is corrupt ({err}); remake it with "
                              f"`{fix_command(name)} --force`") from None
+    changed = _changed_fields(h.config, arm_config(arm(name), seed)) if name in _BY_NAME else []
+    if changed:
+        raise ReferenceError(f"reference file {path} was made with another configuration than the arm's "
+                             f"today (fields {changed}); remake it with `{fix_command(name)} --force`")
     return h, meta
+
+
+def _changed_fields(saved: Config, now: Config) -> list[str]:
+    """The Config fields that differ (label excluded: a name, not a setting)."""
+    a, b = saved.to_dict(), now.to_dict()
+    return sorted(k for k in a if k != "label" and a[k] != b.get(k))
 
 
 def _machine_text(meta: dict) -> str:

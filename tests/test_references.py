@@ -1,6 +1,7 @@
 """bnviz.references and benchmarks/reference_runs.py on tiny runs (seconds): the saved History
 reads back equal, nothing is overwritten without force, a second run resumes, the table's numbers
 are the files' (recomputed here from the raw JSON), a missing or corrupt file gives a note."""
+import copy
 import importlib.util
 import json
 import math
@@ -27,12 +28,21 @@ def tiny(tiny_data):
     return tiny_data  # conftest's session data set (512 / 256): no extra cost in the suite
 
 
+TINY_FULL = rf.FULL.replace(epochs=3, snapshot_every=1)  # "full size" here: 3 epochs of 512 images
+
+
+@pytest.fixture(autouse=True)
+def tiny_full(monkeypatch):
+    monkeypatch.setattr(rf, "FULL", TINY_FULL)
+
+
 @pytest.fixture(scope="module")
 def runs(tiny):
     """The 'base' arm's config (batch 256), 3 epochs on 512 images: 6 steps, seeds 0 and 1."""
-    base = rf.arm("base")
-    return {s: Trainer(rf.arm_config(base, s).replace(epochs=3, snapshot_every=1), data=tiny,
-                       callbacks=(PreciseBNEval(256),)).fit() for s in (0, 1)}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(rf, "FULL", TINY_FULL)
+        return {s: Trainer(rf.arm_config(rf.arm("base"), s), data=tiny, callbacks=(PreciseBNEval(256),)).fit()
+                for s in (0, 1)}
 
 
 def _same(a, b):
@@ -56,18 +66,19 @@ def test_round_trip_equal_after_load(tmp_path, runs):
 def test_refuses_to_overwrite_unless_forced(tmp_path, runs):
     path = rf.save_reference(runs[0], rf.arm("base"), 0, root=tmp_path)
     before = path.read_bytes()
+    other = copy.deepcopy(runs[0])
+    other.note("a second run of the same arm")
     with pytest.raises(FileExistsError, match="--force"):
-        rf.save_reference(runs[1], rf.arm("base"), 0, root=tmp_path)
+        rf.save_reference(other, rf.arm("base"), 0, root=tmp_path)
     assert path.read_bytes() == before
-    rf.save_reference(runs[1], rf.arm("base"), 0, root=tmp_path, force=True)
-    assert _same(rf.load_reference("base", 0, root=tmp_path)[0], rf.thin(runs[1]))
+    rf.save_reference(other, rf.arm("base"), 0, root=tmp_path, force=True)
+    assert _same(rf.load_reference("base", 0, root=tmp_path)[0], rf.thin(other))
 
 
 def test_script_resumes_and_refuses_unknown_names(tmp_path, tiny, monkeypatch, capsys):
     rr = _script()
     with pytest.raises(ValueError, match="unknown reference arm 'nope'; valid: base"):
         rr.main(["--only", "nope", "--root", str(tmp_path)], data=tiny)
-    monkeypatch.setattr(rf, "FULL", rf.FULL.replace(epochs=2))  # seconds, not minutes
     rr.main(["--only", "base", "--seeds", "0", "--root", str(tmp_path)], data=tiny)
     path = tmp_path / "base__seed0.json"
     first = path.read_bytes()
@@ -128,4 +139,14 @@ def test_overlay_traces_are_the_files_curves(tmp_path, runs):
         assert list(trace.x) == [e["epoch"] for e in epochs]
         assert list(trace.y) == [e["precise_test_acc"] for e in epochs]
         assert "SYNTHETIC" in trace.name
+
+
+def test_a_file_made_with_another_config_is_not_used(tmp_path, runs, tiny, capsys):
+    stale = Trainer(rf.arm_config(rf.arm("base"), 0).replace(lr=0.5), data=tiny).fit()
+    rf.save_reference(stale, rf.arm("base"), 0, root=tmp_path)
+    with pytest.raises(rf.ReferenceError, match=r"another configuration .*\['lr'\].*--only base --force"):
+        rf.load_reference("base", 0, root=tmp_path)
+    _script().main(["--only", "base", "--seeds", "0", "--root", str(tmp_path)], data=tiny)  # kept, said
+    assert "NOT retrained: reference file" in capsys.readouterr().out
+    assert rf.reference_table("00", root=tmp_path).iloc[0]["seeds saved"] == "0 of 2"
 
