@@ -38,6 +38,17 @@ def run_one(a, seed, data, root, force):
     return rf.save_reference(h, a, seed, root=root, force=force, wall_s=round(wall, 1)), wall, h
 
 
+def _state(a, seed, root) -> str:
+    """'missing', 'saved', or 'STALE' (corrupt, or made with another Config than the arm's)."""
+    if not rf.reference_path(a.name, seed, root).exists():
+        return "missing"
+    try:
+        rf.load_reference(a.name, seed, root)
+        return "saved"
+    except rf.ReferenceError:
+        return "STALE"
+
+
 def main(argv=None, data=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this arm (repeatable)")
@@ -51,8 +62,7 @@ def main(argv=None, data=None) -> int:
     todo = [(a, s) for a in arms for s in (args.seeds or a.seeds)]
     if args.list:
         for a, s in todo:
-            saved = rf.reference_path(a.name, s, args.root).exists()
-            print(f"{a.name:18s} seed {s}  chapters {','.join(a.chapters):14s} {'saved' if saved else 'missing':7s} "
+            print(f"{a.name:18s} seed {s}  chapters {','.join(a.chapters):14s} {_state(a, s, args.root):8s} "
                   f"{a.label} | {a.changes} | {a.note}")
         return 0
     import torch
