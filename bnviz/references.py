@@ -177,8 +177,8 @@ def save_reference(history: History, a: Arm, seed: int, root=None, force: bool =
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"arm": a.name, "label": a.label, "seed": seed, "chapters": list(a.chapters), "size": a.note,
             "dataset": DATASET_TEXT if history.config.dataset == "synthetic" else history.dataset_label,
-            "machine": machine_info(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": _git_revision(), "wall_s": wall_s}
+            "machine": machine_info(), "git": _git_revision(), "wall_s": wall_s,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     doc = {"bnviz_histories": 1, "runs": [thin(history).to_dict()], "reference": meta}
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(doc, allow_nan=True))
@@ -279,7 +279,9 @@ def reference_table(chapter: str, cpu=None, root=None):
                 if v is not None:
                     out.append(v)
         kind = "GPU size" if "train_size" in a.changes else "full size"
+        any_file = any(reference_path(a.name, s, root).exists() for s in a.seeds)
         src = (f"SYNTHETIC, {kind}, {_machine_text(metas[0])}, {metas[0]['date'][:10]}" if metas
+               else f"unusable (stale or corrupt): `{fix_command(a.name)} --force`" if any_file
                else f"not run yet: `{fix_command(a.name)}`")
         cpu_v = _cpu_value(cpu, a)
         rows.append({"arm": a.label, "reference accuracy": _fmt(precise, len(metas)),

@@ -109,7 +109,8 @@ def test_table_numbers_are_the_files(tmp_path, runs):
     assert row["seeds saved"] == "2 of 2" and row["CPU size"] == "0.500"
     by_alias = rf.reference_table("00", cpu={"LeNet-BN, lr 1.0": runs[0]}, root=tmp_path)  # 00's name, a History
     assert by_alias.loc[by_alias["arm"] == "LeNet-BN (base)", "CPU size"].item() == f"{vals[0]:.3f}"
-    listed = rf.reference_table("00", cpu=[{"other": 0.1}, {"LeNet-BN": 0.25}, {"LeNet-BN (base)": 0.75}], root=tmp_path)
+    cpus = [{"other": 0.1}, {"LeNet-BN": 0.25}, {"LeNet-BN (base)": 0.75}]
+    listed = rf.reference_table("00", cpu=cpus, root=tmp_path)
     assert listed.loc[listed["arm"] == "LeNet-BN (base)", "CPU size"].item() == "0.250"  # the first that has it
     assert row["source"].startswith("SYNTHETIC, full size, ")
 
@@ -124,7 +125,10 @@ def test_missing_and_corrupt_files_give_a_note(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NOTE: 4 reference file(s) not found or unreadable" in out and "reference_runs.py" in out
     assert list(df["seeds saved"]) == ["0 of 2", "0 of 2"]
-    assert df["source"].str.contains("not run yet").all() and "SYNTHETIC" in out
+    cmd = "python benchmarks/reference_runs.py --only"
+    assert list(df["source"]) == [f"unusable (stale or corrupt): `{cmd} base --force`",
+                                  f"not run yet: `{cmd} d2l-lenet`"]
+    assert "SYNTHETIC" in out
 
 
 def test_overlay_traces_are_the_files_curves(tmp_path, runs):
