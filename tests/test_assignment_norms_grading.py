@@ -451,3 +451,19 @@ def test_the_scan_follows_answers_not_an_answers_own_local_names():
                   "def layer_norm_forward(x, gamma, beta, eps=1e-5):\n    return _ln(x, x.shape[1:]), None\n")
     assert rules.scan([aliased], checker_norms.ANSWERS) == {"q4": {"layer_norm": "cell 1 line 1"}}
     assert rules.scan([aliased]) == {}  # assignment 1's answer names: not an answer there
+
+
+def test_a_comprehension_variable_is_not_a_top_level_name():
+    """``[nodes[k] for k in keys]`` inside an answer does not reach an experiment cell's top-level
+    ``k`` (whose loop trains with autograd: q1 was flagged through it once q7/q8 existed); a name
+    loaded outside the comprehension too, or in its first iterable, still reaches the top level."""
+    from bnviz.grading import checker_norms, rules
+
+    loop = (0, "for k in range(3):\n    loss = model(x).sum()\n    loss.backward()\n")
+    answer = (1, "def bn_backward_graph(dy, cache):\n    keys = ['mu']\n"
+                 "    return dy, dy, dy, {k: cache[k] for k in keys}\n")
+    assert rules.scan([loop, answer], checker_norms.ANSWERS) == {}
+    outside = (1, "def bn_backward_graph(dy, cache):\n    ks = [k for k in cache]\n    return k, dy, dy, {}\n")
+    iterable = (1, "def bn_backward_graph(dy, cache):\n    return [k for k in k], dy, dy, {}\n")
+    for leaky in (outside, iterable):
+        assert rules.scan([loop, leaky], checker_norms.ANSWERS) == {"q1": {"autograd": "cell 0 line 3"}}

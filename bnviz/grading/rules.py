@@ -146,7 +146,37 @@ def _local_names(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
             names.add(node.name)
         if not isinstance(node, _SCOPES):
             todo.extend(ast.iter_child_nodes(node))
-    return names - declared
+    return (names | _comprehension_locals(fn)) - declared
+
+
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+
+
+def _comprehension_locals(fn: ast.AST) -> set[str]:
+    """Names a function loads only inside comprehensions that bind them (``[nodes[k] for k in
+    keys]``: that ``k`` never reaches a top-level ``k``). A name also loaded elsewhere in the
+    function stays a load. The first generator's iterable is evaluated outside the comprehension."""
+    inside, outside = set(), set()
+
+    def walk(node: ast.AST, bound: frozenset) -> None:
+        if isinstance(node, _COMPREHENSIONS):
+            inner = bound
+            for k, gen in enumerate(node.generators):
+                walk(gen.iter, bound if k == 0 else inner)
+                inner = inner | {n.id for n in ast.walk(gen.target) if isinstance(n, ast.Name)}
+                for cond in gen.ifs:
+                    walk(cond, inner)
+            for part in ((node.key, node.value) if isinstance(node, ast.DictComp) else (node.elt,)):
+                walk(part, inner)
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            (inside if node.id in bound else outside).add(node.id)
+        for child in ast.iter_child_nodes(node):
+            walk(child, bound)
+
+    for stmt in getattr(fn, "body", []):
+        walk(stmt, frozenset())
+    return inside - outside
 
 
 def _outer_loads(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
