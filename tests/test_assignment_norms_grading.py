@@ -467,3 +467,9 @@ def test_a_comprehension_variable_is_not_a_top_level_name():
     iterable = (1, "def bn_backward_graph(dy, cache):\n    return [k for k in k], dy, dy, {}\n")
     for leaky in (outside, iterable):
         assert rules.scan([loop, leaky], checker_norms.ANSWERS) == {"q1": {"autograd": "cell 0 line 3"}}
+    # the same at the top level: a statement an answer reaches, with a comprehension of its own
+    table = (1, "_pre = {}\nfor c in calls:\n    _pre[c] = [v for v in c if all(isinstance(k, int) for k in v)]\n"
+                "def layer_norm_forward(x, gamma, beta, eps=1e-5):\n    return _pre.get(x), None\n")
+    assert rules.scan([loop, table], checker_norms.ANSWERS) == {}
+    leaky_table = (1, table[1].replace("all(isinstance(k, int) for k in v)", "k"))
+    assert rules.scan([loop, leaky_table], checker_norms.ANSWERS) == {"q4": {"autograd": "cell 0 line 3"}}

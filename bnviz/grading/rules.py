@@ -153,7 +153,7 @@ _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
 
 
 def _comprehension_locals(fn: ast.AST) -> set[str]:
-    """Names a function loads only inside comprehensions that bind them (``[nodes[k] for k in
+    """Names a function (or any top-level statement) loads only inside comprehensions that bind them (``[nodes[k] for k in
     keys]``: that ``k`` never reaches a top-level ``k``). A name also loaded elsewhere in the
     function stays a load. The first generator's iterable is evaluated outside the comprehension."""
     inside, outside = set(), set()
@@ -174,8 +174,7 @@ def _comprehension_locals(fn: ast.AST) -> set[str]:
         for child in ast.iter_child_nodes(node):
             walk(child, bound)
 
-    for stmt in getattr(fn, "body", []):
-        walk(stmt, frozenset())
+    walk(fn, frozenset())
     return inside - outside
 
 
@@ -218,6 +217,8 @@ def scan(cells: list[tuple[int, str]], answers: dict[str, str] | None = None) ->
             uses.visit(node.value if isinstance(node, ast.Assign) else node)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 uses.names = (uses.names - _local_names(node)) | _outer_loads(node)
+            else:  # a top-level loop's all(isinstance(a, T) for a in ...) is not the top-level a
+                uses.names -= _comprehension_locals(node)
             where = {f: f"cell {index} line {line}" for f, line in uses.features.items()}
             for name in names:
                 bindings.setdefault(name, []).append((where, uses.names))
