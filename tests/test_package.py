@@ -45,7 +45,8 @@ def test_wheel_and_sdist_hold_the_course(dists):
     assert {"bnviz/__main__.py", "bnviz/lab_charts.py", "bnviz/colab.py", "bnviz/grading/__init__.py"} <= set(names)
     # the site builder is a tool of the checkout (site/build.py), not runtime code
     assert "bnviz/site.py" not in names and not [n for n in names if n.startswith("site/")], names
-    assert not [n for n in names if "assignments" in n or n.endswith("/batch_norm.ipynb")], \
+    # no assignment notebook (bnviz/grading/assignments.py, the grader's registry, is code and ships)
+    assert not [n for n in names if "/assignments/" in n or n.endswith(("/batch_norm.ipynb", "/norms.ipynb"))], \
         "the assignment's source holds the solutions: it must not ship in the wheel"
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Project-URL: Repository, https://github.com/" in meta
