@@ -39,7 +39,15 @@ __all__ = ["Arm", "ARMS", "REFERENCE_DIR", "DATASET_TEXT", "ReferenceError", "ar
            "reference_path", "machine_info", "thin", "save_reference", "load_reference", "reference_table",
            "show_references", "reference_curves", "add_reference_traces", "fix_command"]
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "reference"
+def _reference_dir() -> Path:
+    """``data/reference`` of a checkout (where ``benchmarks/reference_runs.py`` writes); in an
+    installed wheel (Colab), its copy ``bnviz/reference_data`` (package data)."""
+    checkout = Path(__file__).resolve().parents[1] / "data" / "reference"
+    installed = Path(__file__).resolve().parent / "reference_data"
+    return checkout if checkout.is_dir() or not installed.is_dir() else installed
+
+
+REFERENCE_DIR = _reference_dir()
 DATASET_TEXT = "SYNTHETIC stand-in (not Fashion-MNIST), 60,000 training / 10,000 test images"
 SEEDS = (0, 1)
 # Full size: d2l's recipe (batch 256, 10 epochs over all 60,000 images) on the synthetic stand-in.

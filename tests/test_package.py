@@ -48,6 +48,9 @@ def test_wheel_and_sdist_hold_the_course(dists):
     # no assignment notebook (bnviz/grading/assignments.py, the grader's registry, is code and ships)
     assert not [n for n in names if "/assignments/" in n or n.endswith(("/batch_norm.ipynb", "/norms.ipynb"))], \
         "the assignment's source holds the solutions: it must not ship in the wheel"
+    # the full-size reference runs the chapters show, so that an install from the wheel (Colab) shows them
+    refs = sorted(p.name for p in (ROOT / "data" / "reference").glob("*.json"))
+    assert refs and sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("bnviz/reference_data/")) == refs
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Project-URL: Repository, https://github.com/" in meta
     with tarfile.open(sdist) as tf:
@@ -73,6 +76,23 @@ def fresh(dists, tmp_path_factory):
                            env=env, cwd=venv, check=True).stdout.strip()
     assert where.startswith(site_dir), f"bnviz imported from {where}, not from the installed wheel"
     return py
+
+
+def test_the_installed_wheel_reads_its_reference_runs(fresh):
+    """Away from the checkout (cwd = the venv), bnviz finds the reference runs in its package data
+    and reads the same accuracy as the checkout's file."""
+    from bnviz import references as rf
+
+    code = ("from bnviz import references as rf; t = rf.reference_table('07'); "
+            "print(rf.REFERENCE_DIR); print(len(t.attrs['missing'])); print(t.to_json())")
+    proc = subprocess.run([fresh, "-c", code], capture_output=True, text=True, env=_env(),
+                          cwd=Path(str(fresh)).parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    where, missing, table = proc.stdout.strip().splitlines()[:3]
+    assert where.endswith("bnviz/reference_data") and str(ROOT) not in where, where
+    here = rf.reference_table("07")
+    assert int(missing) == len(here.attrs["missing"])
+    assert table == here.to_json()
 
 
 def _env() -> dict:
