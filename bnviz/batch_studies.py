@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .config import Config, score_steps
-from .data import Dataset, batch_slices, drops_last, to_float
+from .data import Dataset, planned_steps, to_float
 from .models import norm_layers
 from .precise import PRECISE_BN_IMAGES, eval_accuracy, precise_model
 from .runs import Cell, Run, _data_for, run_grid, scored_snapshots
@@ -39,10 +39,10 @@ SCORE_FRACTIONS = (0.9, 0.95, 1.0)
 
 
 def total_steps(cfg: Config, n_train: int) -> int:
-    """The steps of a run of ``cfg`` on ``n_train`` examples, as the engine plans them: every
-    epoch ``ceil(n/B)`` batches, or ``floor(n/B)`` when the last batch is dropped
-    (``drop_last``, or a last batch of one example, which BN cannot train on)."""
-    return cfg.epochs * len(batch_slices(n_train, cfg.batch_size, drops_last(n_train, cfg.batch_size, cfg.drop_last)))
+    """The steps of a run of ``cfg`` on ``n_train`` examples, as the engine plans them
+    (:func:`bnviz.data.planned_steps`: every epoch ``ceil(n/B)`` batches, or ``floor(n/B)`` when
+    the last batch is dropped: ``drop_last``, or a last batch of one example)."""
+    return planned_steps(cfg.epochs, n_train, cfg.batch_size, cfg.drop_last)
 
 
 @dataclass
@@ -158,7 +158,7 @@ def wu_he_plan(batch_sizes, lr_ref: float, batch_ref: int, epochs: int, n_train:
         raise ValueError(f"lr_ref={lr_ref!r}, batch_ref={batch_ref!r}, epochs={epochs!r}, n_train={n_train!r} are not "
                          "valid; valid: lr_ref > 0, batch_ref >= 1, epochs a positive int, n_train >= the largest B")
     return [{"batch_size": b, "lr": lr_ref * b / batch_ref, "epochs": epochs, "train_size": n_train,
-             "steps": epochs * len(batch_slices(n_train, b, drops_last(n_train, b)))} for b in bss]
+             "steps": planned_steps(epochs, n_train, b)} for b in bss]
 
 
 def tune_lr_seeds(base: Config, cells: dict[str, dict], lrs: dict[str, list[float]], seeds=(100, 101),

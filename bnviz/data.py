@@ -37,6 +37,7 @@ __all__ = [
     "make_synthetic",
     "batches",
     "batch_slices",
+    "planned_steps",
     "batch_sizes",
     "drops_last",
     "count_correct",
@@ -479,6 +480,12 @@ def batch_slices(n: int, batch_size: int, drop_last: bool = False) -> list[slice
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     stop = n - n % batch_size if drop_last else n
     return [slice(start, min(start + batch_size, n)) for start in range(0, stop, batch_size)]
+
+
+def planned_steps(epochs: int, n: int, batch_size: int, drop_last: bool = False) -> int:
+    """The steps of ``epochs`` epochs over ``n`` examples, as the Trainer and the grid plan them:
+    :func:`batch_slices` per epoch, with the last batch dropped where :func:`drops_last` says."""
+    return epochs * len(batch_slices(n, batch_size, drops_last(n, batch_size, drop_last)))
 
 
 def batch_sizes(n: int, batch_size: int, drop_last: bool = False) -> list[int]:

@@ -33,8 +33,8 @@ from . import fastpath
 from .callbacks import (BATCH_ONE, BatchStatsRecorder, CancelFit, Divergence, Progress, SnapshotFunction,
                         StopSignal, at_chance_note, dispatch)
 from .config import FAST_MODES, Config, LiveParams, check_batch_size, lr_factor, resolve_dataset, score_steps
-from .data import (Dataset, batch_sizes, batch_slices, drops_last, evaluate, load_dataset, resolve_device,
-                   to_float)
+from .data import (Dataset, batch_sizes, batch_slices, drops_last, evaluate, load_dataset, planned_steps,
+                   resolve_device, to_float)
 from .history import (STATUSES, Change, History, Snapshot, SnapshotLayout, load_histories,
                       save_histories)
 from .models import build_lenet, configure_norms, init_weights, norm_layers
@@ -341,8 +341,7 @@ class Trainer:
                                 cfg.weight_decay, self.device)
         self.lr_now = cfg.lr  # the lr of the last step (Config.lr_schedule)
         n = len(self.data.train_x)
-        per_epoch = len(batch_slices(n, cfg.batch_size, drops_last(n, cfg.batch_size, cfg.drop_last)))
-        self.total_steps = cfg.epochs * per_epoch if cfg.epochs else None  # the run's length, as planned
+        self.total_steps = planned_steps(cfg.epochs, n, cfg.batch_size, cfg.drop_last) if cfg.epochs else None
         self.score_steps = frozenset(score_steps(cfg.score_at, self.total_steps)) if cfg.score_at else frozenset()
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.sums = torch.zeros(6, device=self.device)  # loss, correct, n: since snapshot | epoch
