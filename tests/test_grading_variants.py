@@ -47,9 +47,14 @@ def test_derivation_is_deterministic_and_covers_every_convention():
 
 @pytest.mark.parametrize("bad, error", [("", ValueError), ("   ", ValueError), (None, TypeError),
                                         (123, TypeError), (b"bytes", TypeError)])
-def test_bad_secret_is_refused(bad, error):
+@pytest.mark.parametrize("assignment", ["batch_norm", "norms"])
+def test_bad_secret_is_refused(bad, error, assignment):
+    """Both assignments' derive (assignment 1's variants, the norms assignment's) refuse a bad secret."""
+    from bnviz.grading import variants_norms
+
+    derive = {"batch_norm": variants.derive, "norms": variants_norms.derive}[assignment]
     with pytest.raises(error, match="secret"):
-        variants.derive(bad)
+        derive(bad)
 
 
 def test_bad_variant_records_are_refused():

@@ -16,6 +16,7 @@ place the repository URL lives (pyproject's [project.urls]).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -493,14 +494,11 @@ def test_search_and_phone_width(served, browser_page):
     page = browser_page
     assert not _visit(page, f"{served}/search.html?q=momentum")
     wait_for(page, lambda: page.locator("#search-results li").count() > 0, 30, "search results for 'momentum'")
-    page.set_viewport_size({"width": 390, "height": 844})
-    try:
+    with _viewport(page, 390, 844):
         for name in ("05_optimisation.html", "03_lab.html", "questions.html"):
             assert not _visit(page, f"{served}/{name}")
             overflow = page.evaluate(JS_FIGURES)["overflow"]
             assert overflow <= 1, f"{name} scrolls sideways by {overflow}px on a 390-px phone"
-    finally:
-        page.set_viewport_size({"width": 1280, "height": 900})
 
 
 # ----------------------------------------------------------------------------- what a reader sees
@@ -552,6 +550,16 @@ FIGURE_PAGES = CHAPTER_PAGES  # a page without a figure costs one visit
 WIDTHS = pytest.mark.parametrize("width", [1280, 390], ids=["688-px column", "390-px phone"])
 
 
+@contextlib.contextmanager
+def _viewport(page, width: int, height: int = 900):
+    """The page at ``width`` x ``height`` for the block, then back at the default 1280 x 900."""
+    page.set_viewport_size({"width": width, "height": height})
+    try:
+        yield page
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+
 @pytest.mark.site
 @pytest.mark.browser
 @pytest.mark.timeout(600)
@@ -564,10 +572,8 @@ def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, 
     figure go to test-artifacts/."""
     from browser_helpers import shot
 
-    page = browser_page
-    page.set_viewport_size({"width": width, "height": 900})
-    failures = {}
-    try:
+    page, failures = browser_page, {}
+    with _viewport(page, width):
         for name in FIGURE_PAGES:
             assert not _visit(page, f"{served}/{name}")
             page.wait_for_timeout(400)
@@ -586,8 +592,6 @@ def test_figures_are_legible_in_the_column_and_on_a_phone(served, browser_page, 
                 assert any(f["replay"] for f in figures), "no replay on the lab page"
                 page.locator(".bnviz-replay").first.screenshot(path=str(_artifact(f"site-replay-{width}.png")))
         shot(page, f"site-07-{width}", full_page=False)
-    finally:
-        page.set_viewport_size({"width": 1280, "height": 900})
     assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)[:8000]
 
 
@@ -614,10 +618,8 @@ def test_a_reader_sees_readable_code_and_no_setup_warning_or_test_scaffolding(se
     """On every chapter page: no setup cell, no raw warning, no test scaffolding (no `assert` in
     the lab's published code); on 01 and 05 (the pages with the most code) no code block scrolls
     sideways (scrollWidth <= clientWidth) in the 688-px column or on a 390-px phone."""
-    page = browser_page
-    page.set_viewport_size({"width": width, "height": 900})
-    failures = {}
-    try:
+    page, failures = browser_page, {}
+    with _viewport(page, width):
         for name in CHAPTER_PAGES:
             assert not _visit(page, f"{served}/{name}")
             seen = page.evaluate(JS_READER)
@@ -631,8 +633,6 @@ def test_a_reader_sees_readable_code_and_no_setup_warning_or_test_scaffolding(se
                                 f"{seen['scrolls'][:4]}")
             if problems:
                 failures[name] = problems
-    finally:
-        page.set_viewport_size({"width": 1280, "height": 900})
     assert not failures, json.dumps(failures, indent=1, ensure_ascii=False)[:8000]
 
 

@@ -31,7 +31,7 @@ import dataclasses
 import hashlib
 import hmac
 import itertools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,9 +46,42 @@ MOMENTA = {"new": (0.1, 0.05, 0.2), "old": (0.9, 0.95, 0.8)}
 MIN_CHANGES = 2  # a derived variant differs from PyTorch's conventions in at least this many
 
 
+class Conventions:
+    """What a frozen dataclass of conventions shares (:class:`Variant` here, the norms assignment's
+    ``NormsVariant``): ``cls()`` is PyTorch's conventions; ``CHOICES`` names the conventions counted
+    by :meth:`changes`; ``KIND`` names the dataclass in errors."""
+
+    CHOICES: ClassVar[dict[str, tuple]] = {}
+    KIND: ClassVar[str] = "variant"
+
+    @property
+    def is_default(self) -> bool:
+        return self == type(self)()
+
+    def changes(self) -> int:
+        """How many of the conventions in ``CHOICES`` differ from PyTorch's."""
+        default = type(self)()
+        return sum(getattr(self, k) != getattr(default, k) for k in self.CHOICES)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any):
+        """From ``assignment.json`` or a built notebook's metadata (None or missing: PyTorch's conventions)."""
+        if data is None:
+            return cls()
+        keys = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict) or set(data) - set(keys):
+            raise ValueError(f"{cls.KIND} must be a dict with keys among {keys}, got {str(data)[:120]}")
+        return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class Variant(Conventions):
     """One set of conventions (see the module docstring); ``Variant()`` is PyTorch's."""
+
+    CHOICES: ClassVar[dict[str, tuple]] = CHOICES
 
     running_var: str = "unbiased"
     momentum_rule: str = "new"
@@ -64,27 +97,6 @@ class Variant:
         if self.momentum not in MOMENTA[self.momentum_rule] or isinstance(self.momentum, bool):
             raise ValueError(f"variant momentum={self.momentum!r} is not one of {list(MOMENTA[self.momentum_rule])} "
                              f"(the defaults allowed with momentum_rule={self.momentum_rule!r})")
-
-    @property
-    def is_default(self) -> bool:
-        return self == Variant()
-
-    def changes(self) -> int:
-        """How many of the four conventions differ from PyTorch's."""
-        return sum(getattr(self, k) != getattr(Variant(), k) for k in CHOICES)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "Variant":
-        """From ``assignment.json``'s ``"variant"`` (None or missing: PyTorch's conventions)."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict) or set(data) - {f.name for f in dataclasses.fields(cls)}:
-            raise ValueError(f"variant must be a dict with keys among {[f.name for f in dataclasses.fields(cls)]}, "
-                             f"got {str(data)[:120]}")
-        return cls(**data)
 
     def to_layout(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor drawn in PyTorch's layout (channels on axis 1) moved to this variant's layout."""

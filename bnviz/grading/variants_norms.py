@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any
+from typing import ClassVar
 
 import torch
 
@@ -46,8 +46,11 @@ VARIANT_META = "bnviz_norms_variant"  # the built student notebook's metadata ke
 
 
 @dataclasses.dataclass(frozen=True)
-class NormsVariant:
+class NormsVariant(variants.Conventions):
     """One set of conventions (module docstring); ``NormsVariant()`` is PyTorch's."""
+
+    CHOICES: ClassVar[dict[str, tuple]] = CHOICES
+    KIND: ClassVar[str] = "a norms variant"
 
     layout: str = "channels_first"
     ln_axes: str = "all"
@@ -58,25 +61,6 @@ class NormsVariant:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed or not isinstance(getattr(self, name), str):
                 raise ValueError(f"norms variant {name}={getattr(self, name)!r} is not one of {list(allowed)}")
-
-    @property
-    def is_default(self) -> bool:
-        return self == NormsVariant()
-
-    def changes(self) -> int:
-        return sum(getattr(self, k) != getattr(NormsVariant(), k) for k in CHOICES)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "NormsVariant":
-        """From a notebook's metadata or ``assignment.json`` (None: PyTorch's conventions)."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict) or set(data) - set(CHOICES):
-            raise ValueError(f"a norms variant must be a dict with keys among {list(CHOICES)}, got {str(data)[:120]}")
-        return cls(**data)
 
     def to_layout(self, t: torch.Tensor) -> torch.Tensor:
         """A 4-D tensor drawn as (N, C, H, W), in this variant's layout (2-D tensors unchanged)."""
