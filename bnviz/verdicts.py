@@ -168,6 +168,7 @@ class Cause:
     * FAR_BELOW_FULL_SIZE: value = the cell's mean accuracy, ref = its full-size accuracy;
     * SATURATION: value = the share of a layer's sigmoid outputs saturated at the end (``layer``
       names it; None: all sigmoids pooled, when only that was measured), ref = :data:`SATURATION_LIMIT`.
+      ``note=True`` where it is the cell's only cause (see :func:`cell_causes`): then a note.
 
     Code decides on ``kind`` and the numbers; ``str(cause)`` is the sentence shown (made here only)."""
 
@@ -176,6 +177,7 @@ class Cause:
     ref: float
     se: float | None = None
     layer: str | None = None
+    note: bool = False  # shown as a note, not a CAUTION, whatever the kind
 
     @property
     def unconverged(self) -> bool:
@@ -185,8 +187,9 @@ class Cause:
 
     @property
     def caution(self) -> bool:
-        """True when this cause makes a CAUTION (all kinds but the notes: nearly converged)."""
-        return self.kind not in NOTE_KINDS
+        """True when this cause makes a CAUTION (all kinds but the notes: nearly converged, and a
+        saturation marked ``note``)."""
+        return self.kind not in NOTE_KINDS and not self.note
 
     def __str__(self) -> str:
         k, v, r = self.kind, self.value, self.ref
@@ -286,7 +289,10 @@ def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMI
     6. saturation, per layer: each layer whose share of saturated sigmoid outputs (mean over the
        finished seeds' last snapshots, or ``saturation`` = {layer: share} measured by a probe,
        e.g. :func:`bnviz.probes.saturation_by_layer`) is above :data:`SATURATION_LIMIT`. Where
-       only one pooled share was measured, that share, named as pooled.
+       only one pooled share was measured, that share, named as pooled. Saturation makes a
+       CAUTION only in a cell that has another CAUTION (it failed to learn, or has not settled,
+       and saturated sigmoids are a measured reason why); in a cell that learned and settled it
+       is a note: confident units, not a reason to doubt the comparison.
 
     A cell that never left chance is not also 'not converged'. Empty when none applies."""
     runs = list(runs)
@@ -315,9 +321,10 @@ def cell_causes(runs, full_size: float | None = None, limit: float = CHANCE_LIMI
             for k, v in layer_saturation(r.history.snapshots[-1]).items():
                 per.setdefault(k, []).append(v)
         saturation = {k: sum(v) / len(v) for k, v in per.items()}
+    alone = not any(c.caution for c in causes)  # no other CAUTION: saturation is a note
     for layer, share in saturation.items():
         if share > SATURATION_LIMIT:
-            causes.append(Cause(CauseKind.SATURATION, share, SATURATION_LIMIT, layer=layer))
+            causes.append(Cause(CauseKind.SATURATION, share, SATURATION_LIMIT, layer=layer, note=alone))
     return causes
 
 

@@ -191,6 +191,7 @@ def test_the_caution_rule_of_07_equals_the_library(data):
         "saturated": ([hand_run(flat, [0.6] * 3, saturated=0.62, seed=s) for s in range(3)], None),
         "fc1 saturated": ([hand_run(flat, [0.6] * 3, saturated={"conv1": 0.3, "fc1": 0.8}, seed=s)
                            for s in range(3)], None),
+        "saturated at chance": ([hand_run([0.1] * 12, [0.1] * 3, saturated=0.9, seed=s) for s in range(3)], None),
         "2 of 3 learned": ([hand_run(flat, [a] * 3, seed=s) for s, a in enumerate((0.093, 0.462, 0.678))], None),
         "far from converged": ([hand_run([0.1] * 6 + [0.391] * 3 + [0.758] * 3, [0.7] * 3, seed=s)
                                 for s in range(3)], None),
@@ -201,6 +202,7 @@ def test_the_caution_rule_of_07_equals_the_library(data):
         size = dict(train_size=full) if name == "under one epoch" else dict(full_size=full)
         mine, lib = rule(runs, **size), vd.cell_causes(runs, **size)
         assert [c.kind for c in mine] == [c.kind for c in lib], name
+        assert [c.caution for c in mine] == [c.caution for c in lib], name  # saturation alone: a note in both
         numbers = lambda causes: [x for c in causes for x in (c.value, c.ref)]  # noqa: E731
         assert numbers(mine) == pytest.approx(numbers(lib)), name
         kinds |= {c.kind for c in lib}

@@ -99,6 +99,22 @@ def test_saturation_is_per_layer():
     assert [c.layer for c in Cell((("variant", "v"),), runs, saturation={"fc2": 0.7}).causes] == ["fc2"]
 
 
+def test_saturation_alone_is_a_note_and_beside_another_caution_a_caution():
+    """A cell that learned and settled with saturated sigmoids (confident units) gets a note; the
+    same saturation in a cell that never left chance, or is still far from converged, is a CAUTION."""
+    settled = vd.cell_causes(_cell([0.9] * 12, (0.90, 0.91, 0.92), saturated={"fc2": 0.7}))
+    assert [(c.kind, c.caution) for c in settled] == [(K.SATURATION, False)]
+    assert vd.describe(settled, notes=False) == "" and "fc2" in vd.describe(settled)
+    stuck = vd.cell_causes(_cell([0.1] * 12, (0.10, 0.11, 0.10), saturated={"fc2": 0.7}))
+    assert [(c.kind, c.caution) for c in stuck] == [(K.NEVER_LEFT_CHANCE, True), (K.SATURATION, True)]
+    climbing = vd.cell_causes(_cell([0.1] * 6 + [0.391] * 3 + [0.758] * 3, (0.7, 0.7, 0.7), saturated={"fc2": 0.7}))
+    assert [(c.kind, c.caution) for c in climbing] == [(K.STILL_IMPROVING, True), (K.SATURATION, True)]
+    # a verdict against a settled, saturated reference carries no CAUTION for it
+    ref, other = vd.seed_stats([0.90, 0.91, 0.92]), vd.seed_stats([0.80, 0.81, 0.83])
+    ref.causes = settled
+    assert not vd.verdict(ref, other).cautioned
+
+
 def test_the_saturation_probe_measures_each_layer_alone():
     torch.manual_seed(0)
     net = build_lenet(preset("lenet")).train()
