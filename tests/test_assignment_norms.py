@@ -603,11 +603,122 @@ def test_student_seeds_follow_one_convention_and_the_class_secret_stays_out(tmp_
     assert secret not in text and f'SEED_SALT = "{salt}"' in cell
     import os
 
+    monkeypatch.delenv("BNVIZ_GRADING", raising=False)
     for sid in ("alice", " bob "):
         ns = {"os": os, "STUDENT_ID": sid, "grader": None}
         exec(compile(cell, "<seeds cell>", "exec"), ns)
-        assert ns["SEEDS"] == student_seeds.seeds_for(salt, sid) and ns["GRADING"] is True
+        assert ns["SEEDS"] == student_seeds.seeds_for(salt, sid) and ns["GRADING"] is False
+    # GRADING (experiments skipped): the course sandbox's variable, or otter's own grading mode only
+    from bnviz.grading import sandbox
+
+    assert sandbox.worker_env(sandbox.Limits())["BNVIZ_GRADING"] == "1"
+    for env, mode, want in [("1", None, True), (None, True, True), (None, False, False), ("0", None, False)]:
+        if env is None:
+            monkeypatch.delenv("BNVIZ_GRADING", raising=False)
+        else:
+            monkeypatch.setenv("BNVIZ_GRADING", env)
+        grader = type("Notebook", (), {} if mode is None else {"_grading_mode": mode})()
+        ns = {"os": os, "STUDENT_ID": "alice", "grader": grader}
+        exec(compile(cell, "<seeds cell>", "exec"), ns)
+        assert ns["GRADING"] is want, (env, mode)
     assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(salt, "bob")
     assert student_seeds.seeds_for(salt, "alice") != student_seeds.seeds_for(student_seeds.PUBLIC_SALT, "alice")
     with pytest.raises(ValueError, match="salt"):
         student_seeds.stamp_notebook(nb_path, 'x" ; import os #')
+
+
+def _printed(source_line: str, sid: str, seeds: list[int]) -> str:
+    """What a notebook line prints, run for real (the check must read the notebook's own format)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(source_line.strip(), {"STUDENT_ID": sid, "SEEDS": seeds})
+    return buf.getvalue()
+
+
+def _handed_in(tmp_path, sid: str, printed_sid: str, printed_seeds, outputs=True, name="sub.ipynb"):
+    """The student notebook with STUDENT_ID filled in and, where ``outputs``, the seeds cell's and
+    both experiment cells' printed text as a run with ``printed_sid``'s seeds leaves it (plus a
+    figure, which the check must ignore); read back through ingest as the grader reads it."""
+    from bnviz.grading import ingest, student_seeds
+
+    nb = json.loads(SOURCE.read_text())
+    for c in nb["cells"]:
+        src = "".join(c["source"])
+        if c["cell_type"] != "code":
+            continue
+        if src.startswith("# Your student id"):
+            c["source"] = src.replace('STUDENT_ID = ""', f"STUDENT_ID = {sid!r}")
+        line = next((ln for ln in src.splitlines() if "experiment seeds" in ln and "print(" in ln), None)
+        if outputs and line is not None:
+            text = _printed(line, printed_sid, printed_seeds)
+            c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["data: SYNTHETIC\n", text]},
+                            {"output_type": "display_data", "metadata": {},
+                             "data": {"image/png": "iVBORw0KGgo=", "text/plain": ["<Figure size 1100x400 with 2 Axes>"]}}]
+    path = tmp_path / name
+    path.write_text(json.dumps(nb))
+    sub = ingest.read_submission(path, "norms.ipynb")
+    assert sub.error is None, sub.error
+    return sub, student_seeds
+
+
+def test_the_seed_check_flags_outputs_made_with_another_ids_seeds(tmp_path):
+    """Issue 26: a classmate's experiment outputs (their seeds), outputs from another class's
+    notebook (another salt), experiments handed in without output and an empty STUDENT_ID are
+    flagged for the instructor; an honest run is not. The printed lines come from the notebook's
+    own print statements, run here."""
+    from bnviz.grading import student_seeds
+
+    salt = student_seeds.class_salt("class-secret-26")
+    alice, bob = student_seeds.seeds_for(salt, "alice"), student_seeds.seeds_for(salt, "bob")
+    assert alice != bob
+    nb_cells = [(c["cell_type"], "".join(c["source"])) for c in json.loads(SOURCE.read_text())["cells"]]
+    experiments = [i for i, (k, s) in enumerate(nb_cells) if k == "code" and s.startswith("# Experiment ")]
+    assert len(experiments) == 2 and all("experiment seeds" in nb_cells[i][1] for i in experiments)
+
+    sub, _ = _handed_in(tmp_path, "alice", "alice", alice)
+    assert len(sub.outputs) == 3 and all("<Figure" in t for i, t in sub.outputs if i in experiments)
+    assert student_seeds.check_outputs(sub.sources, sub.outputs, salt) == []
+    sub, _ = _handed_in(tmp_path, " alice ", "alice", alice)  # the notebook strips the id too
+    assert student_seeds.check_outputs(sub.sources, sub.outputs, salt) == []
+
+    sub, _ = _handed_in(tmp_path, "alice", "bob", bob)  # bob's outputs, alice's id
+    flags = student_seeds.check_outputs(sub.sources, sub.outputs, salt)
+    assert len(flags) == 3 and all(f"printed seeds {bob} for student 'bob', but STUDENT_ID 'alice' gives {alice}" in f
+                                   for f in flags), flags
+    assert {int(f.split("cell ")[1].split(" ")[0]) for f in flags} >= set(experiments)
+
+    public = student_seeds.seeds_for(student_seeds.PUBLIC_SALT, "alice")  # run in the public notebook
+    sub, _ = _handed_in(tmp_path, "alice", "alice", public)
+    assert len(student_seeds.check_outputs(sub.sources, sub.outputs, salt)) == 3
+
+    sub, _ = _handed_in(tmp_path, "alice", "alice", alice, outputs=False)
+    flags = student_seeds.check_outputs(sub.sources, sub.outputs, salt)
+    assert sorted(f.split(" was handed")[0] for f in flags) == ["seed check: experiment A (question 7)",
+                                                               "seed check: experiment B (question 8)"], flags
+
+    sub, _ = _handed_in(tmp_path, "", "", student_seeds.seeds_for(salt, ""))
+    flags = student_seeds.check_outputs(sub.sources, sub.outputs, salt)
+    assert len(flags) == 1 and "STUDENT_ID is empty" in flags[0], flags
+
+    # an older notebook's experiment cells printed no seeds line: asked to look at the figure
+    sub, _ = _handed_in(tmp_path, "alice", "alice", alice)
+    old = [(i, t if i not in experiments else "data: SYNTHETIC\n") for i, t in sub.outputs]
+    flags = student_seeds.check_outputs(sub.sources, old, salt)
+    assert len(flags) == 2 and all("has no seeds line" in f for f in flags), flags
+
+
+def test_printed_text_is_capped_and_never_raises_on_odd_outputs():
+    from bnviz.grading import ingest
+
+    big = {"outputs": [{"output_type": "stream", "text": "x" * (3 * ingest.MAX_OUTPUT_CHARS)},
+                       {"output_type": "stream", "text": "never reached"}]}
+    assert ingest.printed_text(big) == "x" * ingest.MAX_OUTPUT_CHARS
+    odd = {"outputs": [None, 3, {"output_type": "stream", "text": 5}, {"output_type": "execute_result", "data": []},
+                       {"output_type": "error", "ename": "E", "traceback": ["t"]},
+                       {"output_type": "execute_result", "data": {"text/plain": ["1", "2"]}},
+                       {"output_type": "display_data", "data": {"image/png": "AAAA"}}]}
+    assert ingest.printed_text(odd) == "12"
+    assert ingest.printed_text({"outputs": "not a list"}) == "" == ingest.printed_text([])

@@ -249,6 +249,24 @@ SUBMISSIONS = {  # name -> (cell to insert after, source)
 }
 
 
+def _ran(nb: dict, sid: str, salt: str, printed_sid: str | None = None) -> dict:
+    """``nb`` as a student hands it in after running it: STUDENT_ID filled in, and the printed
+    seeds line of the seeds cell and both experiments (``printed_sid``'s seeds: a classmate's
+    outputs when it is not ``sid``)."""
+    from bnviz.grading import student_seeds
+
+    nb = json.loads(json.dumps(nb))
+    printed = printed_sid if printed_sid is not None else sid
+    line = f"student {printed!r}: experiment seeds {student_seeds.seeds_for(salt, printed)}\n"
+    for c in nb["cells"]:
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+        if c["cell_type"] == "code" and src.startswith("# Your student id"):
+            c["source"] = src.replace('STUDENT_ID = ""', f"STUDENT_ID = {sid!r}")
+        elif c["cell_type"] == "code" and "experiment seeds" in src:
+            c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": [line]}]
+    return nb
+
+
 @pytest.fixture(scope="module")
 def norms_dist(tmp_path_factory):
     """assignment 2 built once (otter assign checks the answer key passes every test)."""
@@ -266,13 +284,15 @@ def graded(norms_dist, bwrap, tmp_path_factory):
     from bnviz.grading import cli
 
     dist, manifest = norms_dist
-    solution = json.loads((dist / "autograder" / "norms.ipynb").read_text())
+    salt = manifest["seed_salt"]
+    solution = _ran(json.loads((dist / "autograder" / "norms.ipynb").read_text()), "sol-1", salt)
     subs, out = tmp_path_factory.mktemp("subs-norms"), tmp_path_factory.mktemp("grades-norms")
     _write(subs / "solution.ipynb", solution)
     for name, (after, source) in SUBMISSIONS.items():
         _write(subs / f"{name}.ipynb", _insert_after(solution, after, source))
     helpers = _insert_after(solution, "def bn_backward_graph", HELPERS)
     _write(subs / "honest_helpers.ipynb", _insert_after(_insert_after(helpers, GN_CELL, HELPER_ANSWERS), GN_CELL, SCRATCH))
+    _write(subs / "copied_outputs.ipynb", _ran(solution, "carol", salt, printed_sid="dave"))  # dave's run, carol's id
     bn_key = REPO / "notebooks" / "assignments" / "batch_norm" / "batch_norm.ipynb"
     (subs / "wrong_assignment.ipynb").write_bytes(bn_key.read_bytes())
     rc = cli.main(["grade", str(subs), "--dist", str(dist), "--out", str(out), "--timeout", "240", "--jobs", "2"])
@@ -312,6 +332,22 @@ def test_honest_but_unusual_answers_keep_full_marks(graded, name):
     r = res[name]
     assert r["scores"] == _full(manifest), (name, r["scores"], r["failed_tests"], r["flags"])
     assert r["error"] == "" and _own_flags(r) == "", (r["error"], r["flags"])
+
+
+def test_outputs_run_with_a_classmates_seeds_are_flagged_and_cost_nothing(graded):
+    """Issue 26: the grader reads the printed seeds (never run, never scored) against the
+    submission's own STUDENT_ID with the class's salt; honest runs (every other submission here)
+    get no such flag."""
+    from bnviz.grading import student_seeds
+
+    res, manifest = graded
+    r = res["copied_outputs"]
+    carol, dave = (student_seeds.seeds_for(manifest["seed_salt"], s) for s in ("carol", "dave"))
+    assert r["scores"] == _full(manifest) and r["error"] == "", (r["scores"], r["error"])
+    assert r["flags"].count(f"seeds {dave} for student 'dave', but STUDENT_ID 'carol' gives {carol}") == 3, r["flags"]
+    others = {name: other["flags"] for name, other in res.items() if name not in ("copied_outputs", "wrong_assignment")}
+    assert not any("seed check" in f for f in others.values()), others
+    assert "seed check: STUDENT_ID is empty or missing" in res["wrong_assignment"]["flags"]  # assignment 1's notebook
 
 
 def test_forbidden_calls_in_plain_sight_are_withheld_by_the_scan(graded):

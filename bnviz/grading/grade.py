@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import assignments, checker, ingest, lms, records, report, sandbox, scoring, seeds, similarity, worker
+from . import assignments, checker, ingest, lms, records, report, sandbox, scoring, seeds, similarity, student_seeds, worker
 from .judge import GiB, Judge, JudgeError
 from .records import Result
 from .text import clean, visible
@@ -113,7 +113,9 @@ class Session:
     def judge_config(self, handed_out: list[str] | None, preferred: str) -> dict:
         return {"assignment": self.assignment, "rules": {q: sorted(f) for q, f in self.forbidden.items()},
                 "handed_out": handed_out, "preferred": preferred,
-                "variant": self.variant.to_dict() if self.variant is not None else None}
+                "variant": self.variant.to_dict() if self.variant is not None else None,
+                # the class's experiment-seed salt (assignment 2): the judge checks the printed seeds
+                "seed_salt": student_seeds.salt_of(self.student_nb)}
 
 
 def load_report(data: bytes | None) -> dict | None:
@@ -180,6 +182,7 @@ def grade_submission(path: Path, name: str, session: Session, judge: Judge) -> R
             errors += got["problems"]
             if session.forbidden and got["hand"]:
                 flags.append("look by hand (advisory, nothing withheld): " + "; ".join(got["hand"]))
+            flags += got.get("seed_flags") or []  # assignment 2: outputs made with another id's seeds
             data, log, problem = _run_passes(session, got["cells"], seed)
             if problem:
                 errors.append(problem)

@@ -10,7 +10,11 @@ Conventions:
   character boundary, plus a short hash of the full name when cut), unique.
 * ``read_submission``: a notebook (or the notebook found in a zip) is parsed as data. nbformat 3 is
   converted to 4; outputs and attachments are dropped before anything is measured; only the code
-  counts against ``MAX_CODE_BYTES``; a missing ``execution_count`` or ``id`` is fine. IPython syntax
+  counts against ``MAX_CODE_BYTES``. The one exception: the plain text a code cell printed
+  (``stream`` and ``text/plain`` outputs, at most ``MAX_OUTPUT_CHARS`` per cell) is kept apart in
+  ``Submission.outputs``, never run or scored, for the trusted side's seed check
+  (``student_seeds.check_outputs``: were the experiments run with this student's seeds?); a
+  missing ``execution_count`` or ``id`` is fine. IPython syntax
   is turned into Python here (``to_python``), so the code the rules scan is the code the sandbox runs.
 """
 
@@ -31,6 +35,7 @@ MiB = 1 << 20
 MAX_FILE_BYTES = 256 * MiB  # a notebook file (or the notebook inside a zip), outputs included
 MAX_CODE_BYTES = 256 * 1024  # the code cells together (the solution with its tests: ~35 KB)
 MAX_NAME_BYTES = 100
+MAX_OUTPUT_CHARS = 20_000  # printed text kept per code cell (Submission.outputs), the start of it
 EXTENSIONS = (".ipynb", ".zip")
 BODY_MAGICS = ("time", "timeit", "capture", "prun")  # cell / line magics whose body is run as is
 _TIMEIT_OPTS = r"(?:-[nr]\s*\d+\s+|-[qopt]\s+|-c\s+)*"
@@ -47,6 +52,27 @@ class Submission:
     notes: list[str]
     error: str | None = None  # nothing can be graded
     problems: list[str] = dataclasses.field(default_factory=list)  # cells not run, for the error column
+    outputs: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (cell index, printed text): never run
+
+
+def printed_text(cell: dict) -> str:
+    """What a code cell printed, as plain text: its ``stream`` outputs and the ``text/plain`` of its
+    results and displays, in order, at most ``MAX_OUTPUT_CHARS`` characters (images and HTML are
+    left out). Anything malformed is skipped, never raised."""
+    parts, size = [], 0
+    outputs = cell.get("outputs") if isinstance(cell, dict) else None
+    for out in outputs if isinstance(outputs, list) else []:
+        if not isinstance(out, dict):
+            continue
+        data = out.get("data")
+        text = _text(out.get("text")) if out.get("output_type") == "stream" else (
+            _text(data.get("text/plain")) if isinstance(data, dict) else None)
+        if text:
+            parts.append(text[:MAX_OUTPUT_CHARS - size])
+            size += len(parts[-1])
+            if size >= MAX_OUTPUT_CHARS:
+                break
+    return "".join(parts)
 
 
 def _decoded(name: str) -> str:
@@ -288,15 +314,20 @@ def read_submission(path: Path, preferred: str = "batch_norm.ipynb", handed_out:
     if not isinstance(cells, list):
         return bad("invalid notebook: no list of cells (is this a Jupyter notebook?)")
     sources: list[tuple[str, str]] = []
+    outputs: list[tuple[int, str]] = []
     for i, cell in enumerate(cells):
         text = _text(cell.get("source", "")) if isinstance(cell, dict) else None
         if text is None or not isinstance(cell.get("cell_type"), str):
             return bad(f"invalid notebook: cell {i} has no cell_type or no text source")
         sources.append((cell["cell_type"], text))
+        printed = printed_text(cell) if cell["cell_type"] == "code" else ""
+        if printed:
+            outputs.append((i, printed))
     meta = nb.get("metadata")
     otter = meta.get("otter") if isinstance(meta, dict) else None
     otter_tests = bool(otter.get("tests")) if isinstance(otter, dict) else False
-    del nb, cells  # outputs and attachments go with it: only the code is measured and graded
+    del nb, cells  # outputs and attachments go with it: only the code is measured and graded (the
+    # printed text in `outputs` is never run or scored: the seed check reads it)
     code = [(i, s) for i, (kind, s) in enumerate(sources) if kind == "code"]
     size = sum(len(s.encode("utf-8", "surrogatepass")) for _, s in code)
     if size > MAX_CODE_BYTES:
@@ -308,4 +339,4 @@ def read_submission(path: Path, preferred: str = "batch_norm.ipynb", handed_out:
         if problem:
             problems.append(f"cell {i} not run: {problem}")
         python.append((i, text))
-    return Submission(python, sources, otter_tests, notes, None, problems)
+    return Submission(python, sources, otter_tests, notes, None, problems, outputs)

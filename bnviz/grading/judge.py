@@ -84,16 +84,18 @@ class Work:
         self.handed_out = list(config.get("handed_out") or [])
         self.preferred = str(config.get("preferred") or "batch_norm.ipynb")
         self.memory_gib = float(config.get("memory_bytes", 0)) / GiB
+        self.seed_salt = config.get("seed_salt")  # assignment 2's class salt (student_seeds), or None
 
     def ingest(self, msg: dict) -> dict:
-        from . import assignments, ingest, rules, scoring
+        from . import assignments, ingest, rules, scoring, student_seeds
 
         sub = ingest.read_submission(Path(msg["path"]), self.preferred, self.handed_out)
         if sub.error:
             return {"error": sub.error, "notes": sub.notes}
         notes = sub.notes + scoring.tamper_notes(sub.sources, sub.otter_tests, self.handed_out)
         skip = {s.strip() for s in self.handed_out}
-        return {"error": None, "notes": notes, "problems": sub.problems, "cells": sub.cells,
+        seed_flags = student_seeds.check_outputs(sub.sources, sub.outputs, self.seed_salt) if self.seed_salt else []
+        return {"error": None, "notes": notes, "problems": sub.problems, "cells": sub.cells, "seed_flags": seed_flags,
                 "scanned": rules.scan(sub.cells, assignments.answers_of(self.assignment)), "hand": rules.look_by_hand(sub.cells, skip)}
 
     def judge(self, msg: dict, blob: bytes) -> dict:
