@@ -10,9 +10,10 @@ Nothing is downloaded: plotly.js and MathJax are served from the site's ``_stati
 from :data:`SETUP_TEMPLATE` and the repository URL in ``pyproject.toml``'s ``[project.urls]``
 (the one place the URL is written); ``--check`` only reports notebooks that differ.
 
-Execution cache: ``_build/site-cache/<chapter>-<key>.ipynb`` where the key hashes the notebook
-file, the source of the ``bnviz`` package, the sizes ('fast' / 'cpu' / 'gpu') and the data set;
-an unchanged chapter on an unchanged machine is not re-run. :func:`store_executed` lets the
+Execution cache: ``_build/site-cache/<chapter>-<key>.ipynb`` where the key hashes the notebook's
+code cells (prose edits do not re-run a chapter: the cached copy takes the current prose), the
+source of the ``bnviz`` package (the grader left out), the sizes ('fast' / 'cpu' / 'gpu') and the
+data set; an unchanged chapter on an unchanged machine is not re-run. :func:`store_executed` lets the
 notebook tests fill the same cache.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ TQDM_TEXT = re.compile(r"\d+%\|.*\|")
 BANG_ROW = re.compile(r"^!{10,}[ \t]*\n?", re.M)
 
 __all__ = ["project_urls", "setup_cell_source", "sync_setup_cells", "chapters", "links", "run_context",
-           "cache_key", "store_executed", "execute_chapter", "site_notebook", "build"]
+           "cache_key", "with_current_prose", "store_executed", "execute_chapter", "site_notebook", "build"]
 
 
 def chapters() -> list[Path]:
@@ -139,10 +140,11 @@ def links(name: str, urls: dict | None = None) -> dict[str, str]:
 
 def _source_hash() -> str:
     """A hash of the bnviz package's source: a change there can change every output (the site
-    command line cannot: it is left out; the builder is site/build.py, outside the package)."""
+    command line cannot: it is left out; the builder is site/build.py, outside the package; nor can
+    the grader, ``bnviz/grading/``, which no chapter imports: tests/test_site.py checks that)."""
     h = hashlib.sha256()
     for p in sorted((ROOT / "bnviz").rglob("*.py")):
-        if p.name == "__main__.py" and p.parent.name == "bnviz":
+        if (p.name == "__main__.py" and p.parent.name == "bnviz") or p.relative_to(ROOT / "bnviz").parts[0] == "grading":
             continue
         h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
@@ -180,10 +182,35 @@ def run_context() -> dict:
     return {"sizes": sizes(), "dataset": _dataset_label(), "machine": _machine(), "source": _source_hash()}
 
 
+def _cells(path: Path) -> list[dict]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+
+
+def _joined(src) -> str:
+    return "".join(src) if isinstance(src, list) else src
+
+
 def cache_key(path: Path, ctx: dict) -> str:
-    h = hashlib.sha256(Path(path).read_bytes())
+    """What an executed chapter depends on: its code cells (source and metadata), where the prose
+    cells stand (their text is left out: editing prose does not re-run a chapter, the cached copy
+    takes the current prose, see :func:`with_current_prose`), the sizes, data set and bnviz source."""
+    cells = [[c["cell_type"], _joined(c.get("source", "")), c.get("metadata", {})] if c["cell_type"] == "code"
+             else [c["cell_type"]] for c in _cells(path)]
+    h = hashlib.sha256(json.dumps(cells, sort_keys=True).encode())
     h.update(json.dumps([ctx["sizes"], ctx["dataset"], ctx["source"]]).encode())
     return h.hexdigest()[:20]
+
+
+def with_current_prose(nb, path: Path):
+    """The cached executed chapter ``nb`` with the markdown and raw cells of the notebook at ``path``
+    now (the cache key fixes every code cell and where each prose cell stands, not its text)."""
+    current = _cells(path)
+    if len(current) != len(nb.cells) or any(a["cell_type"] != b.cell_type for a, b in zip(current, nb.cells)):
+        raise ValueError(f"{path.name}: the cached copy's cells do not line up with the notebook's (a stale cache entry?)")
+    for a, b in zip(current, nb.cells):
+        if a["cell_type"] != "code":
+            b.source, b.metadata = _joined(a.get("source", "")), copy.deepcopy(a.get("metadata", {}))
+    return nb
 
 
 def cache_dir() -> Path:
@@ -218,7 +245,7 @@ def execute_chapter(path: Path, ctx: dict, timeout: int = 1800):
     cached = cache_dir() / f"{path.stem}-{cache_key(path, ctx)}.ipynb"
     if cached.exists():
         print(f"  {path.name}: from the execution cache ({cached.name})", flush=True)
-        return nbformat.read(cached, as_version=4)
+        return with_current_prose(nbformat.read(cached, as_version=4), path)
     nb = nbformat.read(path, as_version=4)
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")

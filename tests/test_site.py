@@ -86,6 +86,50 @@ def test_sync_rewrites_only_the_setup_cell(tmp_path):
         assert others == [(c.cell_type, c.source) for i, c in enumerate(before[p.name].cells) if i != code[0]]
 
 
+def test_a_prose_edit_reuses_the_executed_chapter_and_a_code_edit_does_not(tmp_path):
+    """The execution cache: editing a markdown cell keeps the key (the cached outputs are reused
+    and show the new prose); editing a code cell, moving a prose cell, or another bnviz source
+    changes it."""
+    ctx = {"sizes": "cpu", "dataset": "SYNTHETIC", "machine": "m", "source": "s"}
+    path = tmp_path / "05_x.ipynb"
+    shutil.copy2(site.chapters()[5], path)
+    key = site.cache_key(path, ctx)
+    executed = nbformat.read(path, as_version=4)
+    code = next(c for c in executed.cells[1:] if c.cell_type == "code" and c.source.strip())
+    code.outputs = [nbformat.v4.new_output("stream", text="measured 0.123\n")]
+    nb = nbformat.read(path, as_version=4)
+    prose = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown")
+    nb.cells[prose].source += "\n\nA sentence added later."
+    nbformat.write(nb, path)
+    assert site.cache_key(path, ctx) == key
+    shown = site.with_current_prose(executed, path)
+    assert shown.cells[prose].source.endswith("A sentence added later.")
+    assert "measured 0.123" in json.dumps(shown.cells[executed.cells.index(code)].outputs)
+    assert site.cache_key(path, {**ctx, "source": "another"}) != key
+    nb.cells.insert(prose + 1, nb.cells.pop(prose))  # the prose cell moved below a code cell
+    nbformat.write(nb, path)
+    assert site.cache_key(path, ctx) != key
+    with pytest.raises(ValueError, match="do not line up"):
+        nb.cells.append(nbformat.v4.new_markdown_cell("one more"))
+        nbformat.write(nb, path)
+        site.with_current_prose(executed, path)
+    nb = nbformat.read(site.chapters()[5], as_version=4)
+    next(c for c in nb.cells[1:] if c.cell_type == "code").source += "\nx = 1"
+    nbformat.write(nb, path)
+    assert site.cache_key(path, ctx) != key
+
+
+def test_no_chapter_depends_on_the_grader():
+    """The cache key leaves bnviz/grading/ out of the source hash: no chapter and no other bnviz
+    module may import it."""
+    pattern = re.compile(r"\b(bnviz\.grading|from \.+grading|from bnviz import grading|from \. import grading)\b")
+    for path in site.chapters():
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert not pattern.search(code), path.name
+    for path in (ROOT / "bnviz").glob("*.py"):
+        assert not pattern.search(path.read_text()), path.name
+
+
 @pytest.mark.parametrize("path", site.chapters(), ids=lambda p: p.name)
 def test_the_site_hides_setup_warnings_and_the_labs_scaffolding(path):
     """Cell tags myst-nb honours, added at staging (the notebooks keep every cell)."""
