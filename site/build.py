@@ -288,6 +288,17 @@ def _web_title(text: str) -> str:
     return "<br>".join(lines)
 
 
+def _stack_line_labels(layout: dict) -> None:
+    """The labels of vertical lines (``add_vline``'s annotations: x on the data, y at the top of the
+    plot area) one below the other, 16 px apart, in their order: two lines close together (e.g.
+    05's "max lr" of each model) otherwise print their labels over each other on a phone."""
+    labels = [a for a in layout.get("annotations") or [] if isinstance(a, dict) and not a.get("showarrow", True)
+              and str(a.get("yref", "")).endswith("domain") and a.get("y") == 1 and str(a.get("xref", "")).startswith("x")]
+    if len(labels) > 1:
+        for k, a in enumerate(labels):
+            a["yshift"] = (a.get("yshift") or 0) - 16 * k
+
+
 def web_figure(fig: dict) -> tuple[dict, bool]:
     """A figure a chapter laid out itself (not through :mod:`bnviz.figures`, whose figures have
     their legend at the bottom of the container already), made legible in the 688-px column and
@@ -300,6 +311,7 @@ def web_figure(fig: dict) -> tuple[dict, bool]:
     from bnviz.figures import _legible
 
     layout = fig.get("layout", {})
+    _stack_line_labels(layout)
     columns = len({round(v.get("domain", (0, 1))[0], 3) for k, v in layout.items() if re.fullmatch(r"xaxis\d*", k)})
     if (layout.get("legend") or {}).get("yref") == "container" or fig.get("frames"):
         return fig, columns >= WIDE_COLUMNS  # laid out by bnviz.figures, or an animation (the replay)
@@ -347,6 +359,7 @@ def _web_output(out: dict) -> dict | None:
         return _html_output(WIDGET_NOTE)
     if out.get("output_type") == "stream" and isinstance(out.get("text"), str):
         out["text"] = BANG_ROW.sub("", out["text"])  # a row of '!' shouts; the page's run note says it once
+        out["text"] = out["text"].replace(f"{ROOT}{os.sep}", "")  # the building machine's checkout: paths inside it relative
     for mime in ("text/markdown", "text/html"):  # e.g. 00's question map, printed by code
         if isinstance(data.get(mime), str):
             data[mime] = web_links(data[mime])
