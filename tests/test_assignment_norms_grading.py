@@ -19,6 +19,7 @@ ONE grading run (a module fixture) over a folder of submissions, asserted per st
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -261,7 +262,7 @@ def _ran(nb: dict, sid: str, salt: str, printed_sid: str | None = None) -> dict:
     for c in nb["cells"]:
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         if c["cell_type"] == "code" and src.startswith("# Your student id"):
-            c["source"] = src.replace('STUDENT_ID = ""', f"STUDENT_ID = {sid!r}")
+            c["source"] = re.sub(r"^STUDENT_ID = .*$", f"STUDENT_ID = {sid!r}", src, count=1, flags=re.M)
         elif c["cell_type"] == "code" and "experiment seeds" in src:
             c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": [line]}]
     return nb
