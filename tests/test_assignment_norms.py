@@ -11,6 +11,7 @@ cumulative averages).
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -638,27 +639,33 @@ def _printed(source_line: str, sid: str, seeds: list[int]) -> str:
     return buf.getvalue()
 
 
-def _handed_in(tmp_path, sid: str, printed_sid: str, printed_seeds, outputs=True, name="sub.ipynb"):
-    """The student notebook with STUDENT_ID filled in and, where ``outputs``, the seeds cell's and
-    both experiment cells' printed text as a run with ``printed_sid``'s seeds leaves it (plus a
-    figure, which the check must ignore); read back through ingest as the grader reads it."""
-    from bnviz.grading import ingest, student_seeds
-
-    nb = json.loads(SOURCE.read_text())
+def ran(nb: dict, sid: str, printed_sid: str, printed_seeds, outputs=True) -> dict:
+    """A copy of notebook ``nb`` as a student hands it in: STUDENT_ID set to ``sid`` and, where
+    ``outputs``, the seeds cell's and both experiment cells' output as a run with ``printed_sid``'s
+    seeds leaves it: their own print line, run for real, and a figure (which the check must ignore).
+    ``printed_sid`` other than ``sid``: a classmate's outputs. The grading tests use it too."""
+    nb = json.loads(json.dumps(nb))
     for c in nb["cells"]:
-        src = "".join(c["source"])
+        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         if c["cell_type"] != "code":
             continue
         if src.startswith("# Your student id"):
-            c["source"] = src.replace('STUDENT_ID = ""', f"STUDENT_ID = {sid!r}")
+            c["source"] = re.sub(r"^STUDENT_ID = .*$", f"STUDENT_ID = {sid!r}", src, count=1, flags=re.M)
         line = next((ln for ln in src.splitlines() if "experiment seeds" in ln and "print(" in ln), None)
         if outputs and line is not None:
             text = _printed(line, printed_sid, printed_seeds)
             c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["data: SYNTHETIC\n", text]},
                             {"output_type": "display_data", "metadata": {},
                              "data": {"image/png": "iVBORw0KGgo=", "text/plain": ["<Figure size 1100x400 with 2 Axes>"]}}]
+    return nb
+
+
+def _handed_in(tmp_path, sid: str, printed_sid: str, printed_seeds, outputs=True, name="sub.ipynb"):
+    """The source notebook run as :func:`ran` leaves it, read back through ingest as the grader reads it."""
+    from bnviz.grading import ingest, student_seeds
+
     path = tmp_path / name
-    path.write_text(json.dumps(nb))
+    path.write_text(json.dumps(ran(json.loads(SOURCE.read_text()), sid, printed_sid, printed_seeds, outputs)))
     sub = ingest.read_submission(path, "norms.ipynb")
     assert sub.error is None, sub.error
     return sub, student_seeds

@@ -19,7 +19,6 @@ ONE grading run (a module fixture) over a folder of submissions, asserted per st
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -251,21 +250,13 @@ SUBMISSIONS = {  # name -> (cell to insert after, source)
 
 
 def _ran(nb: dict, sid: str, salt: str, printed_sid: str | None = None) -> dict:
-    """``nb`` as a student hands it in after running it: STUDENT_ID filled in, and the printed
-    seeds line of the seeds cell and both experiments (``printed_sid``'s seeds: a classmate's
-    outputs when it is not ``sid``)."""
+    """``nb`` as a student hands it in after running it (``test_assignment_norms.ran``), with
+    ``printed_sid``'s seeds in this class (default: ``sid``'s own; another id: a classmate's outputs)."""
     from bnviz.grading import student_seeds
+    from test_assignment_norms import ran
 
-    nb = json.loads(json.dumps(nb))
     printed = printed_sid if printed_sid is not None else sid
-    line = f"student {printed!r}: experiment seeds {student_seeds.seeds_for(salt, printed)}\n"
-    for c in nb["cells"]:
-        src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
-        if c["cell_type"] == "code" and src.startswith("# Your student id"):
-            c["source"] = re.sub(r"^STUDENT_ID = .*$", f"STUDENT_ID = {sid!r}", src, count=1, flags=re.M)
-        elif c["cell_type"] == "code" and "experiment seeds" in src:
-            c["outputs"] = [{"output_type": "stream", "name": "stdout", "text": [line]}]
-    return nb
+    return ran(nb, sid, printed, student_seeds.seeds_for(salt, printed))
 
 
 @pytest.fixture(scope="module")

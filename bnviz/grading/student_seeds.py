@@ -34,6 +34,8 @@ import re
 import sys
 from pathlib import Path
 
+from .ingest import _text  # a notebook cell's source as text (None where it is not text)
+
 PUBLIC_SALT = "bnviz-norms-public-salt"
 SECRET_ENV = "BNVIZ_CLASS_SECRET"
 N_SEEDS = 3
@@ -87,9 +89,8 @@ def salt_of(notebook: dict | None) -> str | None:
     """The ``SEED_SALT`` a built student notebook carries (``stamp_notebook``), or None: assignment 1,
     no notebook, or a line that is not a valid salt."""
     for cell in (notebook or {}).get("cells") or []:
-        src = cell.get("source", "") if isinstance(cell, dict) else ""
-        src = "".join(src) if isinstance(src, list) else src
-        if cell.get("cell_type") == "code" and isinstance(src, str) and (m := _SALT_VALUE.search(src)):
+        src = _text(cell.get("source", "")) if isinstance(cell, dict) else None
+        if src is not None and cell.get("cell_type") == "code" and (m := _SALT_VALUE.search(src)):
             return m.group(1)
     return None
 
